@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from cifar100 import data
+from cifar100.config import PRESETS, ConfigError
 
 
 def _data_synthetic(args) -> None:
@@ -20,6 +22,48 @@ def _data_verify(args) -> None:
 def _data_download(args) -> None:
     path = data.fetch(args.dir, kind=args.kind)
     print(data.load(path).describe())
+
+
+def _train(args) -> None:
+    from cifar100 import config as config_module
+    from cifar100 import train
+
+    overrides = list(args.set)
+    if args.data:
+        overrides.append(f"data_dir={args.data}")
+    config = config_module.make_config(args.preset, overrides)
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+        config = config.replace(runs_dir=str(run_dir.parent), name=run_dir.name)
+    run_dir = train.run(config, verbose=args.verbose)
+    _print_results(run_dir)
+
+
+def _print_results(run_dir: Path) -> None:
+    import json
+
+    results = json.loads((run_dir / "results.json").read_text())
+    synthetic = " (SYNTHETIC data, not CIFAR-100)" if results.get("data", {}).get("synthetic") else ""
+    test = results["test"]
+    print(f"{run_dir}: test top-1 {test['top1']:.4f}, top-5 {test['top5']:.4f} on {test['images']} images{synthetic}")
+
+
+def _evaluate(args) -> None:
+    from cifar100 import evaluate
+
+    metrics = evaluate.evaluate_run(args.run_dir, args.data)
+    _print_results(Path(args.run_dir))
+    if "superclass_accuracy" in metrics:
+        print(f"superclass accuracy {metrics['superclass_accuracy']:.4f}")
+    for pair in metrics["most_confused"][:5]:
+        print(f"  {pair['true']} -> {pair['predicted']}: {pair['count']}")
+
+
+def _predict(args) -> None:
+    from cifar100 import evaluate
+
+    for path, top in zip(args.images, evaluate.predict_files(args.run_dir, args.images)):
+        print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +87,25 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("dir", nargs="?", default="cifar-100-python")
     download.add_argument("--kind", choices=["cifar100", "cifar10"], default="cifar100")
     download.set_defaults(func=_data_download)
+
+    train = commands.add_parser("train", help="train (or resume) a run")
+    train.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    train.add_argument("--data", help="dataset folder (default: the preset's data_dir, cifar-100-python)")
+    train.add_argument("--run-dir", help="run folder (default: models/<backbone>-<size>px or models/<name>)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a setting, e.g. --set image_size=128 --set weights=None")
+    train.add_argument("--verbose", type=int, default=1, help="Keras progress: 1 bars, 2 a line per epoch, 0 none")
+    train.set_defaults(func=_train)
+
+    evaluate = commands.add_parser("evaluate", help="test metrics of a run's best checkpoint")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--data", help="dataset folder (default: the run's data_dir)")
+    evaluate.set_defaults(func=_evaluate)
+
+    predict = commands.add_parser("predict", help="top-5 classes of image files (PNG, JPEG, any size)")
+    predict.add_argument("run_dir")
+    predict.add_argument("images", nargs="+")
+    predict.set_defaults(func=_predict)
     return parser
 
 
@@ -50,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except data.DatasetError as exc:
+    except (data.DatasetError, ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -345,9 +345,27 @@ def split(labels: np.ndarray, val_fraction: float = 0.1, seed: int = 0) -> tuple
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     indices = np.arange(len(labels))
-    train_idx, val_idx = train_test_split(indices, test_size=val_fraction, random_state=seed,
-                                          stratify=labels, shuffle=True)
+    try:
+        train_idx, val_idx = train_test_split(indices, test_size=val_fraction, random_state=seed,
+                                              stratify=labels, shuffle=True)
+    except ValueError as exc:
+        raise ValueError(f"cannot carve a stratified validation split of {val_fraction:.0%} from "
+                         f"{len(labels)} training images: {exc}") from None
     return np.sort(train_idx), np.sort(val_idx)
+
+
+def stratified_subset(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of `size` examples with the classes as balanced as the labels allow (seeded)."""
+    labels = np.asarray(labels)
+    if size >= len(labels):
+        return np.arange(len(labels))
+    order = np.random.default_rng(seed).permutation(len(labels))
+    rank_in_class = np.empty(len(labels), dtype=np.int64)
+    for cls in np.unique(labels):
+        members = order[labels[order] == cls]
+        rank_in_class[members] = np.arange(len(members))
+    chosen = order[np.argsort(rank_in_class[order], kind="stable")[:size]]
+    return np.sort(chosen)
 
 
 # --- writing the official format ---------------------------------------------------------------------

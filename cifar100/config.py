@@ -1,0 +1,191 @@
+"""One dataclass holds a run's settings; named presets fill it; `--set key=value` overrides it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A setting cannot work. The message names the setting and says why."""
+
+
+AUGMENTATIONS = ("none", "basic", "randaugment", "mixup", "cutmix")
+INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5")
+AUTO_FLAGS = ("auto", "true", "false")
+
+
+@dataclass
+class Config:
+    """Everything that defines a training run. Saved as config.json in the run folder."""
+
+    name: str = ""  # run folder name under runs_dir; derived from backbone and size when empty
+    backbone: str = "mobilenetv3small"
+    image_size: int = 96  # images are upsampled from 32 px to this size inside the model
+    weights: str | None = "imagenet"  # "imagenet", None (random), or a path to a .weights.h5 file
+    data_dir: str = "cifar-100-python"
+    runs_dir: str = "models"
+    val_fraction: float = 0.1  # carved from the training set, stratified; the test set is never used
+    max_train_images: int | None = None  # a stratified cap on the training images (after the split)
+    seed: int = 0
+    batch_size: int = 64
+    # phase 1: backbone frozen, the head learns
+    head_epochs: int = 2
+    head_learning_rate: float = 1e-3
+    # phase 2: fine-tuning (BatchNorm layers stay in inference mode)
+    finetune_epochs: int = 3
+    finetune_learning_rate: float = 1e-4
+    finetune_fraction: float = 1.0  # fraction of the backbone's layers, from the top, that fine-tune
+    dropout: float = 0.2
+    label_smoothing: float = 0.0
+    augment: str = "basic"  # none | basic (flip + translate) | randaugment | mixup | cutmix (+ basic)
+    interpolation: str = "bilinear"
+    # callbacks
+    reduce_lr_patience: int = 2
+    reduce_lr_factor: float = 0.3
+    early_stopping_patience: int = 4
+    # hard-example mining
+    hem: bool = True
+    hem_every: int = 1  # score the training examples every k epochs
+    hem_fraction: float = 0.25  # fraction of the training examples scored each time (bounds the cost)
+    hem_strength: float = 1.0  # draw weight = (loss / mean loss) ** strength
+    hem_floor: float = 0.5  # every example keeps at least floor / N probability
+    hem_keep: int = 64  # how many of the hardest examples are kept to be shown
+    # speed
+    mixed_precision: str = "auto"  # auto (on with a GPU) | true | false
+    jit_compile: str = "auto"  # auto (on with a GPU) | true | false
+
+    @property
+    def epochs(self) -> int:
+        return self.head_epochs + self.finetune_epochs
+
+    def run_name(self) -> str:
+        return self.name or f"{self.backbone}-{self.image_size}px"
+
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.run_name()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> Config:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in json.loads(Path(path).read_text()).items() if k in known})
+
+    def replace(self, **changes) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, dict] = {
+    # The original project's two runs, upsampled to each backbone's native size.
+    "seed-resnet50": dict(backbone="resnet50", image_size=224, batch_size=64, head_epochs=3, finetune_epochs=20,
+                          finetune_learning_rate=1e-4, max_train_images=None),
+    "seed-xception": dict(backbone="xception", image_size=299, batch_size=48, head_epochs=3, finetune_epochs=20,
+                          finetune_learning_rate=1e-4, max_train_images=None),
+    # The original 32 px baseline: same backbone, no upsampling.
+    "no-upsampling": dict(backbone="resnet50", image_size=32, batch_size=128, head_epochs=3, finetune_epochs=20,
+                          finetune_learning_rate=1e-4),
+    # Sized for a 2-core CPU: ~30 minutes on 10,000 training images.
+    "cpu-small": dict(backbone="mobilenetv3small", image_size=96, batch_size=64, max_train_images=10000,
+                      head_epochs=2, finetune_epochs=2, finetune_learning_rate=3e-4, hem_fraction=0.2),
+    # Seconds, for tests and a first look: a tiny CNN from random weights at 32 px.
+    "smoke": dict(backbone="tinycnn", image_size=32, weights=None, batch_size=32, max_train_images=1000,
+                  head_epochs=1, head_learning_rate=3e-3, finetune_epochs=4, finetune_learning_rate=3e-3,
+                  augment="none", dropout=0.0, hem_fraction=0.5),
+}
+
+
+def _parse_value(key: str, text: str, current):
+    """Turn a `--set key=value` string into the type of the setting."""
+    field_type = {f.name: f.type for f in fields(Config)}[key]
+    lowered = text.strip().lower()
+    if lowered in ("none", "null") and ("None" in str(field_type)):
+        return None
+    try:
+        if "bool" in str(field_type):
+            if lowered not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError
+            return lowered in ("true", "1", "yes", "on")
+        if "int" in str(field_type) and "float" not in str(field_type):
+            return int(text)
+        if "float" in str(field_type):
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"setting '{key}': cannot read {text!r} as {field_type}") from None
+    return text
+
+
+def make_config(preset: str | None = None, overrides: dict | list[str] | None = None) -> Config:
+    """A Config from a preset name plus overrides: a dict, or a list of 'key=value' strings."""
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"preset '{preset}' is unknown: choose one of {sorted(PRESETS)}")
+    config = Config(**PRESETS.get(preset, {}))
+    names = {f.name for f in fields(Config)}
+    if isinstance(overrides, list):
+        pairs = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"--set {item!r}: expected key=value")
+            key, value = item.split("=", 1)
+            key = key.strip()
+            if key not in names:
+                raise ConfigError(f"--set {key}: unknown setting; known settings: {sorted(names)}")
+            pairs[key] = _parse_value(key, value, getattr(config, key))
+        overrides = pairs
+    unknown = set(overrides or {}) - names
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {sorted(unknown)}; known settings: {sorted(names)}")
+    return config.replace(**(overrides or {}))
+
+
+def validate(config: Config) -> None:
+    """Refuse a config that cannot work, before any data is read or any model is built."""
+    from cifar100.models import BACKBONES
+
+    def positive_int(name):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"setting '{name}' must be a positive integer, got {value!r}")
+
+    if config.backbone not in BACKBONES:
+        raise ConfigError(f"setting 'backbone': unknown backbone '{config.backbone}'; "
+                          f"choose one of {sorted(BACKBONES)}")
+    backbone = BACKBONES[config.backbone]
+    if config.image_size < backbone.min_size:
+        raise ConfigError(f"setting 'image_size': {config.image_size} px is below {config.backbone}'s minimum "
+                          f"input size of {backbone.min_size} px")
+    for name in ("head_epochs", "finetune_epochs", "batch_size", "hem_every", "hem_keep", "image_size"):
+        positive_int(name)
+    if config.max_train_images is not None:
+        positive_int("max_train_images")
+    if not 0 < config.val_fraction < 1:
+        raise ConfigError(f"setting 'val_fraction' must be between 0 and 1, got {config.val_fraction}")
+    if not 0 < config.hem_fraction <= 1:
+        raise ConfigError(f"setting 'hem_fraction' must be in (0, 1], got {config.hem_fraction}")
+    if not 0 <= config.hem_floor <= 1:
+        raise ConfigError(f"setting 'hem_floor' must be in [0, 1], got {config.hem_floor}")
+    if not 0 < config.finetune_fraction <= 1:
+        raise ConfigError(f"setting 'finetune_fraction' must be in (0, 1], got {config.finetune_fraction}")
+    for name, allowed in (("augment", AUGMENTATIONS), ("interpolation", INTERPOLATIONS),
+                          ("mixed_precision", AUTO_FLAGS), ("jit_compile", AUTO_FLAGS)):
+        if str(getattr(config, name)).lower() not in allowed:
+            raise ConfigError(f"setting '{name}': {getattr(config, name)!r} is not one of {list(allowed)}")
+    if config.weights not in (None, "imagenet"):
+        path = Path(config.weights)
+        if not path.is_file():
+            raise ConfigError(f"setting 'weights': file {path} not found (use 'imagenet', None, or a path to a "
+                              ".weights.h5 file)")
+        if not path.name.endswith(".weights.h5"):
+            raise ConfigError(f"setting 'weights': {path} is not a .weights.h5 file")
+    if config.weights == "imagenet" and not backbone.has_imagenet:
+        raise ConfigError(f"setting 'weights': {config.backbone} has no ImageNet weights; use None")
+    if not Path(config.data_dir).is_dir():
+        from cifar100.data import _missing_folder_message
+
+        raise ConfigError(f"setting 'data_dir': {_missing_folder_message(Path(config.data_dir))}")

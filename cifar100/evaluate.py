@@ -1,0 +1,135 @@
+"""Test-set metrics of a run: top-1/top-5, per class, per superclass, confusion, most-confused pairs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, top_k_accuracy_score
+
+from cifar100 import data
+from cifar100.config import Config
+
+
+def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    return np.asarray(model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float64)
+
+
+def basic_metrics(model: keras.Model, images: np.ndarray, labels: np.ndarray, num_classes: int,
+                  batch_size: int = 256) -> dict:
+    """Loss, top-1 and top-5 accuracy of `model` on a labelled set."""
+    probabilities = predict_probabilities(model, images, batch_size)
+    return summary_metrics(probabilities, labels, num_classes)
+
+
+def summary_metrics(probabilities: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
+    classes = np.arange(num_classes)
+    k = min(5, num_classes - 1)
+    return {
+        "loss": round(float(log_loss(labels, np.clip(probabilities, 1e-7, 1), labels=classes)), 4),
+        "top1": round(float(accuracy_score(labels, probabilities.argmax(1))), 4),
+        "top5": round(float(top_k_accuracy_score(labels, probabilities, k=k, labels=classes)), 4),
+        "images": int(len(labels)),
+    }
+
+
+def detailed_metrics(probabilities: np.ndarray, labels: np.ndarray, class_names: list[str],
+                     fine_to_coarse: np.ndarray | None = None, coarse_names: list[str] | None = None,
+                     top_pairs: int = 10) -> dict:
+    """Everything the report shows, from predicted probabilities and true labels.
+
+    per_class: top-1 accuracy (recall) of each class. With superclasses: `superclass_accuracy` counts a
+    prediction right when its class lies in the true class's superclass; `per_superclass` gives, for the
+    images of each superclass, both the fine top-1 accuracy and that superclass accuracy.
+    """
+    num_classes = len(class_names)
+    predicted = probabilities.argmax(1)
+    matrix = confusion_matrix(labels, predicted, labels=np.arange(num_classes))
+    support = matrix.sum(1)
+    per_class = np.divide(np.diag(matrix), support, out=np.full(num_classes, np.nan), where=support > 0)
+    result = summary_metrics(probabilities, labels, num_classes)
+    result["per_class"] = {name: _round(v) for name, v in zip(class_names, per_class)}
+    off_diagonal = matrix.copy()
+    np.fill_diagonal(off_diagonal, 0)
+    order = np.argsort(-off_diagonal, axis=None)[:top_pairs]
+    result["most_confused"] = [
+        {"true": class_names[t], "predicted": class_names[p], "count": int(off_diagonal[t, p])}
+        for t, p in zip(*np.unravel_index(order, off_diagonal.shape)) if off_diagonal[t, p] > 0
+    ]
+    if fine_to_coarse is not None and coarse_names:
+        true_coarse, predicted_coarse = fine_to_coarse[labels], fine_to_coarse[predicted]
+        result["superclass_accuracy"] = round(float(np.mean(true_coarse == predicted_coarse)), 4)
+        result["per_superclass"] = {}
+        for index, name in enumerate(coarse_names):
+            members = true_coarse == index
+            if members.any():
+                result["per_superclass"][name] = {
+                    "fine_top1": round(float(np.mean(predicted[members] == labels[members])), 4),
+                    "superclass_accuracy": round(float(np.mean(predicted_coarse[members] == index)), 4),
+                    "images": int(members.sum()),
+                }
+    return result
+
+
+def _round(value: float):
+    return None if np.isnan(value) else round(float(value), 4)
+
+
+def load_run(run_dir: str | Path) -> tuple[Config, keras.Model, dict]:
+    """The config, the best checkpoint and the class information of a run folder."""
+    import cifar100.models  # noqa: F401  (registers the custom layers before loading)
+
+    run_dir = Path(run_dir)
+    for name in ("config.json", "best.keras", "classes.json"):
+        if not (run_dir / name).exists():
+            raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} a finished run folder?")
+    config = Config.load(run_dir / "config.json")
+    model = keras.saving.load_model(run_dir / "best.keras")
+    classes = json.loads((run_dir / "classes.json").read_text())
+    return config, model, classes
+
+
+def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict:
+    """Test metrics of the run's best checkpoint, merged into its results.json; predictions saved beside."""
+    run_dir = Path(run_dir)
+    config, model, classes = load_run(run_dir)
+    dataset = data.load(data_dir or config.data_dir)
+    probabilities = predict_probabilities(model, dataset.x_test, max(config.batch_size, 128))
+    mapping = None if classes.get("fine_to_coarse") is None else np.asarray(classes["fine_to_coarse"])
+    metrics = detailed_metrics(probabilities, dataset.y_test, dataset.class_names, mapping, dataset.coarse_names)
+    np.savez_compressed(run_dir / "test_predictions.npz", probabilities=probabilities.astype(np.float16),
+                        labels=dataset.y_test)
+    results_path = run_dir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results["test"] = metrics
+    results.setdefault("data", {})["synthetic"] = dataset.synthetic
+    tmp = run_dir / ".results.json"
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(results_path)
+    return metrics
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Any PNG or JPEG, any size -> a 32x32 RGB uint8 image, as the model takes it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.size != (32, 32):
+                image = image.resize((32, 32), Image.Resampling.BOX if min(image.size) >= 32 else
+                                     Image.Resampling.BICUBIC)
+            return np.asarray(image, dtype=np.uint8)
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{path}: cannot read as an image ({exc})") from None
+
+
+def predict_files(run_dir: str | Path, paths: list[str | Path], top: int = 5) -> list[list[tuple[str, float]]]:
+    """The top classes, with probabilities, for each image file."""
+    _, model, classes = load_run(run_dir)
+    images = np.stack([load_image(p) for p in paths])
+    probabilities = predict_probabilities(model, images)
+    names = classes["class_names"]
+    return [[(names[i], float(row[i])) for i in np.argsort(-row)[:top]] for row in probabilities]

@@ -1,0 +1,160 @@
+"""The backbone registry and `build_model`: raw 32x32 uint8 images in, class probabilities out.
+
+Inside the model: augmentation (training only) -> upsampling (Resizing) -> the backbone's own
+preprocessing -> the pretrained backbone (BatchNorm in inference mode) -> dropout -> softmax head.
+Images therefore stay 32x32 uint8 until they are inside the model, whatever `image_size` is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import keras
+from keras import layers, ops
+
+from cifar100.config import Config, ConfigError
+
+BACKBONE_LAYER = "backbone"
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """What the project needs to know about one backbone."""
+
+    constructor: Callable[..., keras.Model]
+    preprocessing: str  # mode of the ImagenetPreprocessing layer: caffe | tf | torch | none
+    native_size: int
+    min_size: int
+    has_imagenet: bool = True
+
+
+@keras.saving.register_keras_serializable(package="cifar100")
+class ImagenetPreprocessing(layers.Layer):
+    """The backbone's input scaling, from 0..255 RGB, as a layer so that a saved model carries it.
+
+    caffe: RGB -> BGR and ImageNet mean subtracted (ResNet50); tf: scaled to [-1, 1] (Xception,
+    MobileNetV2); torch: [0, 1] then ImageNet mean/std; none: the backbone rescales itself.
+    """
+
+    MEAN = (0.485, 0.456, 0.406)
+    STD = (0.229, 0.224, 0.225)
+    CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+    def __init__(self, mode: str = "tf", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in ("caffe", "tf", "torch", "none"):
+            raise ValueError(f"unknown preprocessing mode {mode!r}")
+        self.mode = mode
+
+    def call(self, x):
+        x = ops.cast(x, self.compute_dtype)
+        if self.mode == "tf":
+            return x / 127.5 - 1.0
+        if self.mode == "torch":
+            return (x / 255.0 - ops.array(self.MEAN, self.compute_dtype)) / ops.array(self.STD, self.compute_dtype)
+        if self.mode == "caffe":
+            return ops.flip(x, axis=-1) - ops.array(self.CAFFE_MEAN_BGR, self.compute_dtype)
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+def tiny_cnn(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg", name="tinycnn"):
+    """A small CNN with the keras.applications signature: for the smoke preset and tests (no ImageNet weights)."""
+    if weights not in (None,) and not str(weights).endswith(".weights.h5"):
+        raise ValueError("tinycnn has no pretrained weights")
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for width in (32, 64):
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.ReLU()(x)
+        x = layers.MaxPooling2D()(x)
+    x = layers.Conv2D(128, 3, padding="same", activation="relu")(x)
+    x = layers.GlobalAveragePooling2D()(x) if pooling == "avg" else layers.GlobalMaxPooling2D()(x)
+    model = keras.Model(inputs, x, name=name)
+    if weights is not None:
+        model.load_weights(weights)
+    return model
+
+
+apps = keras.applications
+BACKBONES: dict[str, Backbone] = {
+    "resnet50": Backbone(apps.ResNet50, "caffe", native_size=224, min_size=32),
+    "xception": Backbone(apps.Xception, "tf", native_size=299, min_size=71),
+    "efficientnetv2b0": Backbone(apps.EfficientNetV2B0, "none", native_size=224, min_size=32),
+    "convnext_tiny": Backbone(apps.ConvNeXtTiny, "none", native_size=224, min_size=32),
+    "mobilenetv2": Backbone(apps.MobileNetV2, "tf", native_size=224, min_size=32),
+    "mobilenetv3small": Backbone(apps.MobileNetV3Small, "none", native_size=224, min_size=32),
+    "tinycnn": Backbone(tiny_cnn, "tf", native_size=32, min_size=8, has_imagenet=False),
+}
+
+
+def augmentation_layers(config: Config) -> list[layers.Layer]:
+    """Augmentation on the 32x32 images (cheap), active in training only. MixUp/CutMix live in the sampler."""
+    if config.augment == "none":
+        return []
+    augment = [layers.RandomFlip("horizontal", seed=config.seed),
+               layers.RandomTranslation(0.125, 0.125, fill_mode="reflect", seed=config.seed)]
+    if config.augment == "randaugment":
+        augment.append(layers.RandAugment(value_range=(0, 255), seed=config.seed))
+    return augment
+
+
+def build_backbone(config: Config) -> keras.Model:
+    spec = BACKBONES[config.backbone]
+    kwargs = dict(include_top=False, weights=config.weights, input_shape=(config.image_size,) * 2 + (3,),
+                  pooling="avg")
+    try:
+        model = spec.constructor(**kwargs)
+    except ValueError as exc:
+        if config.weights not in (None, "imagenet"):
+            raise ConfigError(f"setting 'weights': {config.weights} does not fit backbone '{config.backbone}' "
+                              f"(is it another architecture's file?): {str(exc).splitlines()[0]}") from None
+        raise
+    model.name = BACKBONE_LAYER
+    return model
+
+
+def build_model(config: Config, num_classes: int = 100) -> keras.Model:
+    """One Keras model: raw (None, 32, 32, 3) uint8 images in, `num_classes` probabilities (float32) out."""
+    spec = BACKBONES[config.backbone]
+    inputs = keras.Input((32, 32, 3), dtype="uint8", name="image")
+    x = layers.Rescaling(1.0, name="to_float")(inputs)  # uint8 -> the compute dtype
+    for layer in augmentation_layers(config):
+        x = layer(x)
+    if config.image_size != 32:
+        x = layers.Resizing(config.image_size, config.image_size, interpolation=config.interpolation,
+                            name="upsample")(x)
+    x = ImagenetPreprocessing(spec.preprocessing, name="preprocess")(x)
+    backbone = build_backbone(config)
+    x = backbone(x, training=False)  # BatchNorm stays in inference mode, also when fine-tuning
+    x = layers.Dropout(config.dropout, name="dropout")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="classifier")(x)
+    return keras.Model(inputs, outputs, name=f"{config.backbone}_{config.image_size}px")
+
+
+def backbone_of(model: keras.Model) -> keras.Model:
+    return model.get_layer(BACKBONE_LAYER)
+
+
+def set_phase(model: keras.Model, phase: str, finetune_fraction: float = 1.0) -> None:
+    """'head': the backbone frozen. 'finetune': the top `finetune_fraction` of the backbone's layers train."""
+    backbone = backbone_of(model)
+    if phase == "head":
+        backbone.trainable = False
+        return
+    if phase != "finetune":
+        raise ValueError(f"phase must be 'head' or 'finetune', got {phase!r}")
+    backbone.trainable = True
+    frozen = int(round(len(backbone.layers) * (1 - finetune_fraction)))
+    for layer in backbone.layers[:frozen]:
+        layer.trainable = False
+
+
+def count_parameters(model: keras.Model) -> dict[str, int]:
+    trainable = sum(int(ops.size(w)) for w in model.trainable_weights)
+    total = sum(int(ops.size(w)) for w in model.weights)
+    return {"trainable": trainable, "frozen": total - trainable, "total": total}

@@ -1,0 +1,82 @@
+"""Training batches for `fit`: uint8 32x32 images, shuffled each epoch, drawn with per-example probabilities.
+
+Hard-example mining acts here: it sets the probabilities, and the next epochs draw the hard examples
+more often. Images are never upsampled here; that happens inside the model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+
+
+class TrainBatches(keras.utils.PyDataset):
+    """Batches of (uint8 images (B, 32, 32, 3), one-hot float32 labels (B, C)).
+
+    Uniform probabilities give a plain shuffle (each example once per epoch); other probabilities give
+    N draws with replacement. `mix` is "mixup" or "cutmix" to blend pairs of images and their labels.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int,
+                 seed: int = 0, mix: str | None = None, mix_alpha: float = 0.2):
+        super().__init__()
+        if images.dtype != np.uint8 or images.shape[1:] != (32, 32, 3):
+            raise ValueError(f"images must be uint8 (N, 32, 32, 3), got {images.dtype} {images.shape}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
+        self.num_classes, self.batch_size = num_classes, batch_size
+        self.mix, self.mix_alpha = mix, mix_alpha
+        self.rng = np.random.default_rng(seed)
+        self.probabilities: np.ndarray | None = None  # None means uniform
+        self.order = self._draw_order()
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.images) / self.batch_size)
+
+    def set_probabilities(self, probabilities: np.ndarray | None) -> None:
+        """Per-example draw probabilities for the next epochs (None: uniform). Takes effect at the next epoch."""
+        if probabilities is not None:
+            probabilities = np.asarray(probabilities, dtype=np.float64)
+            if probabilities.shape != (len(self.images),) or np.any(probabilities < 0):
+                raise ValueError("probabilities must be non-negative, one per training example")
+            probabilities = probabilities / probabilities.sum()
+        self.probabilities = probabilities
+
+    def draw_probabilities(self) -> np.ndarray:
+        n = len(self.images)
+        return np.full(n, 1.0 / n) if self.probabilities is None else self.probabilities
+
+    def _draw_order(self) -> np.ndarray:
+        n = len(self.images)
+        if self.probabilities is None:
+            return self.rng.permutation(n)
+        return self.rng.choice(n, size=n, replace=True, p=self.probabilities)
+
+    def on_epoch_end(self) -> None:
+        self.order = self._draw_order()
+
+    def __getitem__(self, index: int):
+        chosen = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        images = self.images[chosen]
+        labels = np.eye(self.num_classes, dtype=np.float32)[self.labels[chosen]]
+        if self.mix:
+            images, labels = self._mix(images, labels)
+        return images, labels
+
+    def _mix(self, images: np.ndarray, labels: np.ndarray):
+        """MixUp or CutMix of each image with a shuffled partner; labels are mixed in the same proportion."""
+        partner = self.rng.permutation(len(images))
+        lam = self.rng.beta(self.mix_alpha, self.mix_alpha) if self.mix == "mixup" else self.rng.uniform()
+        if self.mix == "mixup":
+            mixed = lam * images.astype(np.float32) + (1 - lam) * images[partner].astype(np.float32)
+            images = np.rint(mixed).astype(np.uint8)
+        else:
+            side = int(round(32 * math.sqrt(1 - lam)))
+            top, left = self.rng.integers(0, 32 - side + 1, size=2)
+            images = images.copy()
+            images[:, top:top + side, left:left + side] = images[partner, top:top + side, left:left + side]
+            lam = 1 - side * side / 1024
+        return images, lam * labels + (1 - lam) * labels[partner]

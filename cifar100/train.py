@@ -1,0 +1,257 @@
+"""A training run: a Config in, a run folder out (models/<run>/).
+
+Two phases: the backbone frozen while the head learns, then fine-tuning at a lower learning rate with
+BatchNorm in inference mode. A run killed at any point and started again with the same run folder
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from cifar100 import data, models
+from cifar100.callbacks import HardExampleMining, callback_set, make_mining
+from cifar100.config import Config, ConfigError, validate
+from cifar100.sampling import TrainBatches
+
+PHASE1_WEIGHTS = "phase1.weights.h5"
+
+
+@dataclass
+class Splits:
+    """The run's data: training and validation come from the training set; test is touched at the end."""
+
+    dataset: data.Dataset
+    train_indices: np.ndarray
+    val_indices: np.ndarray
+
+    @property
+    def x_train(self):
+        return self.dataset.x_train[self.train_indices]
+
+    @property
+    def y_train(self):
+        return self.dataset.y_train[self.train_indices]
+
+    @property
+    def x_val(self):
+        return self.dataset.x_train[self.val_indices]
+
+    @property
+    def y_val(self):
+        return self.dataset.y_train[self.val_indices]
+
+
+def prepare_data(config: Config) -> Splits:
+    """Load the dataset, carve the stratified validation split, and apply the cap on training images."""
+    dataset = data.load(config.data_dir)
+    train_idx, val_idx = data.split(dataset.y_train, config.val_fraction, config.seed)
+    cap = config.max_train_images
+    if cap is not None and cap < len(train_idx):
+        train_idx = train_idx[data.stratified_subset(dataset.y_train[train_idx], cap, config.seed)]
+        val_size = max(dataset.num_classes, int(round(cap * config.val_fraction / (1 - config.val_fraction))))
+        val_idx = val_idx[data.stratified_subset(dataset.y_train[val_idx], val_size, config.seed)]
+    return Splits(dataset, train_idx, val_idx)
+
+
+def resolve_flag(value: str) -> bool:
+    """'auto' means on when a GPU is visible."""
+    value = str(value).lower()
+    if value == "auto":
+        return bool(gpu_names())
+    return value == "true"
+
+
+def gpu_names() -> list[str]:
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return [d.name for d in tf.config.list_physical_devices("GPU")]
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return [str(d) for d in jax.devices() if d.platform == "gpu"]
+    return []
+
+
+def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.eye(num_classes, dtype=np.float32)[labels]
+
+
+def compile_model(model: keras.Model, learning_rate: float, config: Config) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=["accuracy", keras.metrics.TopKCategoricalAccuracy(5, name="top5")],
+        jit_compile=resolve_flag(config.jit_compile),
+    )
+
+
+def claim_run_dir(config: Config, run_dir: Path) -> bool:
+    """Create the run folder, or check that an existing one belongs to this config. True when resuming."""
+    saved = run_dir / "config.json"
+    if saved.exists():
+        previous = Config.load(saved)
+        if previous.to_dict() != config.to_dict():
+            changed = sorted(k for k, v in config.to_dict().items() if previous.to_dict().get(k) != v)
+            raise ConfigError(f"{run_dir} holds a run with other settings ({', '.join(changed)} differ). "
+                              "Nothing was changed there: choose another run name (--set name=...) or "
+                              "--run-dir, or delete that folder to start over.")
+        return True
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save(saved)
+    return False
+
+
+def history_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "history.csv"
+    if not path.exists():
+        return []
+    import csv
+
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def best_val_accuracy(run_dir: Path) -> float | None:
+    values = [float(r["val_accuracy"]) for r in history_rows(run_dir) if r.get("val_accuracy")]
+    return max(values) if values and (run_dir / "best.keras").exists() else None
+
+
+def save_class_info(run_dir: Path, dataset: data.Dataset) -> None:
+    info = {"kind": dataset.kind, "synthetic": dataset.synthetic, "class_names": dataset.class_names,
+            "coarse_names": dataset.coarse_names,
+            "fine_to_coarse": None if dataset.fine_to_coarse is None else dataset.fine_to_coarse.tolist()}
+    (run_dir / "classes.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+def fit_phase(model, config, run_dir, phase, sampler, validation, start_epoch, end_epoch, mining, verbose,
+              extra_callbacks=()):
+    callbacks = callback_set(config, run_dir, phase, start_epoch, mining, best_val_accuracy(run_dir))
+    model.fit(sampler, validation_data=validation, initial_epoch=start_epoch, epochs=end_epoch,
+              callbacks=callbacks + list(extra_callbacks), verbose=verbose)
+
+
+def read_state(run_dir: Path) -> dict:
+    path = run_dir / "state.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_state(run_dir: Path, **changes) -> None:
+    state = {**read_state(run_dir), **changes}
+    tmp = run_dir / ".state.json"
+    tmp.write_text(json.dumps(state) + "\n")
+    os.replace(tmp, run_dir / "state.json")
+
+
+def run(config: Config, verbose: int | str = "auto", callbacks: list | None = None) -> Path:
+    """Train (or resume) the run described by `config`; returns its run folder.
+
+    Progress is recorded in the run folder (state.json, the phase-1 weights, BackupAndRestore's backup),
+    so that a process killed at any point resumes where it stopped. `callbacks` are added to Keras' fit.
+    """
+    validate(config)
+    run_dir = config.run_dir()
+    splits = prepare_data(config)
+    resuming = claim_run_dir(config, run_dir)
+    state = read_state(run_dir)
+    if state.get("finished") and (run_dir / "results.json").exists():
+        print(f"run {run_dir} is complete: see {run_dir / 'results.json'}")
+        return run_dir
+    (run_dir / ".best.partial.keras").unlink(missing_ok=True)
+    print(("resuming" if resuming else "starting") + f" run {run_dir}")
+    print(splits.dataset.describe())
+    save_class_info(run_dir, splits.dataset)
+    if resolve_flag(config.mixed_precision):
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    keras.utils.set_random_seed(config.seed)
+    num_classes = splits.dataset.num_classes
+    model = models.build_model(config, num_classes)
+    mix = config.augment if config.augment in ("mixup", "cutmix") else None
+    sampler = TrainBatches(splits.x_train, splits.y_train, num_classes, config.batch_size, seed=config.seed, mix=mix)
+    validation = (splits.x_val, one_hot(splits.y_val, num_classes))
+    mining = make_mining(config, sampler)
+    started = time.perf_counter()
+    extra = list(callbacks or [])
+
+    phase1 = run_dir / PHASE1_WEIGHTS
+    models.set_phase(model, "head")
+    if phase1.exists():
+        model.load_weights(phase1)
+    else:
+        compile_model(model, config.head_learning_rate, config)
+        fit_phase(model, config, run_dir, "head", sampler, validation, 0, config.head_epochs, mining, verbose, extra)
+        write_state(run_dir, head_epochs_done=len(history_rows(run_dir)))
+        tmp = run_dir / f".{PHASE1_WEIGHTS}"
+        model.save_weights(tmp)
+        os.replace(tmp, phase1)
+    head_epochs_done = read_state(run_dir)["head_epochs_done"]
+
+    if not read_state(run_dir).get("finetune_done"):
+        models.set_phase(model, "finetune", config.finetune_fraction)
+        compile_model(model, config.finetune_learning_rate, config)
+        fit_phase(model, config, run_dir, "finetune", sampler, validation, head_epochs_done,
+                  head_epochs_done + config.finetune_epochs, mining, verbose, extra)
+        write_state(run_dir, finetune_done=True)
+    finish(config, run_dir, splits, mining, time.perf_counter() - started)
+    write_state(run_dir, finished=True)
+    shutil.rmtree(run_dir / "backup", ignore_errors=True)
+    return run_dir
+
+
+def finish(config: Config, run_dir: Path, splits: Splits, mining: HardExampleMining | None, seconds: float) -> dict:
+    """Evaluate the best checkpoint on validation and (once) on test; write results.json."""
+    from cifar100 import evaluate
+
+    best = keras.saving.load_model(run_dir / "best.keras")
+    val = evaluate.basic_metrics(best, splits.x_val, splits.y_val, splits.dataset.num_classes,
+                                 max(config.batch_size, 128))
+    rows = history_rows(run_dir)
+    speeds = [float(r["train_images_per_second"]) for r in rows if r.get("train_images_per_second")]
+    results = {
+        "run": config.run_name(),
+        "backbone": config.backbone,
+        "image_size": config.image_size,
+        "data": {"kind": splits.dataset.kind, "path": str(splits.dataset.path), "synthetic": splits.dataset.synthetic,
+                 "train_images": int(len(splits.train_indices)), "val_images": int(len(splits.val_indices)),
+                 "test_images": int(len(splits.dataset.y_test))},
+        "validation": val,
+        "epochs_run": len(rows),
+        "best_epoch": int(np.argmax([float(r["val_accuracy"]) for r in rows])) if rows else None,
+        "wall_seconds_this_process": round(seconds, 1),
+        "train_seconds_total": round(sum(float(r["epoch_seconds"]) for r in rows if r.get("epoch_seconds")), 1),
+        "train_images_per_second": round(float(np.median(speeds)), 1) if speeds else None,
+        "hem_seconds_total": round(sum(float(r.get("hem_seconds") or 0) for r in rows), 2),
+        "environment": environment(),
+    }
+    if mining is not None and len(mining.hardest_indices):
+        results["hardest_examples"] = {
+            "train_set_indices": splits.train_indices[mining.hardest_indices].tolist(),
+            "labels": splits.y_train[mining.hardest_indices].tolist(),
+            "losses": [round(float(v), 4) for v in mining.hardest_losses],
+        }
+    (run_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    results["test"] = evaluate.evaluate_run(run_dir, config.data_dir)  # the test set, once, at the end
+    return results
+
+
+def environment() -> dict:
+    versions = {}
+    for name in ("tensorflow", "jax"):
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = module.__version__
+    return {"python": sys.version.split()[0], "keras": keras.__version__, "backend": keras.backend.backend(),
+            **versions, "numpy": np.__version__, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "gpus": gpu_names() or None,
+            "device": ", ".join(gpu_names()) or f"CPU ({os.cpu_count()} cores)"}
