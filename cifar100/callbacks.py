@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -130,6 +131,42 @@ class PublishCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.partial.exists():
             os.replace(self.partial, self.final)
+
+
+def _readable_backup(weights: Path, metadata: Path) -> bool:
+    import h5py
+
+    if not (weights.exists() and metadata.exists()):
+        return False
+    try:
+        with h5py.File(weights, "r"):
+            json.loads(metadata.read_text())["epoch"]
+        return True
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def repair_backup(backup_dir: Path) -> str:
+    """Make BackupAndRestore's folder safe to restore from after a kill.
+
+    Keras writes the backup in place (weights, then the epoch), so a kill during a save can leave a
+    truncated weights file or weights without their epoch. Then the previous backup (double_checkpoint)
+    is put back, or, without one, the folder is removed so the phase restarts cleanly.
+    Returns what was done: "ok", "previous", "removed" or "none".
+    """
+    backup_dir = Path(backup_dir)
+    weights, metadata = backup_dir / "latest.weights.h5", backup_dir / "training_metadata.json"
+    if not backup_dir.exists():
+        return "none"
+    if _readable_backup(weights, metadata):
+        return "ok"
+    previous_weights, previous_metadata = Path(f"{weights}.bkp"), Path(f"{metadata}.bkp")
+    if _readable_backup(previous_weights, previous_metadata):
+        shutil.copyfile(previous_weights, weights)
+        shutil.copyfile(previous_metadata, metadata)
+        return "previous"
+    shutil.rmtree(backup_dir)
+    return "removed"
 
 
 def make_mining(config: Config, sampler: TrainBatches) -> HardExampleMining | None:

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 
 from cifar100 import data, models
-from cifar100.callbacks import HardExampleMining, callback_set, make_mining
+from cifar100.callbacks import HardExampleMining, callback_set, make_mining, repair_backup
 from cifar100.config import Config, ConfigError, validate
 from cifar100.sampling import TrainBatches
 
@@ -137,7 +137,11 @@ def save_class_info(run_dir: Path, dataset: data.Dataset) -> None:
 
 def fit_phase(model, config, run_dir, phase, sampler, validation, start_epoch, end_epoch, mining, verbose,
               extra_callbacks=()):
+    repair_backup(run_dir / "backup" / phase)
     callbacks = callback_set(config, run_dir, phase, start_epoch, mining, best_val_accuracy(run_dir))
+    # Keras keeps the epoch that BackupAndRestore restored in a previous fit() and would start this phase
+    # there (keras/src/backend/*/trainer.py: `self._initial_epoch or initial_epoch`); clear it.
+    model._initial_epoch = None
     model.fit(sampler, validation_data=validation, initial_epoch=start_epoch, epochs=end_epoch,
               callbacks=callbacks + list(extra_callbacks), verbose=verbose)
 
@@ -163,20 +167,18 @@ def run(config: Config, verbose: int | str = "auto", callbacks: list | None = No
     validate(config)
     run_dir = config.run_dir()
     splits = prepare_data(config)
+    keras.mixed_precision.set_global_policy("mixed_float16" if resolve_flag(config.mixed_precision) else "float32")
+    keras.utils.set_random_seed(config.seed)
+    num_classes = splits.dataset.num_classes
+    model = models.build_model(config, num_classes)  # a weights file that does not fit fails here
     resuming = claim_run_dir(config, run_dir)
-    state = read_state(run_dir)
-    if state.get("finished") and (run_dir / "results.json").exists():
+    if read_state(run_dir).get("finished") and (run_dir / "results.json").exists():
         print(f"run {run_dir} is complete: see {run_dir / 'results.json'}")
         return run_dir
     (run_dir / ".best.partial.keras").unlink(missing_ok=True)
     print(("resuming" if resuming else "starting") + f" run {run_dir}")
     print(splits.dataset.describe())
     save_class_info(run_dir, splits.dataset)
-    if resolve_flag(config.mixed_precision):
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    keras.utils.set_random_seed(config.seed)
-    num_classes = splits.dataset.num_classes
-    model = models.build_model(config, num_classes)
     mix = config.augment if config.augment in ("mixup", "cutmix") else None
     sampler = TrainBatches(splits.x_train, splits.y_train, num_classes, config.batch_size, seed=config.seed, mix=mix)
     validation = (splits.x_val, one_hot(splits.y_val, num_classes))

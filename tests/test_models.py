@@ -1,0 +1,91 @@
+import h5py
+import keras
+import numpy as np
+import pytest
+
+from cifar100 import models
+from cifar100.config import Config, ConfigError
+
+from .conftest import WEIGHTS_DIR
+
+BATCH = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("name", sorted(models.BACKBONES))
+def test_every_backbone_builds_and_classifies_raw_uint8_images(name):
+    size = max(models.BACKBONES[name].min_size, 32)
+    model = models.build_model(Config(backbone=name, image_size=size, weights=None), num_classes=10)
+    assert model.input.dtype == "uint8" and tuple(model.input.shape) == (None, 32, 32, 3)
+    probabilities = model.predict(BATCH, verbose=0)
+    assert probabilities.shape == (2, 10) and probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_images_are_upsampled_inside_the_model_to_image_size():
+    model = models.build_model(Config(backbone="tinycnn", image_size=72, weights=None), num_classes=10)
+    assert tuple(model.get_layer("upsample").output.shape) == (None, 72, 72, 3)
+    assert tuple(models.backbone_of(model).input.shape) == (None, 72, 72, 3)
+
+
+def test_augmentation_is_active_in_training_only():
+    model = models.build_model(Config(backbone="tinycnn", image_size=32, weights=None, dropout=0.0), 10)
+    inference = [model(BATCH, training=False).numpy() for _ in range(2)]
+    np.testing.assert_allclose(inference[0], inference[1])
+    training = model(BATCH, training=True).numpy()
+    assert not np.allclose(training, inference[0])
+
+
+@pytest.mark.parametrize("mode,expected", [
+    ("tf", lambda x: x / 127.5 - 1),
+    ("caffe", lambda x: x[..., ::-1] - np.array([103.939, 116.779, 123.68])),
+    ("none", lambda x: x),
+])
+def test_preprocessing_matches_the_backbone_convention(mode, expected):
+    x = BATCH.astype(np.float32)
+    np.testing.assert_allclose(models.ImagenetPreprocessing(mode)(x).numpy(), expected(x), rtol=1e-5, atol=1e-4)
+
+
+def test_resnet50_preprocessing_equals_keras_own():
+    x = BATCH.astype(np.float32)
+    ours = models.ImagenetPreprocessing(models.BACKBONES["resnet50"].preprocessing)(x).numpy()
+    np.testing.assert_allclose(ours, keras.applications.resnet50.preprocess_input(x.copy()), atol=1e-4)
+
+
+def first_conv_kernel(backbone):
+    return next(layer for layer in backbone.layers if isinstance(layer, keras.layers.Conv2D)).kernel.numpy()
+
+
+@pytest.mark.parametrize("backbone,file", [
+    ("mobilenetv2", "mobilenet_v2_1.0_imagenet_notop.weights.h5"),
+    ("mobilenetv3small", "mobilenet_v3_small_1.0_imagenet_notop.weights.h5"),
+])
+def test_shared_imagenet_weights_load_by_path(backbone, file):
+    path = WEIGHTS_DIR / file
+    if not path.exists():
+        pytest.skip(f"{path} is not on this machine")
+    with h5py.File(path) as f:
+        expected = f["layers/conv2d/vars/0"][()]
+    loaded = models.build_model(Config(backbone=backbone, image_size=64, weights=str(path)), 10)
+    np.testing.assert_array_equal(first_conv_kernel(models.backbone_of(loaded)), expected)
+    random = models.build_model(Config(backbone=backbone, image_size=64, weights=None), 10)
+    assert not np.array_equal(first_conv_kernel(models.backbone_of(random)), expected)
+
+
+def test_weights_of_another_architecture_are_refused():
+    path = WEIGHTS_DIR / "mobilenet_v2_1.0_imagenet_notop.weights.h5"
+    if not path.exists():
+        pytest.skip(f"{path} is not on this machine")
+    with pytest.raises(ConfigError, match=r"setting 'weights'.*does not fit backbone 'mobilenetv3small'"):
+        models.build_model(Config(backbone="mobilenetv3small", image_size=64, weights=str(path)), 10)
+
+
+def test_phases_freeze_and_unfreeze_the_backbone():
+    model = models.build_model(Config(backbone="mobilenetv3small", image_size=32, weights=None), 10)
+    models.set_phase(model, "head")
+    head_only = models.count_parameters(model)["trainable"]
+    assert head_only == 576 * 10 + 10  # only the classifier trains
+    models.set_phase(model, "finetune", 1.0)
+    everything = models.count_parameters(model)["trainable"]
+    models.set_phase(model, "finetune", 0.3)
+    top_part = models.count_parameters(model)["trainable"]
+    assert head_only < top_part < everything

@@ -1,0 +1,164 @@
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifar100 import data, train
+from cifar100.config import ConfigError, make_config
+
+from .conftest import ROOT, SAMPLE_DIR, WEIGHTS_DIR, run_cli
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory):
+    return data.write_synthetic(tmp_path_factory.mktemp("train") / "cifar-100-python", n_train=2000, n_test=500)
+
+
+def smoke(train_data, run_dir, **overrides):
+    return make_config("smoke", {"data_dir": str(train_data), "runs_dir": str(run_dir.parent),
+                                 "name": run_dir.name, **overrides})
+
+
+def epochs_in(history: Path) -> list[int]:
+    with open(history) as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+def test_smoke_preset_learns_the_synthetic_signal(train_data, tmp_path):
+    run_dir = train.run(smoke(train_data, tmp_path / "smoke"), verbose=0)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["data"]["synthetic"] is True
+    assert results["test"]["top1"] > 0.15  # chance is 0.01 on 100 classes
+    assert results["test"]["top5"] > results["test"]["top1"]
+    assert epochs_in(run_dir / "history.csv") == list(range(5))
+    for name in ("config.json", "best.keras", "history.csv", "results.json", "classes.json"):
+        assert (run_dir / name).is_file(), name
+    assert results["train_images_per_second"] > 0 and results["environment"]["keras"] == keras.__version__
+    assert len(results["hardest_examples"]["losses"]) == 64
+    assert not (run_dir / "backup").exists()
+    best = keras.saving.load_model(run_dir / "best.keras")
+    test = data.load(train_data)
+    accuracy = np.mean(best.predict(test.x_test, verbose=0).argmax(1) == test.y_test)
+    assert abs(accuracy - results["test"]["top1"]) < 1e-3
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"backbone": "vgg99"}, r"setting 'backbone': unknown backbone 'vgg99'"),
+    ({"backbone": "xception", "image_size": 64}, r"setting 'image_size': 64 px is below xception's minimum .* 71"),
+    ({"finetune_epochs": 0}, r"setting 'finetune_epochs' must be a positive integer, got 0"),
+    ({"head_epochs": -1}, r"setting 'head_epochs' must be a positive integer, got -1"),
+    ({"data_dir": "/nonexistent/cifar"}, r"setting 'data_dir': /nonexistent/cifar: dataset folder not found"),
+    ({"weights": "/nonexistent/w.weights.h5"}, r"setting 'weights': file /nonexistent/w.weights.h5 not found"),
+    ({"backbone": "mobilenetv3small", "weights": str(WEIGHTS_DIR / "mobilenet_v2_1.0_imagenet_notop.weights.h5")},
+     r"setting 'weights': .* does not fit backbone 'mobilenetv3small'"),
+])
+def test_a_config_that_cannot_work_fails_before_training(train_data, tmp_path, overrides, message):
+    if "mobilenet_v2" in str(overrides.get("weights", "")) and not (WEIGHTS_DIR).exists():
+        pytest.skip("shared weights are not on this machine")
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=message):
+        train.run(smoke(train_data, tmp_path / "bad", **overrides), verbose=0)
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "bad" / "history.csv").exists()
+
+
+def test_a_run_folder_of_other_settings_is_left_alone(train_data, tmp_path):
+    run_dir = tmp_path / "taken"
+    run_dir.mkdir()
+    smoke(train_data, run_dir, seed=1).save(run_dir / "config.json")
+    before = (run_dir / "config.json").read_text()
+    with pytest.raises(ConfigError, match=r"holds a run with other settings \(seed differ\)"):
+        train.run(smoke(train_data, run_dir), verbose=0)
+    assert (run_dir / "config.json").read_text() == before
+
+
+def cli_train(train_data, run_dir):
+    return [sys.executable, "-m", "cifar100", "train", "--preset", "smoke", "--data", str(train_data),
+            "--run-dir", str(run_dir), "--set", "head_epochs=2", "--set", "finetune_epochs=3", "--verbose", "2"]
+
+
+def test_a_killed_run_resumes_and_completes_without_gaps_or_repeats(train_data, tmp_path):
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen(cli_train(train_data, run_dir), cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if (run_dir / "history.csv").exists() and len(epochs_in(run_dir / "history.csv")) >= 1:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = epochs_in(run_dir / "history.csv")
+    assert 1 <= len(killed_at) < 5 and not (run_dir / "results.json").exists()
+
+    resumed = subprocess.run(cli_train(train_data, run_dir), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming run" in resumed.stdout
+    assert epochs_in(run_dir / "history.csv") == list(range(5))
+    assert json.loads((run_dir / "results.json").read_text())["epochs_run"] == 5
+    keras.saving.load_model(run_dir / "best.keras")
+
+
+@pytest.fixture(scope="module")
+def cli_run(train_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    result = run_cli("train", "--preset", "smoke", "--data", str(train_data), "--run-dir", str(run_dir),
+                     "--set", "finetune_epochs=2", "--verbose", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
+def test_cli_train_shows_progress_and_writes_the_run(cli_run):
+    run_dir, result = cli_run
+    assert "Epoch 3/3" in result.stdout and "SYNTHETIC data, not CIFAR-100" in result.stdout
+    assert json.loads((run_dir / "config.json").read_text())["finetune_epochs"] == 2
+
+
+def test_cli_evaluate_prints_test_metrics(cli_run):
+    run_dir, _ = cli_run
+    result = run_cli("evaluate", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert f"test top-1 {results['test']['top1']:.4f}" in result.stdout
+    assert "superclass accuracy" in result.stdout
+
+
+def test_cli_predict_gives_top5_names_for_any_image(cli_run, tmp_path):
+    run_dir, _ = cli_run
+    big = tmp_path / "big.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8)).save(big)
+    real = SAMPLE_DIR / "cifar100_00_49.png"
+    result = run_cli("predict", str(run_dir), str(real), str(big))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith((str(real), str(big)))]
+    assert len(lines) == 2
+    names = json.loads((run_dir / "classes.json").read_text())["class_names"]
+    for line in lines:
+        predictions = line.split(": ", 1)[1].split(", ")
+        assert len(predictions) == 5
+        assert all(p.rsplit(" ", 1)[0] in names for p in predictions)
+        probabilities = [float(p.rsplit(" ", 1)[1]) for p in predictions]
+        assert probabilities == sorted(probabilities, reverse=True)
+
+
+def test_cli_predict_refuses_a_file_that_is_not_an_image(cli_run, tmp_path):
+    run_dir, _ = cli_run
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    result = run_cli("predict", str(run_dir), str(bad))
+    assert result.returncode == 2 and "notes.png: cannot read as an image" in result.stderr
+
+
+def test_cli_set_rejects_unknown_settings(tmp_path):
+    result = run_cli("train", "--preset", "smoke", "--set", "colour=blue")
+    assert result.returncode == 2 and "--set colour: unknown setting" in result.stderr
