@@ -4,7 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install test lint clean
+.PHONY: install test lint clean run demo
+
+# `make run`: the notebook, headless, on the real dataset (downloaded when absent).
+#   make run PRESET=seed-resnet50 RUN=resnet50-224   (any preset; the run folder is models/$(RUN))
+PRESET ?= cpu-small
+RUN ?= $(PRESET)
+DATA ?= cifar-100-python
+DEMO_DATA := synthetic-data/cifar-100-python
 
 install: $(INSTALLED)
 
@@ -22,3 +29,18 @@ lint: $(INSTALLED)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+run: $(INSTALLED)
+	$(PY) -m cifar100 data verify $(DATA) >/dev/null 2>&1 || $(PY) -m cifar100 data download $(DATA)
+	mkdir -p models/$(RUN)
+	$(PY) -m papermill main.ipynb models/$(RUN)/main.ipynb -p PRESET $(PRESET) -p DATA_DIR $(DATA) \
+		-p RUN_NAME $(RUN)
+	@echo "executed notebook: models/$(RUN)/main.ipynb"
+
+# `make demo`: the same notebook on a small SYNTHETIC dataset (not CIFAR-100), in a few minutes on a CPU.
+demo: $(INSTALLED)
+	test -d $(DEMO_DATA) || $(PY) -m cifar100 data synthetic $(DEMO_DATA) --train 6000 --test 1000
+	rm -rf models/demo && mkdir -p models/demo
+	$(PY) -m papermill main.ipynb models/demo/main.ipynb -p PRESET smoke -p DATA_DIR $(DEMO_DATA) \
+		-p RUN_NAME demo -p IMAGE_SIZE 64 -p DOWNLOAD False -y "SETTINGS: {max_train_images: null}"
+	@echo "executed notebook: models/demo/main.ipynb (SYNTHETIC data)"

@@ -130,7 +130,7 @@ def build_model(config: Config, num_classes: int = 100) -> keras.Model:
                             name="upsample")(x)
     x = ImagenetPreprocessing(spec.preprocessing, name="preprocess")(x)
     backbone = build_backbone(config)
-    x = backbone(x, training=False)  # BatchNorm stays in inference mode, also when fine-tuning
+    x = backbone(x)  # its BatchNorm layers are frozen, so they run in inference mode (see set_phase)
     x = layers.Dropout(config.dropout, name="dropout")(x)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="classifier")(x)
     return keras.Model(inputs, outputs, name=f"{config.backbone}_{config.image_size}px")
@@ -141,7 +141,12 @@ def backbone_of(model: keras.Model) -> keras.Model:
 
 
 def set_phase(model: keras.Model, phase: str, finetune_fraction: float = 1.0) -> None:
-    """'head': the backbone frozen. 'finetune': the top `finetune_fraction` of the backbone's layers train."""
+    """'head': the backbone frozen. 'finetune': the top `finetune_fraction` of the backbone's layers train.
+
+    BatchNormalization layers stay frozen in both phases, which in Keras 3 also keeps them in inference
+    mode (moving statistics used, never updated). Passing `training=False` when calling the backbone is
+    not enough in Keras 3: a functional model passes fit()'s `training=True` down to every nested layer.
+    """
     backbone = backbone_of(model)
     if phase == "head":
         backbone.trainable = False
@@ -150,8 +155,9 @@ def set_phase(model: keras.Model, phase: str, finetune_fraction: float = 1.0) ->
         raise ValueError(f"phase must be 'head' or 'finetune', got {phase!r}")
     backbone.trainable = True
     frozen = int(round(len(backbone.layers) * (1 - finetune_fraction)))
-    for layer in backbone.layers[:frozen]:
-        layer.trainable = False
+    for index, layer in enumerate(backbone.layers):
+        if index < frozen or isinstance(layer, layers.BatchNormalization):
+            layer.trainable = False
 
 
 def count_parameters(model: keras.Model) -> dict[str, int]:

@@ -89,3 +89,19 @@ def test_phases_freeze_and_unfreeze_the_backbone():
     models.set_phase(model, "finetune", 0.3)
     top_part = models.count_parameters(model)["trainable"]
     assert head_only < top_part < everything
+
+
+def test_batchnorm_stays_in_inference_mode_while_fine_tuning():
+    """Shared MobileNet weights hold folded BatchNorm statistics: training-mode BN would destroy them."""
+    config = Config(backbone="mobilenetv3small", image_size=32, weights=None, dropout=0.0, augment="none")
+    model = models.build_model(config, 10)
+    models.set_phase(model, "finetune", 1.0)
+    batch_norms = [layer for layer in models.backbone_of(model).layers
+                   if isinstance(layer, keras.layers.BatchNormalization)]
+    assert batch_norms and not any(layer.trainable for layer in batch_norms)
+    np.testing.assert_allclose(model(BATCH, training=True).numpy(), model(BATCH, training=False).numpy(),
+                               rtol=1e-4, atol=1e-6)
+    moving_mean = batch_norms[3].moving_mean.numpy().copy()
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    model.fit(BATCH, np.eye(10, dtype="float32")[[1, 2]], epochs=1, verbose=0)
+    np.testing.assert_array_equal(batch_norms[3].moving_mean.numpy(), moving_mean)
