@@ -62,7 +62,7 @@ def _evaluate(args) -> None:
 def _predict(args) -> None:
     from cifar100 import evaluate
 
-    for path, top in zip(args.images, evaluate.predict_files(args.run_dir, args.images)):
+    for path, top in zip(args.images, evaluate.predict_files(args.run_dir, args.images), strict=False):
         print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
 
 

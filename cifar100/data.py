@@ -162,7 +162,8 @@ def _unpickle(path: Path) -> dict:
         obj = _SafeUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
     except _RefusedGlobal as exc:
         raise DatasetError(f"{path}: unsafe file, nothing was run: {exc}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError, struct.error) as exc:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+            struct.error) as exc:
         raise DatasetError(f"{path}: truncated or corrupt file (expected a pickled dict of a CIFAR "
                            f"batch; reading failed with {type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):

@@ -50,13 +50,13 @@ def detailed_metrics(probabilities: np.ndarray, labels: np.ndarray, class_names:
     support = matrix.sum(1)
     per_class = np.divide(np.diag(matrix), support, out=np.full(num_classes, np.nan), where=support > 0)
     result = summary_metrics(probabilities, labels, num_classes)
-    result["per_class"] = {name: _round(v) for name, v in zip(class_names, per_class)}
+    result["per_class"] = {name: _round(v) for name, v in zip(class_names, per_class, strict=False)}
     off_diagonal = matrix.copy()
     np.fill_diagonal(off_diagonal, 0)
     order = np.argsort(-off_diagonal, axis=None)[:top_pairs]
     result["most_confused"] = [
         {"true": class_names[t], "predicted": class_names[p], "count": int(off_diagonal[t, p])}
-        for t, p in zip(*np.unravel_index(order, off_diagonal.shape)) if off_diagonal[t, p] > 0
+        for t, p in zip(*np.unravel_index(order, off_diagonal.shape), strict=False) if off_diagonal[t, p] > 0
     ]
     if fine_to_coarse is not None and coarse_names:
         true_coarse, predicted_coarse = fine_to_coarse[labels], fine_to_coarse[predicted]

@@ -130,6 +130,9 @@ def superclass_confusion(labels: np.ndarray, predicted: np.ndarray, fine_to_coar
 def confused_pairs(most_confused: list[dict], synthetic: bool = False) -> Figure:
     """The most frequent (true -> predicted) mistakes between fine classes."""
     figure, ax = plt.subplots(figsize=(8, 0.4 * max(len(most_confused), 3) + 1.2))
+    if not most_confused:
+        ax.text(0.5, 0.5, "no confusions: every test image was classified correctly", ha="center", va="center")
+        ax.set_axis_off()
     labels = [f"{p['true']} -> {p['predicted']}" for p in most_confused][::-1]
     counts = [p["count"] for p in most_confused][::-1]
     ax.barh(range(len(counts)), counts, color="tab:red")
@@ -159,7 +162,8 @@ def misclassified(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray,
     """Test images the model got wrong, with true and predicted class names."""
     wrong = np.flatnonzero(labels != predicted)[:count]
     captions = [f"true: {class_names[labels[i]]}\npred: {class_names[predicted[i]]}" for i in wrong]
-    return image_grid(images[wrong], captions, "Misclassified test images" + _note(synthetic))
+    title = "Misclassified test images" if len(wrong) else "Misclassified test images: none"
+    return image_grid(images[wrong], captions, title + _note(synthetic))
 
 
 def hardest_examples(images: np.ndarray, labels: np.ndarray, losses: np.ndarray, class_names: list[str],

@@ -176,7 +176,8 @@ def test_wrong_dtype(dataset_dir):
 
 def test_labels_out_of_range(dataset_dir):
     rewrite(dataset_dir / "train", fine_labels=[100] + [0] * 19)
-    with pytest.raises(DatasetError, match=r"train: labels out of range in 'fine_labels': expected 0..99, found \[100\]"):
+    message = r"train: labels out of range in 'fine_labels': expected 0..99, found \[100\]"
+    with pytest.raises(DatasetError, match=message):
         data.load(dataset_dir)
 
 

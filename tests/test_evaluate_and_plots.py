@@ -1,0 +1,115 @@
+import json
+
+import matplotlib
+import numpy as np
+import pytest
+
+from cifar100 import evaluate, plots
+
+matplotlib.use("Agg")
+
+# 4 classes in 2 superclasses: {0, 1} -> 0 and {2, 3} -> 1
+NAMES = ["cat", "dog", "car", "bus"]
+COARSE = ["animals", "vehicles"]
+FINE_TO_COARSE = np.array([0, 0, 1, 1])
+LABELS = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+PROBABILITIES = np.array([
+    [0.70, 0.10, 0.10, 0.10],  # 0 -> 0 right
+    [0.25, 0.50, 0.15, 0.10],  # 0 -> 1 wrong, same superclass; true class ranked 2nd
+    [0.10, 0.60, 0.20, 0.10],  # 1 -> 1 right
+    [0.10, 0.06, 0.80, 0.04],  # 1 -> 2 wrong, other superclass; true class ranked 3rd
+    [0.05, 0.05, 0.85, 0.05],  # 2 -> 2 right
+    [0.05, 0.05, 0.30, 0.60],  # 2 -> 3 wrong, same superclass
+    [0.05, 0.05, 0.10, 0.80],  # 3 -> 3 right
+    [0.40, 0.30, 0.20, 0.10],  # 3 -> 0 wrong, other superclass; true class ranked last
+])
+
+
+def test_metrics_match_hand_computed_values():
+    m = evaluate.detailed_metrics(PROBABILITIES, LABELS, NAMES, FINE_TO_COARSE, COARSE, top_pairs=10)
+    assert m["top1"] == 0.5  # rows 0, 2, 4, 6
+    # top-2 isn't top-5 with 4 classes; the module uses k = min(5, C - 1) = 3: all but row 7 have the
+    # true class in their 3 most probable
+    assert m["top5"] == 0.875
+    assert m["per_class"] == {"cat": 0.5, "dog": 0.5, "car": 0.5, "bus": 0.5}
+    # superclass of the prediction right for rows 0, 1, 2, 4, 5, 6
+    assert m["superclass_accuracy"] == 0.75
+    assert m["per_superclass"]["animals"] == {"fine_top1": 0.5, "superclass_accuracy": 0.75, "images": 4}
+    assert m["per_superclass"]["vehicles"] == {"fine_top1": 0.5, "superclass_accuracy": 0.75, "images": 4}
+    expected_loss = -np.mean(np.log(PROBABILITIES[np.arange(8), LABELS]))
+    assert m["loss"] == pytest.approx(expected_loss, abs=1e-4)
+    pairs = {(p["true"], p["predicted"]): p["count"] for p in m["most_confused"]}
+    assert pairs == {("cat", "dog"): 1, ("dog", "car"): 1, ("car", "bus"): 1, ("bus", "cat"): 1}
+
+
+def test_top5_on_100_classes_counts_the_five_most_probable():
+    rng = np.random.default_rng(0)
+    probabilities = rng.dirichlet(np.ones(100), size=50)
+    labels = rng.integers(0, 100, 50)
+    ranks = (probabilities > probabilities[np.arange(50), labels][:, None]).sum(1)
+    m = evaluate.summary_metrics(probabilities, labels, 100)
+    assert m["top5"] == pytest.approx(np.mean(ranks < 5), abs=1e-4)
+    assert m["top1"] == pytest.approx(np.mean(probabilities.argmax(1) == labels), abs=1e-4)
+
+
+def history():
+    return {"epoch": np.arange(4.0), "loss": np.array([3, 2, 1.5, 1.0]), "val_loss": np.array([3, 2.2, 1.8, 1.6]),
+            "accuracy": np.array([.1, .3, .5, .6]), "val_accuracy": np.array([.1, .25, .4, .45]),
+            "learning_rate": np.array([1e-3, 1e-3, 1e-4, 3e-5])}
+
+
+def test_training_curves_have_labelled_axes_and_the_phase_boundary():
+    figure = plots.training_curves(history(), phase_boundary=2, title="r", synthetic=True)
+    loss, accuracy, lr = figure.axes
+    assert loss.get_xlabel() == "epoch" and loss.get_ylabel() == "cross-entropy loss"
+    assert accuracy.get_ylabel() == "top-1 accuracy" and lr.get_yscale() == "log"
+    assert [line.get_label() for line in loss.get_lines()][:2] == ["training", "validation (from the training set)"]
+    assert any(line.get_xdata()[0] == 2.5 for line in accuracy.get_lines())  # the boundary, between epochs 2 and 3
+    assert "SYNTHETIC" in figure._suptitle.get_text()
+
+
+def test_compare_runs_labels_each_run_with_backbone_and_size():
+    runs = [{"run": "a", "backbone": "resnet50", "image_size": 32, "test": {"top1": 0.5, "top5": 0.8}, "data": {}},
+            {"run": "b", "backbone": "resnet50", "image_size": 224, "test": {"top1": 0.78, "top5": 0.95},
+             "data": {"synthetic": True}}]
+    ax = plots.compare_runs(runs).axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert "resnet50 @ 32 px" in labels[0] and "resnet50 @ 224 px" in labels[1] and "synthetic" in labels[1]
+    assert [round(p.get_height(), 2) for p in ax.patches[:2]] == [0.5, 0.78]
+    assert ax.get_ylabel() == "test accuracy" and "NOT CIFAR-100" in ax.get_title()
+
+
+def test_find_results_reads_finished_runs(tmp_path):
+    for name, results in (("a", {"run": "a", "test": {"top1": 1}}), ("b", {"run": "b"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+    assert [r["run"] for r in plots.find_results(tmp_path)] == ["a"]
+
+
+def test_superclass_confusion_is_row_normalised_with_names():
+    figure = plots.superclass_confusion(LABELS, PROBABILITIES.argmax(1), FINE_TO_COARSE, COARSE)
+    ax = figure.axes[0]
+    np.testing.assert_allclose(ax.get_images()[0].get_array(), [[0.75, 0.25], [0.25, 0.75]])
+    assert [t.get_text() for t in ax.get_yticklabels()] == COARSE
+    assert ax.get_xlabel() == "predicted superclass" and ax.get_ylabel() == "true superclass"
+
+
+def test_confused_pairs_and_image_grids_show_names():
+    m = evaluate.detailed_metrics(PROBABILITIES, LABELS, NAMES)
+    ax = plots.confused_pairs(m["most_confused"]).axes[0]
+    assert "cat -> dog" in [t.get_text() for t in ax.get_yticklabels()]
+    images = np.zeros((8, 32, 32, 3), np.uint8)
+    grid = plots.misclassified(images, LABELS, PROBABILITIES.argmax(1), NAMES)
+    titles = [ax.get_title() for ax in grid.axes if ax.get_title()]
+    assert titles[0] == "true: cat\npred: dog" and len(titles) == 4
+    hardest = plots.hardest_examples(images[:2], np.array([3, 1]), np.array([4.2, 3.1]), NAMES)
+    assert [ax.get_title() for ax in hardest.axes][:2] == ["bus\nloss 4.20", "dog\nloss 3.10"]
+    samples = plots.samples_per_class(np.zeros((40, 32, 32, 3), np.uint8), np.arange(40) % 4, NAMES, classes=4)
+    assert [samples.axes[i * 8].get_ylabel() for i in range(4)] == NAMES
+    balance = plots.class_balance(np.arange(40) % 4, NAMES).axes[0]
+    assert balance.get_ylabel() == "training images" and "10 to 10" in balance.get_title()
+
+
+def test_figures_are_saved_as_png(tmp_path):
+    path = plots.save(plots.compare_runs([]), tmp_path, "empty")
+    assert path == tmp_path / "figures" / "empty.png" and path.read_bytes()[:4] == b"\x89PNG"

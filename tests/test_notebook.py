@@ -1,0 +1,61 @@
+import json
+import subprocess
+import sys
+
+import nbformat
+import pytest
+
+from cifar100 import data
+
+from .conftest import ROOT
+
+
+def test_committed_notebook_has_no_outputs_and_one_parameters_cell():
+    notebook = nbformat.read(ROOT / "main.ipynb", as_version=4)
+    code_cells = [c for c in notebook.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code_cells)
+    tagged = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and "PRESET" in tagged[0].source and "HARD_EXAMPLE_MINING" in tagged[0].source
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("nb")
+    dataset = data.write_synthetic(folder / "cifar-100-python", n_train=1200, n_test=300)
+    output = folder / "executed.ipynb"
+    result = subprocess.run(
+        [sys.executable, "-m", "papermill", str(ROOT / "main.ipynb"), str(output), "--cwd", str(ROOT),
+         "-p", "PRESET", "smoke", "-p", "DATA_DIR", str(dataset), "-p", "RUN_NAME", "nbrun",
+         "-p", "RUNS_DIR", str(folder / "models"), "-p", "DOWNLOAD", "False", "-p", "FINETUNE_EPOCHS", "2"],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return nbformat.read(output, as_version=4), folder / "models" / "nbrun"
+
+
+def cell_text(cell) -> str:
+    parts = []
+    for output in cell.get("outputs", []):
+        parts.append(output.get("text", ""))
+        parts += [str(v) for k, v in output.get("data", {}).items() if k.startswith("text/")]
+    return "".join(parts)
+
+
+def test_notebook_runs_headless_and_leaves_figures_and_results(executed):
+    _, run_dir = executed
+    results = json.loads((run_dir / "results.json").read_text())
+    assert {"top1", "top5", "per_class", "per_superclass", "most_confused"} <= set(results["test"])
+    figures = {p.stem for p in (run_dir / "figures").glob("*.png")}
+    assert {"training_curves", "superclass_confusion", "confused_pairs", "misclassified", "hardest_examples",
+            "comparison"} <= figures
+
+
+def test_executed_notebook_says_the_data_is_synthetic_near_the_top_and_beside_accuracies(executed):
+    notebook, _ = executed
+    code_cells = [c for c in notebook.cells if c.cell_type == "code"]
+    data_cell = next(c for c in code_cells if "data.load(" in c.source)
+    assert "SYNTHETIC DATA" in cell_text(data_cell)
+    results_cell = next(c for c in code_cells if "test top-1 accuracy" in c.source)
+    lines = [line for line in cell_text(results_cell).splitlines() if "accuracy" in line]
+    assert lines and all("SYNTHETIC" in line for line in lines)
+    images = sum("image/png" in o.get("data", {}) for c in code_cells for o in c.get("outputs", []))
+    assert images >= 8  # samples, balance, curves, confusion, pairs, misclassified, hardest, comparison
