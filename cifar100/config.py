@@ -93,7 +93,7 @@ PRESETS: dict[str, dict] = {
                           finetune_learning_rate=1e-4),
     # Sized for a 2-core CPU: ~30 minutes on 10,000 training images.
     "cpu-small": dict(backbone="mobilenetv3small", image_size=96, batch_size=64, max_train_images=10000,
-                      head_epochs=2, finetune_epochs=2, finetune_learning_rate=3e-4, hem_fraction=0.2),
+                      head_epochs=3, finetune_epochs=8, finetune_learning_rate=3e-4, hem_fraction=0.2),
     # Seconds, for tests and a first look: a tiny CNN from random weights at 32 px.
     "smoke": dict(backbone="tinycnn", image_size=32, weights=None, batch_size=32, max_train_images=1000,
                   head_epochs=1, head_learning_rate=3e-3, finetune_epochs=4, finetune_learning_rate=3e-3,

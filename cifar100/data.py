@@ -447,13 +447,20 @@ def write_official(path: str | Path, kind: str, x_train, y_train, x_test, y_test
 
 
 def synthetic_images(labels: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
-    """Images whose class is learnable: a smooth per-class colour pattern plus per-image noise and shift."""
+    """Images whose class is learnable but not trivially: a smooth colour pattern made mostly of the
+    class's group pattern (its CIFAR-100 superclass, so related classes look alike) plus a fainter pattern
+    of its own, under heavy per-image noise, random shifts and brightness changes."""
     rng = np.random.default_rng(seed)
     pattern_rng = np.random.default_rng(12345)  # the class patterns are the same for every seed
-    coarse = pattern_rng.uniform(0, 255, size=(num_classes, 4, 4, 3))
-    patterns = coarse.repeat(8, axis=1).repeat(8, axis=2)
-    images = 0.65 * patterns[labels] + 0.35 * rng.uniform(0, 255, size=(len(labels), 32, 32, 3))
-    shifts = rng.integers(-2, 3, size=(len(labels), 2))
+    group_of = CIFAR100_FINE_TO_COARSE if num_classes == 100 else np.arange(num_classes) % max(1, num_classes // 5)
+    group_patterns = pattern_rng.uniform(0, 255, size=(group_of.max() + 1, 4, 4, 3))
+    own_patterns = pattern_rng.uniform(0, 255, size=(num_classes, 4, 4, 3))
+    templates = 0.5 * group_patterns[group_of] + 0.5 * own_patterns
+    templates = templates.repeat(8, axis=1).repeat(8, axis=2)
+    noise = rng.uniform(0, 255, size=(len(labels), 32, 32, 3))
+    brightness = rng.uniform(0.75, 1.25, size=(len(labels), 1, 1, 1))
+    images = brightness * (0.55 * templates[labels] + 0.45 * noise)
+    shifts = rng.integers(-3, 4, size=(len(labels), 2))
     for i, (dy, dx) in enumerate(shifts):
         images[i] = np.roll(images[i], (dy, dx), axis=(0, 1))
     return np.clip(images, 0, 255).astype(np.uint8)

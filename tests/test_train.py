@@ -36,7 +36,7 @@ def test_smoke_preset_learns_the_synthetic_signal(train_data, tmp_path):
     run_dir = train.run(smoke(train_data, tmp_path / "smoke"), verbose=0)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["data"]["synthetic"] is True
-    assert results["test"]["top1"] > 0.15  # chance is 0.01 on 100 classes
+    assert results["test"]["top1"] > 0.10  # chance is 0.01 on 100 classes
     assert results["test"]["top5"] > results["test"]["top1"]
     assert epochs_in(run_dir / "history.csv") == list(range(5))
     for name in ("config.json", "best.keras", "history.csv", "results.json", "classes.json"):
