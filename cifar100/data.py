@@ -25,7 +25,9 @@ import numpy as np
 
 IMAGE_SHAPE = (32, 32, 3)
 ROW_BYTES = 32 * 32 * 3
-SYNTHETIC_MARKER = "SYNTHETIC.json"
+# Written beside files that hold other data in the official format (synthetic, or another dataset):
+# {"source": ..., "synthetic": true|false}. The loader then skips the official md5 check and says so.
+DATASET_MARKER = "DATASET.json"
 
 CIFAR100_FILES = ("train", "test", "meta")
 CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
@@ -106,6 +108,7 @@ class Dataset:
     coarse_names: list[str] = field(default_factory=list)
     fine_to_coarse: np.ndarray | None = None
     synthetic: bool = False
+    source: str = "official"
     md5: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -114,7 +117,9 @@ class Dataset:
 
     def describe(self) -> str:
         lines = [
-            f"dataset: {self.kind} at {self.path}" + ("  (SYNTHETIC data, not real CIFAR)" if self.synthetic else ""),
+            f"dataset: {self.kind} format at {self.path}"
+            + ("  (SYNTHETIC data, not real CIFAR)" if self.synthetic else ""),
+            f"source: {self.source}",
             f"train: {len(self.y_train)} images, test: {len(self.y_test)} images, {self.num_classes} classes",
         ]
         if self.coarse_names:
@@ -275,8 +280,9 @@ def _missing_folder_message(path: Path) -> str:
 def load(path: str | Path = "cifar-100-python", check_md5: bool = True, download: bool = False) -> Dataset:
     """Load a CIFAR-100 or CIFAR-10 folder (kind chosen by the files it holds), verified.
 
-    md5 sums are checked against the official ones unless `check_md5` is False or the folder was
-    written by `write_synthetic`. With `download`, an absent folder is fetched first.
+    md5 sums are checked against the official ones unless `check_md5` is False or the folder holds a
+    DATASET.json marker (written by `write_official` for synthetic or other data). With `download`, an
+    absent folder is fetched first.
     """
     path = Path(path)
     if not path.is_dir():
@@ -284,12 +290,28 @@ def load(path: str | Path = "cifar-100-python", check_md5: bool = True, download
             raise DatasetError(_missing_folder_message(path))
         fetch(path)
     kind = detect_kind(path)
-    synthetic = (path / SYNTHETIC_MARKER).is_file()
-    md5 = _check_md5(path, kind, check_md5 and not synthetic)
-    if synthetic:
-        md5 = {name: "skipped (synthetic data)" for name in md5}
+    marker = _read_marker(path)
+    md5 = _check_md5(path, kind, check_md5 and marker is None)
+    info = {"md5": md5}
+    if marker is not None:
+        info = {"synthetic": bool(marker.get("synthetic", True)), "source": str(marker.get("source", "unknown")),
+                "md5": {name: "skipped (not the official files)" for name in md5}}
     reader = _load_cifar100 if kind == "cifar100" else _load_cifar10
-    return reader(path, synthetic=synthetic, md5=md5)
+    return reader(path, **info)
+
+
+def _read_marker(path: Path) -> dict | None:
+    marker = path / DATASET_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        content = json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{marker}: not valid JSON ({exc}); expected an object with 'source' and "
+                           "'synthetic'") from None
+    if not isinstance(content, dict):
+        raise DatasetError(f"{marker}: expected a JSON object with 'source' and 'synthetic'")
+    return content
 
 
 def _load_cifar100(path: Path, **info) -> Dataset:
@@ -413,8 +435,11 @@ def write_batch(path: Path, batch: dict) -> None:
     path.write_bytes(buffer.getvalue())
 
 
-def write_official(path: str | Path, kind: str, x_train, y_train, x_test, y_test, synthetic: bool = True) -> Path:
-    """Write arrays as a dataset folder in the official file format (names, keys, dtypes, byte layout)."""
+def write_official(path: str | Path, kind: str, x_train, y_train, x_test, y_test, synthetic: bool = True,
+                   source: str = "synthetic (cifar100.data.write_synthetic)", class_names: list[str] | None = None
+                   ) -> Path:
+    """Write arrays as a dataset folder in the official file format (names, keys, dtypes, byte layout),
+    with a DATASET.json marker saying where the data comes from. `class_names` replaces CIFAR-10's."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if kind == "cifar100":
@@ -438,11 +463,12 @@ def write_official(path: str | Path, kind: str, x_train, y_train, x_test, y_test
                                       "data": images_to_rows(x),
                                       "filenames": [f"synthetic_s_{i:06d}.png" for i in range(len(y))]})
         write_batch(path / "batches.meta", {"num_cases_per_batch": int(np.ceil(len(y_train) / 5)),
-                                            "label_names": CIFAR10_NAMES, "num_vis": ROW_BYTES})
+                                            "label_names": list(class_names or CIFAR10_NAMES),
+                                            "num_vis": ROW_BYTES})
     else:
         raise ValueError(f"kind must be 'cifar100' or 'cifar10', got {kind!r}")
-    if synthetic:
-        (path / SYNTHETIC_MARKER).write_text(json.dumps({"synthetic": True, "kind": kind}, indent=2) + "\n")
+    marker = {"source": source, "synthetic": synthetic, "kind": kind}
+    (path / DATASET_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return path
 
 
@@ -470,8 +496,8 @@ def write_synthetic(path: str | Path, kind: str = "cifar100", n_train: int = 500
                     seed: int = 0) -> Path:
     """Write a synthetic dataset in the exact official format, with a learnable class signal.
 
-    Labels are balanced (as in CIFAR) and the folder holds a SYNTHETIC.json marker, so that the loader
-    and the notebook can say plainly that the data is synthetic.
+    Labels are balanced (as in CIFAR) and the folder's DATASET.json marker says the data is synthetic, so
+    that the loader and the notebook can say so plainly.
     """
     num_classes = {"cifar100": 100, "cifar10": 10}.get(kind)
     if num_classes is None:

@@ -114,12 +114,14 @@ def build_backbone(config: Config) -> keras.Model:
             raise ConfigError(f"setting 'weights': {config.weights} does not fit backbone '{config.backbone}' "
                               f"(is it another architecture's file?): {str(exc).splitlines()[0]}") from None
         raise
-    model.name = BACKBONE_LAYER
     return model
 
 
-def build_model(config: Config, num_classes: int = 100) -> keras.Model:
-    """One Keras model: raw (None, 32, 32, 3) uint8 images in, `num_classes` probabilities (float32) out."""
+def build_model(config: Config, num_classes: int = 100, backbone: keras.Model | None = None) -> keras.Model:
+    """One Keras model: raw (None, 32, 32, 3) uint8 images in, `num_classes` probabilities (float32) out.
+
+    `backbone` replaces the registry's (benchmarks pass a trivial one to measure the data path alone).
+    """
     spec = BACKBONES[config.backbone]
     inputs = keras.Input((32, 32, 3), dtype="uint8", name="image")
     x = layers.Rescaling(1.0, name="to_float")(inputs)  # uint8 -> the compute dtype
@@ -129,7 +131,9 @@ def build_model(config: Config, num_classes: int = 100) -> keras.Model:
         x = layers.Resizing(config.image_size, config.image_size, interpolation=config.interpolation,
                             name="upsample")(x)
     x = ImagenetPreprocessing(spec.preprocessing, name="preprocess")(x)
-    backbone = build_backbone(config)
+    if backbone is None:
+        backbone = build_backbone(config)
+    backbone.name = BACKBONE_LAYER
     x = backbone(x)  # its BatchNorm layers are frozen, so they run in inference mode (see set_phase)
     x = layers.Dropout(config.dropout, name="dropout")(x)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="classifier")(x)

@@ -138,6 +138,7 @@ def confused_pairs(most_confused: list[dict], synthetic: bool = False) -> Figure
     ax.barh(range(len(counts)), counts, color="tab:red")
     ax.set_yticks(range(len(counts)), labels, fontsize=9)
     ax.set_xlabel("test images (true class -> predicted class)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Most confused pairs of classes" + _note(synthetic))
     ax.grid(axis="x", alpha=0.3)
     figure.tight_layout()

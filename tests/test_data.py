@@ -50,6 +50,22 @@ def test_written_files_read_like_the_official_ones(synthetic_cifar100):
     assert meta[b"fine_label_names"][0] == b"apple" and len(meta[b"coarse_label_names"]) == 20
 
 
+def test_other_data_in_the_official_format_is_marked_and_named(tmp_path):
+    x_train, y_train, x_test, y_test = random_split_arrays(20, 10, 10)
+    names = [f"thing{i}" for i in range(10)]
+    data.write_official(tmp_path, "cifar10", x_train, y_train, x_test, y_test, synthetic=False,
+                        source="Fashion-MNIST, padded", class_names=names)
+    ds = data.load(tmp_path)
+    assert not ds.synthetic and ds.source == "Fashion-MNIST, padded" and ds.class_names == names
+    assert "source: Fashion-MNIST, padded" in ds.describe() and "SYNTHETIC" not in ds.describe()
+
+
+def test_a_broken_marker_is_named(dataset_dir):
+    (dataset_dir / data.DATASET_MARKER).write_text("{not json")
+    with pytest.raises(DatasetError, match=r"DATASET.json: not valid JSON"):
+        data.load(dataset_dir)
+
+
 def test_cifar100_superclasses_follow_the_official_mapping(synthetic_cifar100):
     ds = data.load(synthetic_cifar100)
     assert ds.coarse_names[ds.fine_to_coarse[ds.class_names.index("maple_tree")]] == "trees"
@@ -194,7 +210,7 @@ def test_wrong_number_of_class_names(dataset_dir):
 
 
 def test_md5_checked_for_official_names_and_skippable(dataset_dir, monkeypatch):
-    (dataset_dir / data.SYNTHETIC_MARKER).unlink()
+    (dataset_dir / data.DATASET_MARKER).unlink()
     with pytest.raises(DatasetError, match=r"train: md5 mismatch: expected the official 16019d7e"):
         data.load(dataset_dir)
     assert data.load(dataset_dir, check_md5=False).md5["train"] == "skipped"
@@ -301,7 +317,7 @@ def test_cli_writes_and_verifies_a_dataset(tmp_path):
     verified = run_cli("data", "verify", str(tmp_path / "d"))
     assert verified.returncode == 0, verified.stderr
     assert "train: 300 images, test: 100 images, 100 classes" in verified.stdout
-    assert "SYNTHETIC" in verified.stdout and "md5 train: skipped" in verified.stdout
+    assert "SYNTHETIC" in verified.stdout and "md5 train: skipped (not the official files)" in verified.stdout
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path):
