@@ -96,10 +96,13 @@ def test_curve_callback(x_test, y_test):
 
 def run_arm(label, overrides, seed, data_dir, runs_dir, args) -> dict:
     from cifar100 import data, train
-    from cifar100.config import make_config
+    from cifar100.config import Config, make_config
     from cifar100.train import history_rows
 
-    config = make_config("smoke", {
+    defaults = Config()  # the project's mining defaults, not the smoke preset's
+    mining_defaults = {name: getattr(defaults, name) for name in ("hem_every", "hem_fraction", "hem_strength",
+                                                                   "hem_floor")}
+    config = make_config("smoke", {**mining_defaults,
         "data_dir": str(data_dir), "runs_dir": str(runs_dir), "name": f"{label.replace(':', '_')}-seed{seed}",
         "seed": seed, "max_train_images": args.images, "head_epochs": 1, "finetune_epochs": args.epochs - 1,
         "early_stopping_patience": 1000, "reduce_lr_patience": 1000, "batch_size": 64, **overrides})

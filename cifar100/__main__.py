@@ -36,7 +36,10 @@ def _train(args) -> None:
         run_dir = Path(args.run_dir)
         config = config.replace(runs_dir=str(run_dir.parent), name=run_dir.name)
     run_dir = train.run(config, verbose=args.verbose)
-    _print_results(run_dir)
+    if (run_dir / "results.json").exists():
+        _print_results(run_dir)
+    else:
+        print(f"this worker is done; the chief (worker 0) writes {run_dir}")
 
 
 def _print_results(run_dir: Path) -> None:
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (data.DatasetError, ConfigError, FileNotFoundError, ValueError) as exc:
+    except (data.DatasetError, ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

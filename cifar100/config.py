@@ -56,6 +56,10 @@ class Config:
     # speed
     mixed_precision: str = "auto"  # auto (on with a GPU) | true | false
     jit_compile: str = "auto"  # auto (on with a GPU) | true | false
+    # distribution (cifar100/distribution.py): batch_size is the global batch
+    distribution: str = "auto"  # auto | mirrored | multi-worker | none
+    reference_batch_size: int | None = None  # the learning rates are for this batch (linear scaling rule)
+    distribution_timeout: float = 300.0  # seconds to wait for the other workers of a multi-worker run
 
     @property
     def epochs(self) -> int:
@@ -126,6 +130,9 @@ def make_config(preset: str | None = None, overrides: dict | list[str] | None = 
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"preset '{preset}' is unknown: choose one of {sorted(PRESETS)}")
     config = Config(**PRESETS.get(preset, {}))
+    if config.reference_batch_size is None:
+        # the learning rates were chosen for the preset's batch: a larger --set batch_size scales them
+        config = config.replace(reference_batch_size=config.batch_size)
     names = {f.name for f in fields(Config)}
     if isinstance(overrides, list):
         pairs = {}
@@ -172,8 +179,15 @@ def validate(config: Config) -> None:
         raise ConfigError(f"setting 'hem_floor' must be in [0, 1], got {config.hem_floor}")
     if not 0 < config.finetune_fraction <= 1:
         raise ConfigError(f"setting 'finetune_fraction' must be in (0, 1], got {config.finetune_fraction}")
-    for name, allowed in (("augment", AUGMENTATIONS), ("interpolation", INTERPOLATIONS),
-                          ("mixed_precision", AUTO_FLAGS), ("jit_compile", AUTO_FLAGS)):
+    from cifar100.distribution import DISTRIBUTIONS, read_tf_config
+
+    if config.reference_batch_size is not None:
+        positive_int("reference_batch_size")
+    if config.distribution == "multi-worker":
+        read_tf_config()  # a malformed TF_CONFIG fails here, before anything starts
+    choices = (("augment", AUGMENTATIONS), ("interpolation", INTERPOLATIONS), ("distribution", DISTRIBUTIONS),
+               ("mixed_precision", AUTO_FLAGS), ("jit_compile", AUTO_FLAGS))
+    for name, allowed in choices:
         if str(getattr(config, name)).lower() not in allowed:
             raise ConfigError(f"setting '{name}': {getattr(config, name)!r} is not one of {list(allowed)}")
     if config.weights not in (None, "imagenet"):

@@ -372,7 +372,7 @@ def split(labels: np.ndarray, val_fraction: float = 0.1, seed: int = 0) -> tuple
         train_idx, val_idx = train_test_split(indices, test_size=val_fraction, random_state=seed,
                                               stratify=labels, shuffle=True)
     except ValueError as exc:
-        raise ValueError(f"cannot carve a stratified validation split of {val_fraction:.0%} from "
+        raise DatasetError(f"cannot carve a stratified validation split of {val_fraction:.0%} from "
                          f"{len(labels)} training images: {exc}") from None
     return np.sort(train_idx), np.sort(val_idx)
 
@@ -472,24 +472,29 @@ def write_official(path: str | Path, kind: str, x_train, y_train, x_test, y_test
     return path
 
 
-def synthetic_images(labels: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
+def synthetic_images(labels: np.ndarray, num_classes: int, seed: int, chunk: int = 4096) -> np.ndarray:
     """Images whose class is learnable but not trivially: a smooth colour pattern made mostly of the
     class's group pattern (its CIFAR-100 superclass, so related classes look alike) plus a fainter pattern
-    of its own, under heavy per-image noise, random shifts and brightness changes."""
+    of its own, under heavy per-image noise, random shifts and brightness changes. Made `chunk` images at
+    a time, so that memory stays small for any count."""
     rng = np.random.default_rng(seed)
     pattern_rng = np.random.default_rng(12345)  # the class patterns are the same for every seed
     group_of = CIFAR100_FINE_TO_COARSE if num_classes == 100 else np.arange(num_classes) % max(1, num_classes // 5)
     group_patterns = pattern_rng.uniform(0, 255, size=(group_of.max() + 1, 4, 4, 3))
     own_patterns = pattern_rng.uniform(0, 255, size=(num_classes, 4, 4, 3))
-    templates = 0.5 * group_patterns[group_of] + 0.5 * own_patterns
+    templates = (0.5 * group_patterns[group_of] + 0.5 * own_patterns).astype(np.float32)
     templates = templates.repeat(8, axis=1).repeat(8, axis=2)
-    noise = rng.uniform(0, 255, size=(len(labels), 32, 32, 3))
-    brightness = rng.uniform(0.75, 1.25, size=(len(labels), 1, 1, 1))
-    images = brightness * (0.55 * templates[labels] + 0.45 * noise)
-    shifts = rng.integers(-3, 4, size=(len(labels), 2))
-    for i, (dy, dx) in enumerate(shifts):
-        images[i] = np.roll(images[i], (dy, dx), axis=(0, 1))
-    return np.clip(images, 0, 255).astype(np.uint8)
+    images = np.empty((len(labels), 32, 32, 3), dtype=np.uint8)
+    for start in range(0, len(labels), chunk):
+        part = labels[start:start + chunk]
+        noise = rng.uniform(0, 255, size=(len(part), 32, 32, 3)).astype(np.float32)
+        brightness = rng.uniform(0.75, 1.25, size=(len(part), 1, 1, 1)).astype(np.float32)
+        mixed = brightness * (0.55 * templates[part] + 0.45 * noise)
+        shifts = rng.integers(-3, 4, size=(len(part), 2))
+        for i, (dy, dx) in enumerate(shifts):
+            mixed[i] = np.roll(mixed[i], (dy, dx), axis=(0, 1))
+        images[start:start + len(part)] = np.clip(mixed, 0, 255).astype(np.uint8)
+    return images
 
 
 def write_synthetic(path: str | Path, kind: str = "cifar100", n_train: int = 5000, n_test: int = 1000,

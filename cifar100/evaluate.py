@@ -123,7 +123,7 @@ def load_image(path: str | Path) -> np.ndarray:
                                      Image.Resampling.BICUBIC)
             return np.asarray(image, dtype=np.uint8)
     except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"{path}: cannot read as an image ({exc})") from None
+        raise data.DatasetError(f"{path}: cannot read as an image ({exc})") from None
 
 
 def predict_files(run_dir: str | Path, paths: list[str | Path], top: int = 5) -> list[list[tuple[str, float]]]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from cifar100 import data, models
+from cifar100 import data, distribution, models
 from cifar100.callbacks import HardExampleMining, callback_set, make_mining, repair_backup
 from cifar100.config import Config, ConfigError, validate
 from cifar100.sampling import TrainBatches
@@ -163,20 +163,35 @@ def run(config: Config, verbose: int | str = "auto", callbacks: list | None = No
 
     Progress is recorded in the run folder (state.json, the phase-1 weights, BackupAndRestore's backup),
     so that a process killed at any point resumes where it stopped. `callbacks` are added to Keras' fit.
+    Under a multi-worker distribution only the chief writes the run folder; every other worker works in
+    a temporary folder (seeded from the chief's, to resume from the same point) removed at the end.
     """
     validate(config)
-    run_dir = config.run_dir()
     splits = prepare_data(config)
+    strategy, cluster = distribution.make_strategy(config.distribution, config.distribution_timeout)
+    if cluster is None or cluster.is_chief:
+        return _run(config, config.run_dir(), splits, strategy, verbose, callbacks)
+    worker_dir = distribution.worker_folder(config.run_dir(), cluster.index)
+    try:
+        _run(config, worker_dir, splits, strategy, verbose, callbacks)
+    finally:
+        shutil.rmtree(worker_dir, ignore_errors=True)
+    return config.run_dir()
+
+
+def _run(config: Config, run_dir: Path, splits: Splits, strategy, verbose, callbacks) -> Path:
     keras.mixed_precision.set_global_policy("mixed_float16" if resolve_flag(config.mixed_precision) else "float32")
     keras.utils.set_random_seed(config.seed)
     num_classes = splits.dataset.num_classes
-    model = models.build_model(config, num_classes)  # a weights file that does not fit fails here
+    with strategy.scope():
+        model = models.build_model(config, num_classes)  # a weights file that does not fit fails here
     resuming = claim_run_dir(config, run_dir)
     if read_state(run_dir).get("finished") and (run_dir / "results.json").exists():
         print(f"run {run_dir} is complete: see {run_dir / 'results.json'}")
         return run_dir
     (run_dir / ".best.partial.keras").unlink(missing_ok=True)
-    print(("resuming" if resuming else "starting") + f" run {run_dir}")
+    print(("resuming" if resuming else "starting") + f" run {run_dir}"
+          + (f" on {strategy.num_replicas_in_sync} replicas" if strategy.num_replicas_in_sync > 1 else ""))
     print(splits.dataset.describe())
     save_class_info(run_dir, splits.dataset)
     mix = config.augment if config.augment in ("mixup", "cutmix") else None
@@ -186,12 +201,17 @@ def run(config: Config, verbose: int | str = "auto", callbacks: list | None = No
     started = time.perf_counter()
     extra = list(callbacks or [])
 
+    def compile_for(learning_rate: float) -> None:
+        with strategy.scope():
+            rate = distribution.scaled_learning_rate(learning_rate, config.batch_size, config.reference_batch_size)
+            compile_model(model, rate, config)
+
     phase1 = run_dir / PHASE1_WEIGHTS
     models.set_phase(model, "head")
     if phase1.exists():
         model.load_weights(phase1)
     else:
-        compile_model(model, config.head_learning_rate, config)
+        compile_for(config.head_learning_rate)
         fit_phase(model, config, run_dir, "head", sampler, validation, 0, config.head_epochs, mining, verbose, extra)
         write_state(run_dir, head_epochs_done=len(history_rows(run_dir)))
         tmp = run_dir / f".{PHASE1_WEIGHTS}"
@@ -201,7 +221,7 @@ def run(config: Config, verbose: int | str = "auto", callbacks: list | None = No
 
     if not read_state(run_dir).get("finetune_done"):
         models.set_phase(model, "finetune", config.finetune_fraction)
-        compile_model(model, config.finetune_learning_rate, config)
+        compile_for(config.finetune_learning_rate)
         fit_phase(model, config, run_dir, "finetune", sampler, validation, head_epochs_done,
                   head_epochs_done + config.finetune_epochs, mining, verbose, extra)
         write_state(run_dir, finetune_done=True)
@@ -242,7 +262,9 @@ def finish(config: Config, run_dir: Path, splits: Splits, mining: HardExampleMin
             "labels": splits.y_train[mining.hardest_indices].tolist(),
             "losses": [round(float(v), 4) for v in mining.hardest_losses],
         }
-    (run_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    tmp = run_dir / ".results.json"
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, run_dir / "results.json")
     results["test"] = evaluate.evaluate_run(run_dir, config.data_dir)  # the test set, once, at the end
     return results
 
