@@ -34,7 +34,7 @@ run: $(INSTALLED)
 	$(PY) -m cifar100 data verify $(DATA) >/dev/null 2>&1 || $(PY) -m cifar100 data download $(DATA)
 	mkdir -p models/$(RUN)
 	$(PY) -m papermill main.ipynb models/$(RUN)/main.ipynb -p PRESET $(PRESET) -p DATA_DIR $(DATA) \
-		-p RUN_NAME $(RUN)
+		-p RUN_NAME $(RUN) -p VERBOSE 2
 	@echo "executed notebook: models/$(RUN)/main.ipynb"
 
 # `make demo`: the same notebook on a small SYNTHETIC dataset (not CIFAR-100), in a few minutes on a CPU.
@@ -42,5 +42,5 @@ demo: $(INSTALLED)
 	test -d $(DEMO_DATA) || $(PY) -m cifar100 data synthetic $(DEMO_DATA) --train 6000 --test 1000
 	rm -rf models/demo && mkdir -p models/demo
 	$(PY) -m papermill main.ipynb models/demo/main.ipynb -p PRESET smoke -p DATA_DIR $(DEMO_DATA) \
-		-p RUN_NAME demo -p IMAGE_SIZE 64 -p DOWNLOAD False -y "SETTINGS: {max_train_images: null}"
+		-p RUN_NAME demo -p IMAGE_SIZE 64 -p DOWNLOAD False -p VERBOSE 2 -y "SETTINGS: {max_train_images: null}"
 	@echo "executed notebook: models/demo/main.ipynb (SYNTHETIC data)"

@@ -56,7 +56,8 @@ def measure(size: int, images: int, batch_size: int) -> dict:
     peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     materialised = images * size * size * 3 * 4
     return {"image size (px)": size, "images": images, "epoch seconds": seconds, "images/s": images / seconds,
-            "RSS before the epoch (GB)": before / 1e9, "peak RSS (GB)": peak_bytes / 1e9, "materialised float32 (GiB, computed)": materialised / 2**30,
+            "RSS before the epoch (GB)": before / 1e9, "peak RSS (GB)": peak_bytes / 1e9,
+            "materialised float32 (GiB, computed)": materialised / 2**30,
             "materialised / peak": materialised / peak_bytes}
 
 

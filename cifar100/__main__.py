@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from cifar100 import data
-from cifar100.config import PRESETS, ConfigError
+from cifar100.config import PRESETS, ConfigError, make_config
 
 
 def _data_synthetic(args) -> None:
@@ -25,13 +25,12 @@ def _data_download(args) -> None:
 
 
 def _train(args) -> None:
-    from cifar100 import config as config_module
     from cifar100 import train
 
     overrides = list(args.set)
     if args.data:
         overrides.append(f"data_dir={args.data}")
-    config = config_module.make_config(args.preset, overrides)
+    config = make_config(args.preset, overrides)
     if args.run_dir:
         run_dir = Path(args.run_dir)
         config = config.replace(runs_dir=str(run_dir.parent), name=run_dir.name)

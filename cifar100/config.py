@@ -15,6 +15,7 @@ class ConfigError(ValueError):
 AUGMENTATIONS = ("none", "basic", "randaugment", "mixup", "cutmix")
 INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5")
 AUTO_FLAGS = ("auto", "true", "false")
+PRECISIONS = AUTO_FLAGS + ("bfloat16",)
 
 
 @dataclass
@@ -28,7 +29,7 @@ class Config:
     data_dir: str = "cifar-100-python"
     runs_dir: str = "models"
     val_fraction: float = 0.1  # carved from the training set, stratified; the test set is never used
-    max_train_images: int | None = None  # a stratified cap on the training images (after the split)
+    max_train_images: int | None = None  # stratified cap on training images; validation shrinks in proportion
     seed: int = 0
     batch_size: int = 64
     # phase 1: backbone frozen, the head learns
@@ -49,12 +50,12 @@ class Config:
     # hard-example mining
     hem: bool = True
     hem_every: int = 1  # score the training examples every k epochs
-    hem_fraction: float = 0.25  # fraction of the training examples scored each time (bounds the cost)
+    hem_fraction: float = 0.2  # fraction of the training examples scored each time (bounds the cost)
     hem_strength: float = 1.0  # draw weight = (loss / mean loss) ** strength
     hem_floor: float = 0.5  # every example keeps at least floor / N probability
     hem_keep: int = 64  # how many of the hardest examples are kept to be shown
     # speed
-    mixed_precision: str = "auto"  # auto (on with a GPU) | true | false
+    mixed_precision: str = "auto"  # auto (float16 with a GPU) | true (float16) | bfloat16 | false
     jit_compile: str = "auto"  # auto (on with a GPU) | true | false
     # distribution (cifar100/distribution.py): batch_size is the global batch
     distribution: str = "auto"  # auto | mirrored | multi-worker | none
@@ -186,7 +187,7 @@ def validate(config: Config) -> None:
     if config.distribution == "multi-worker":
         read_tf_config()  # a malformed TF_CONFIG fails here, before anything starts
     choices = (("augment", AUGMENTATIONS), ("interpolation", INTERPOLATIONS), ("distribution", DISTRIBUTIONS),
-               ("mixed_precision", AUTO_FLAGS), ("jit_compile", AUTO_FLAGS))
+               ("mixed_precision", PRECISIONS), ("jit_compile", AUTO_FLAGS))
     for name, allowed in choices:
         if str(getattr(config, name)).lower() not in allowed:
             raise ConfigError(f"setting '{name}': {getattr(config, name)!r} is not one of {list(allowed)}")

@@ -270,8 +270,15 @@ def _check_md5(path: Path, kind: str, check: bool) -> dict[str, str]:
     return status
 
 
+def holds_files(path: Path) -> bool:
+    """True for a folder with at least one file that is not hidden (the repo keeps an empty
+    cifar-100-python/ with a .gitkeep)."""
+    return path.is_dir() and any(not item.name.startswith(".") for item in path.iterdir())
+
+
 def _missing_folder_message(path: Path) -> str:
-    return (f"{path}: dataset folder not found. Get CIFAR-100 with `python -m cifar100 data download {path}`, "
+    return (f"{path}: dataset folder not found (or empty). Get CIFAR-100 with "
+            f"`python -m cifar100 data download {path}`, "
             f"or by hand: download {ARCHIVES['cifar100'][0]} and extract it so that {path}/train, "
             f"{path}/test and {path}/meta exist. For a quick try without the real data: "
             f"`python -m cifar100 data synthetic {path}`.")
@@ -285,7 +292,7 @@ def load(path: str | Path = "cifar-100-python", check_md5: bool = True, download
     absent folder is fetched first.
     """
     path = Path(path)
-    if not path.is_dir():
+    if not holds_files(path):
         if not download:
             raise DatasetError(_missing_folder_message(path))
         fetch(path)
@@ -530,6 +537,9 @@ def fetch(path: str | Path = "cifar-100-python", kind: str = "cifar100", url: st
     path = Path(path)
     default_url, expected_md5, folder = ARCHIVES[kind]
     url = url or default_url
+    if holds_files(path):
+        raise DatasetError(f"{path} already holds files: download into an empty or new folder (nothing was "
+                           "changed)")
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".download-") as tmp:
         archive = Path(tmp) / "archive.tar.gz"
@@ -543,12 +553,14 @@ def fetch(path: str | Path = "cifar-100-python", kind: str = "cifar100", url: st
                         bar.update(len(chunk))
         except (urllib.error.URLError, OSError) as exc:
             waited = time.monotonic() - started
+            extract = f"tar xzf {Path(default_url).name} -C {path.parent}"
+            if path.name != folder:
+                extract += f" && mv {path.parent / folder} {path}"
             raise DatasetError(
                 f"could not download {url} ({type(exc).__name__}: {getattr(exc, 'reason', exc)}, after "
                 f"{waited:.1f} s). No network? Download the archive on a machine that has one and extract "
-                f"it here so that {path}/ holds the files "
-                f"{list(CIFAR100_FILES if kind == 'cifar100' else CIFAR10_FILES)}: "
-                f"tar xzf {Path(default_url).name} && mv {folder} {path}") from None
+                f"it so that {path}/ holds the files "
+                f"{list(CIFAR100_FILES if kind == 'cifar100' else CIFAR10_FILES)}: {extract}") from None
         found = md5sum(archive)
         if found != expected_md5:
             raise DatasetError(f"{url}: md5 mismatch of the downloaded archive: expected {expected_md5}, "
@@ -558,5 +570,7 @@ def fetch(path: str | Path = "cifar-100-python", kind: str = "cifar100", url: st
         extracted = Path(tmp) / folder
         if not extracted.is_dir():
             raise DatasetError(f"{url}: the archive holds no '{folder}/' folder")
-        shutil.move(str(extracted), str(path))
+        path.mkdir(parents=True, exist_ok=True)
+        for item in extracted.iterdir():
+            shutil.move(str(item), str(path / item.name))
     return path

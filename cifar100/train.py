@@ -72,6 +72,13 @@ def resolve_flag(value: str) -> bool:
     return value == "true"
 
 
+def precision_policy(setting: str) -> str:
+    """The Keras dtype policy of a `mixed_precision` setting."""
+    if str(setting).lower() == "bfloat16":
+        return "mixed_bfloat16"
+    return "mixed_float16" if resolve_flag(setting) else "float32"
+
+
 def gpu_names() -> list[str]:
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
@@ -180,7 +187,7 @@ def run(config: Config, verbose: int | str = "auto", callbacks: list | None = No
 
 
 def _run(config: Config, run_dir: Path, splits: Splits, strategy, verbose, callbacks) -> Path:
-    keras.mixed_precision.set_global_policy("mixed_float16" if resolve_flag(config.mixed_precision) else "float32")
+    keras.mixed_precision.set_global_policy(precision_policy(config.mixed_precision))
     keras.utils.set_random_seed(config.seed)
     num_classes = splits.dataset.num_classes
     with strategy.scope():

@@ -295,6 +295,20 @@ def test_download_checks_md5_and_extracts(tmp_path, archive_server, monkeypatch)
     assert len(ds.y_train) == 100 and (target / "meta").is_file()
 
 
+def test_download_fills_the_repos_empty_data_folder(tmp_path, archive_server, monkeypatch):
+    url, md5 = archive_server
+    monkeypatch.setitem(data.ARCHIVES, "cifar100", (url, md5, "cifar-100-python"))
+    target = tmp_path / "cifar-100-python"
+    target.mkdir()
+    (target / ".gitkeep").touch()
+    with pytest.raises(DatasetError, match="not found"):
+        data.load(target)
+    data.load(target, download=True)
+    assert (target / "train").is_file() and (target / ".gitkeep").exists()
+    with pytest.raises(DatasetError, match="already holds files"):
+        data.fetch(target)
+
+
 def test_download_with_wrong_md5_extracts_nothing(tmp_path, archive_server, monkeypatch):
     url, _ = archive_server
     monkeypatch.setitem(data.ARCHIVES, "cifar100", (url, "0" * 32, "cifar-100-python"))

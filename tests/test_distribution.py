@@ -133,3 +133,43 @@ def test_malformed_tf_config_fails_the_command_at_once(dist_data, tmp_path):
 def test_learning_rate_follows_the_linear_scaling_rule():
     assert scaled_learning_rate(1e-3, 256, 64) == pytest.approx(4e-3)
     assert scaled_learning_rate(1e-3, 256, None) == 1e-3
+
+
+def epochs_in(history) -> list[int]:
+    lines = history.read_text().splitlines()[1:] if history.exists() else []
+    return [int(line.split(",", 1)[0]) for line in lines]
+
+
+def test_a_multi_worker_run_resumes_after_a_worker_is_restarted(dist_data, tmp_path):
+    run_dir = tmp_path / "runs" / "restart"
+    ports = free_ports(2)
+    command = worker_command(dist_data, run_dir, "--set", "head_epochs=2", "--set", "finetune_epochs=3",
+                             "--set", "distribution_timeout=20")
+
+    def start(index):
+        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "TF_CONFIG": tf_config(ports, index), "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+    chief, other = start(0), start(1)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and chief.poll() is None and not epochs_in(run_dir / "history.csv"):
+        time.sleep(0.1)
+    other.kill()  # one worker dies: the chief's collective ops time out, and it stops too
+    other.wait()
+    try:
+        chief.wait(timeout=180)
+    finally:
+        chief.kill()
+    assert chief.returncode != 0, "the chief finished without its peer"
+    assert 1 <= len(epochs_in(run_dir / "history.csv")) < 5
+
+    restarted = [start(0), start(1)]  # the whole job restarts, with the same TF_CONFIG
+    try:
+        outputs = [w.communicate(timeout=600)[0] for w in restarted]
+    finally:
+        for w in restarted:
+            w.kill()
+    assert [w.returncode for w in restarted] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert "resuming run" in outputs[0]
+    assert epochs_in(run_dir / "history.csv") == list(range(5))
+    assert json.loads((run_dir / "results.json").read_text())["epochs_run"] == 5

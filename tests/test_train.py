@@ -32,11 +32,14 @@ def epochs_in(history: Path) -> list[int]:
         return [int(row["epoch"]) for row in csv.DictReader(f)]
 
 
-def test_smoke_preset_learns_the_synthetic_signal(train_data, tmp_path):
-    run_dir = train.run(smoke(train_data, tmp_path / "smoke"), verbose=0)
+def test_smoke_preset_learns_the_synthetic_signal(tmp_path):
+    # 10 classes: the seconds-long smoke run converges there; on 100 classes with 10 images per class its
+    # test top-1 swings between about 0.08 and 0.25 from seed to seed.
+    dataset = data.write_synthetic(tmp_path / "cifar-10", kind="cifar10", n_train=2000, n_test=500)
+    run_dir = train.run(smoke(dataset, tmp_path / "smoke"), verbose=0)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["data"]["synthetic"] is True
-    assert results["test"]["top1"] > 0.10  # chance is 0.01 on 100 classes
+    assert results["test"]["top1"] > 0.6  # chance is 0.1
     assert results["test"]["top5"] > results["test"]["top1"]
     assert epochs_in(run_dir / "history.csv") == list(range(5))
     for name in ("config.json", "best.keras", "history.csv", "results.json", "classes.json"):
@@ -45,7 +48,7 @@ def test_smoke_preset_learns_the_synthetic_signal(train_data, tmp_path):
     assert len(results["hardest_examples"]["losses"]) == 64
     assert not (run_dir / "backup").exists()
     best = keras.saving.load_model(run_dir / "best.keras")
-    test = data.load(train_data)
+    test = data.load(dataset)
     accuracy = np.mean(best.predict(test.x_test, verbose=0).argmax(1) == test.y_test)
     assert abs(accuracy - results["test"]["top1"]) < 1e-3
 

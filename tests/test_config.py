@@ -1,0 +1,47 @@
+import json
+
+import pytest
+
+from cifar100.config import PRESETS, Config, ConfigError, make_config
+from cifar100.train import precision_policy, resolve_flag
+
+
+def test_presets_fill_the_config_and_set_the_learning_rate_reference():
+    config = make_config("seed-resnet50")
+    assert (config.backbone, config.image_size, config.weights) == ("resnet50", 224, "imagenet")
+    assert config.reference_batch_size == config.batch_size == 64
+    assert make_config("seed-xception").image_size == 299 and make_config("no-upsampling").image_size == 32
+    assert make_config("cpu-small").max_train_images == 10000
+    assert set(PRESETS) == {"seed-resnet50", "seed-xception", "no-upsampling", "cpu-small", "smoke"}
+
+
+def test_set_strings_are_read_as_the_settings_types():
+    config = make_config("smoke", ["image_size=128", "weights=None", "hem=false", "val_fraction=0.2",
+                                   "max_train_images=none", "backbone=mobilenetv2", "batch_size=256"])
+    assert config.image_size == 128 and config.weights is None and config.hem is False
+    assert config.val_fraction == 0.2 and config.max_train_images is None and config.backbone == "mobilenetv2"
+    assert config.batch_size == 256 and config.reference_batch_size == 32  # the preset's: rates scale 8x
+
+
+@pytest.mark.parametrize("args,message", [
+    (("nope", []), "preset 'nope' is unknown"),
+    (("smoke", ["image_size=big"]), "setting 'image_size': cannot read 'big'"),
+    (("smoke", ["hem=maybe"]), "setting 'hem': cannot read 'maybe'"),
+    (("smoke", ["image_size"]), "expected key=value"),
+])
+def test_bad_settings_are_named(args, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config(*args)
+
+
+def test_config_round_trips_through_json(tmp_path):
+    config = make_config("cpu-small", {"name": "x"})
+    config.save(tmp_path / "config.json")
+    assert Config.load(tmp_path / "config.json") == config
+    assert json.loads((tmp_path / "config.json").read_text())["backbone"] == "mobilenetv3small"
+
+
+def test_precision_and_xla_are_off_on_a_cpu_unless_asked():
+    assert resolve_flag("auto") is False  # no GPU on the test machines
+    assert precision_policy("auto") == "float32" and precision_policy("false") == "float32"
+    assert precision_policy("true") == "mixed_float16" and precision_policy("bfloat16") == "mixed_bfloat16"

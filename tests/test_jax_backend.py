@@ -1,0 +1,34 @@
+"""The model and the training step run under KERAS_BACKEND=jax too (a GPU machine may have JAX but no
+TensorFlow), so throughput can be measured there with the same code."""
+
+import json
+import os
+import subprocess
+import sys
+
+from cifar100 import data
+
+from .conftest import ROOT
+
+TRAIN_ON_JAX = """
+import json, sys
+import keras
+from cifar100 import train
+from cifar100.config import make_config
+run_dir = train.run(make_config("smoke", json.loads(sys.argv[1])), verbose=0)
+results = json.loads((run_dir / "results.json").read_text())
+print(json.dumps({"backend": keras.backend.backend(), "top1": results["test"]["top1"],
+                  "tensorflow_imported": "tensorflow" in sys.modules}))
+"""
+
+
+def test_smoke_run_trains_on_the_jax_backend(tmp_path):
+    dataset = data.write_synthetic(tmp_path / "cifar-10", kind="cifar10", n_train=1000, n_test=500)
+    settings = {"data_dir": str(dataset), "runs_dir": str(tmp_path), "name": "jax"}
+    result = subprocess.run([sys.executable, "-c", TRAIN_ON_JAX, json.dumps(settings)], capture_output=True,
+                            text=True, cwd=ROOT, timeout=600, env={**os.environ, "KERAS_BACKEND": "jax"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["backend"] == "jax"
+    assert outcome["top1"] > 0.3  # chance is 0.1
+    assert not outcome["tensorflow_imported"]
