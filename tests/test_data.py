@@ -80,6 +80,7 @@ def read_sample():
     return images, np.array([int(r["fine_label"]) for r in rows]), [r["fine_label_name"] for r in rows]
 
 
+@pytest.mark.skipif(not SAMPLE_DIR.is_dir(), reason="needs ../shared/data/cifar100-test-sample")
 def test_real_cifar100_pixels_and_names_survive_the_official_layout(tmp_path):
     images, labels, names = read_sample()
     rows = data.images_to_rows(images)

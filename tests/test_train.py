@@ -139,7 +139,10 @@ def test_cli_predict_gives_top5_names_for_any_image(cli_run, tmp_path):
     run_dir, _ = cli_run
     big = tmp_path / "big.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8)).save(big)
-    real = SAMPLE_DIR / "cifar100_00_49.png"
+    real = SAMPLE_DIR / "cifar100_00_49.png"  # a real CIFAR-100 test image, where ../shared exists
+    if not real.exists():
+        real = tmp_path / "small.png"
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(real)
     result = run_cli("predict", str(run_dir), str(real), str(big))
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith((str(real), str(big)))]
