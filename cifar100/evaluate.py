@@ -27,8 +27,10 @@ def basic_metrics(model: keras.Model, images: np.ndarray, labels: np.ndarray, nu
 def summary_metrics(probabilities: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
     classes = np.arange(num_classes)
     k = min(5, num_classes - 1)
+    clipped = np.clip(probabilities, 1e-7, 1)
+    normalised = clipped / clipped.sum(axis=1, keepdims=True)  # float32 softmax sums to 1 only roughly
     return {
-        "loss": round(float(log_loss(labels, np.clip(probabilities, 1e-7, 1), labels=classes)), 4),
+        "loss": round(float(log_loss(labels, normalised, labels=classes)), 4),
         "top1": round(float(accuracy_score(labels, probabilities.argmax(1))), 4),
         "top5": round(float(top_k_accuracy_score(labels, probabilities, k=k, labels=classes)), 4),
         "images": int(len(labels)),
