@@ -92,7 +92,7 @@ def rendezvous(cluster: Cluster, timeout: float) -> None:
     joined (for as long as an hour), so a missing worker would hang the run. Instead each worker first
     listens on its own TF_CONFIG port and waits until every other worker's port answers, then frees its
     port for TensorFlow's server. A worker that never comes gives a clear error."""
-    host, _, port = cluster.workers[cluster.index].rpartition(":")
+    port = cluster.workers[cluster.index].rpartition(":")[2]
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
