@@ -35,9 +35,9 @@ def _train(args) -> None:
         run_dir = Path(args.run_dir)
         config = config.replace(runs_dir=str(run_dir.parent), name=run_dir.name)
     run_dir = train.run(config, verbose=args.verbose)
-    if (run_dir / "results.json").exists():
+    if train.finished(run_dir):
         _print_results(run_dir)
-    else:
+    else:  # another worker of a multi-worker run: the chief may still be evaluating
         print(f"this worker is done; the chief (worker 0) writes {run_dir}")
 
 

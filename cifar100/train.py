@@ -158,6 +158,11 @@ def read_state(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def finished(run_dir: Path) -> bool:
+    """True once the run folder holds the final results (written last, after the test evaluation)."""
+    return bool(read_state(run_dir).get("finished")) and (run_dir / "results.json").exists()
+
+
 def write_state(run_dir: Path, **changes) -> None:
     state = {**read_state(run_dir), **changes}
     tmp = run_dir / ".state.json"
@@ -193,7 +198,7 @@ def _run(config: Config, run_dir: Path, splits: Splits, strategy, verbose, callb
     with strategy.scope():
         model = models.build_model(config, num_classes)  # a weights file that does not fit fails here
     resuming = claim_run_dir(config, run_dir)
-    if read_state(run_dir).get("finished") and (run_dir / "results.json").exists():
+    if finished(run_dir):
         print(f"run {run_dir} is complete: see {run_dir / 'results.json'}")
         return run_dir
     (run_dir / ".best.partial.keras").unlink(missing_ok=True)
