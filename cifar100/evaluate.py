@@ -93,11 +93,13 @@ def load_run(run_dir: str | Path) -> tuple[Config, keras.Model, dict]:
     return config, model, classes
 
 
-def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None) -> dict:
-    """Test metrics of the run's best checkpoint, merged into its results.json; predictions saved beside."""
+def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,
+                 dataset: data.Dataset | None = None) -> dict:
+    """Test metrics of the run's best checkpoint, merged into its results.json; predictions saved beside.
+    The test set comes from `dataset` when given, else from `data_dir` (default: the run's)."""
     run_dir = Path(run_dir)
     config, model, classes = load_run(run_dir)
-    dataset = data.load(data_dir or config.data_dir)
+    dataset = dataset or data.load(data_dir or config.data_dir)
     probabilities = predict_probabilities(model, dataset.x_test, max(config.batch_size, 128))
     mapping = None if classes.get("fine_to_coarse") is None else np.asarray(classes["fine_to_coarse"])
     metrics = detailed_metrics(probabilities, dataset.y_test, dataset.class_names, mapping, dataset.coarse_names)

@@ -277,7 +277,7 @@ def finish(config: Config, run_dir: Path, splits: Splits, mining: HardExampleMin
     tmp = run_dir / ".results.json"
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     os.replace(tmp, run_dir / "results.json")
-    results["test"] = evaluate.evaluate_run(run_dir, config.data_dir)  # the test set, once, at the end
+    results["test"] = evaluate.evaluate_run(run_dir, dataset=splits.dataset)  # the test set, once, at the end
     return results
 
 
