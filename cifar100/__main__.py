@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from cifar100 import data
-from cifar100.config import PRESETS, ConfigError, make_config
+from cifar100.config import PRESETS, make_config
+from cifar100.errors import UserError
 
 
 def _data_synthetic(args) -> None:
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (data.DatasetError, ConfigError, FileNotFoundError) as exc:
+    except (UserError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

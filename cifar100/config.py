@@ -7,10 +7,7 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-
-class ConfigError(ValueError):
-    """A setting cannot work. The message names the setting and says why."""
-
+from cifar100.errors import ConfigError  # noqa: F401  (re-exported: cifar100.config.ConfigError)
 
 AUGMENTATIONS = ("none", "basic", "randaugment", "mixup", "cutmix")
 INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5")

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cifar100.errors import DatasetError  # noqa: F401  (re-exported: cifar100.data.DatasetError)
+
 IMAGE_SHAPE = (32, 32, 3)
 ROW_BYTES = 32 * 32 * 3
 # Written beside files that hold other data in the official format (synthetic, or another dataset):
@@ -88,10 +90,6 @@ CIFAR100_FINE_TO_COARSE = np.array(
     dtype=np.int64,
 )
 CIFAR10_NAMES = "airplane automobile bird cat deer dog frog horse ship truck".split()
-
-
-class DatasetError(Exception):
-    """A dataset file or folder is missing, unsafe, corrupt or inconsistent. The message says which."""
 
 
 @dataclass
