@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cifar100 import data
+from cifar100 import data, run_folder
 from cifar100.config import PRESETS, make_config
 from cifar100.errors import UserError
 
@@ -36,7 +36,7 @@ def _train(args) -> None:
         run_dir = Path(args.run_dir)
         config = config.replace(runs_dir=str(run_dir.parent), name=run_dir.name)
     run_dir = train.run(config, verbose=args.verbose)
-    if train.finished(run_dir):
+    if run_folder.finished(run_dir):
         _print_results(run_dir)
     else:  # another worker of a multi-worker run: the chief may still be evaluating
         print(f"this worker is done; the chief (worker 0) writes {run_dir}")
