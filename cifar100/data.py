@@ -742,6 +742,29 @@ def write_synthetic(path: str | Path, kind: str = "cifar100", n_train: int = 500
 
 # --- download ----------------------------------------------------------------------------------------
 
+MAX_ARCHIVE_MEMBERS = 100  # the official archives hold 5 (CIFAR-100) and 9 (CIFAR-10)
+MAX_EXTRACTED_BYTES = 1 << 30  # they extract to ~180 MB
+
+
+def _extract(archive: Path, target: Path, url: str) -> None:
+    """Extract a downloaded archive of plain files and folders, bounded in count and total size; links,
+    devices and anything else are refused before a byte is written."""
+    with tarfile.open(archive) as tar:
+        members = []
+        for member in tar:
+            if len(members) == MAX_ARCHIVE_MEMBERS:
+                raise DatasetError(f"{url}: the archive holds more than {MAX_ARCHIVE_MEMBERS} entries; nothing "
+                                   "was extracted")
+            if not (member.isfile() or member.isdir()):
+                raise DatasetError(f"{url}: the archive holds '{member.name}', which is not a plain file or "
+                                   "folder (a link or device); nothing was extracted")
+            members.append(member)
+        size = sum(member.size for member in members)
+        if size > MAX_EXTRACTED_BYTES:
+            raise DatasetError(f"{url}: the archive would extract to {size} bytes, more than the "
+                               f"{MAX_EXTRACTED_BYTES} allowed; nothing was extracted")
+        tar.extractall(target, members=members, filter="data")
+
 def fetch(path: str | Path = "cifar-100-python", kind: str = "cifar100", url: str | None = None,
           timeout: float = 20.0) -> Path:
     """Download the official archive, check its md5 and extract it into `path`.
@@ -756,6 +779,10 @@ def fetch(path: str | Path = "cifar-100-python", kind: str = "cifar100", url: st
     if holds_files(path):
         raise DatasetError(f"{path} already holds files: download into an empty or new folder (nothing was "
                            "changed)")
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise DatasetError(f"{blocking}: a file, where a folder is needed to download into {path} (nothing was "
+                           "downloaded)")
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".download-") as tmp:
         archive = Path(tmp) / "archive.tar.gz"
@@ -781,8 +808,7 @@ def fetch(path: str | Path = "cifar-100-python", kind: str = "cifar100", url: st
         if found != expected_md5:
             raise DatasetError(f"{url}: md5 mismatch of the downloaded archive: expected {expected_md5}, "
                                f"found {found}. Nothing was extracted; try again.")
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
+        _extract(archive, Path(tmp), url)
         extracted = Path(tmp) / folder
         if not extracted.is_dir():
             raise DatasetError(f"{url}: the archive holds no '{folder}/' folder")

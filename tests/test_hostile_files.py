@@ -6,12 +6,16 @@ in a subprocess limited to 4 GB of address space and 30 s.
 """
 
 import functools
+import hashlib
+import http.server
 import io
 import os
 import pickle
 import resource
 import subprocess
 import sys
+import tarfile
+import threading
 
 import numpy as np
 import pytest
@@ -262,3 +266,73 @@ def test_own_data_pickled_by_python3_reads_back(folder, tmp_path, protocol):
     loaded = data.load(ds)
     np.testing.assert_array_equal(loaded.x_train, data.rows_to_images(x))
     assert loaded.class_names == data.CIFAR100_FINE_NAMES
+
+
+@pytest.fixture
+def serve():
+    """serve(payload) -> (url, md5, requests): the payload over HTTP on loopback; `requests` lists the paths
+    asked for."""
+    servers, requests = [], []
+
+    def start(payload: bytes):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                requests.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}/a.tar.gz", hashlib.md5(payload).hexdigest(), requests
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def test_download_into_a_file_fails_before_downloading(tmp_path, serve):
+    url, _, requests = serve(b"")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for target in (notes, notes / "cifar-100-python"):
+        with pytest.raises(DatasetError, match=rf"{notes}: a file, where a folder is needed .*nothing was downloaded"):
+            data.fetch(target, url=url)
+    assert requests == [] and notes.read_text() == "mine"
+
+
+def tar_gz(*entries: tuple[str, bytes | str]) -> bytes:
+    """A tar.gz of (name, content) entries: bytes for a file, str for a symlink to that target."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, content in entries:
+            info = tarfile.TarInfo(name)
+            if isinstance(content, str):
+                info.type, info.linkname = tarfile.SYMTYPE, content
+                tar.addfile(info)
+            else:
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("entries,limits,message", [
+    ([("cifar-100-python/train", b"x"), ("cifar-100-python/meta", "train")], {},
+     r"holds 'cifar-100-python/meta', which is not a plain file or folder \(a link or device\)"),
+    ([(f"cifar-100-python/f{i}", b"x") for i in range(5)], {"MAX_ARCHIVE_MEMBERS": 3}, "more than 3 entries"),
+    ([("cifar-100-python/train", b"\0" * 5000)], {"MAX_EXTRACTED_BYTES": 4096},
+     "would extract to 5000 bytes, more than the 4096 allowed"),
+])
+def test_extraction_is_bounded_and_refuses_links(tmp_path, serve, monkeypatch, entries, limits, message):
+    url, md5, _ = serve(tar_gz(*entries))
+    monkeypatch.setitem(data.ARCHIVES, "cifar100", (url, md5, "cifar-100-python"))
+    for name, value in limits.items():
+        monkeypatch.setattr(data, name, value)
+    with pytest.raises(DatasetError, match=rf"{message}; nothing was extracted"):
+        data.fetch(tmp_path / "cifar-100-python")
+    assert not (tmp_path / "cifar-100-python").exists()
