@@ -62,11 +62,18 @@ def _evaluate(args) -> None:
         print(f"  {pair['true']} -> {pair['predicted']}: {pair['count']}")
 
 
-def _predict(args) -> None:
+def _predict(args) -> int:
+    """Predicts every readable image; each unreadable one is named on stderr, and the exit status is then 2."""
     from cifar100 import evaluate
 
-    for path, top in zip(args.images, evaluate.predict_files(args.run_dir, args.images), strict=False):
-        print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
+    status = 0
+    for path, top in zip(args.images, evaluate.predict_files(args.run_dir, args.images), strict=True):
+        if isinstance(top, UserError):
+            print(f"error: {top}", file=sys.stderr)
+            status = 2
+        else:
+            print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,11 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (UserError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":
