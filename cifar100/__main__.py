@@ -46,9 +46,11 @@ def _print_results(run_dir: Path) -> None:
     import json
 
     results = json.loads((run_dir / "results.json").read_text())
-    synthetic = " (SYNTHETIC data, not CIFAR-100)" if results.get("data", {}).get("synthetic") else ""
+    info = results.get("data", {})
+    note = (" (SYNTHETIC data, not CIFAR-100)" if info.get("synthetic") else
+            " (not verified as the official files: md5 not checked)" if info.get("official") is False else "")
     test = results["test"]
-    print(f"{run_dir}: test top-1 {test['top1']:.4f}, top-5 {test['top5']:.4f} on {test['images']} images{synthetic}")
+    print(f"{run_dir}: test top-1 {test['top1']:.4f}, top-5 {test['top5']:.4f} on {test['images']} images{note}")
 
 
 def _evaluate(args) -> None:

@@ -115,6 +115,7 @@ class Dataset:
     synthetic: bool = False
     source: str = "official"
     md5: dict[str, str] = field(default_factory=dict)
+    official: bool = False  # True only when every file matched its official md5 sum
 
     @property
     def num_classes(self) -> int:
@@ -123,7 +124,8 @@ class Dataset:
     def describe(self) -> str:
         lines = [
             f"dataset: {self.kind} format at {self.path}"
-            + ("  (SYNTHETIC data, not real CIFAR)" if self.synthetic else ""),
+            + ("  (SYNTHETIC data, not real CIFAR)" if self.synthetic else
+               "" if self.official else "  (not verified as the official files: md5 not checked)"),
             f"source: {self.source}",
             f"train: {len(self.y_train)} images, test: {len(self.y_test)} images, {self.num_classes} classes",
         ]
@@ -515,7 +517,7 @@ def load(path: str | Path = "cifar-100-python", check_md5: bool = True, download
     kind = detect_kind(path)
     marker = _read_marker(path)
     md5 = _check_md5(path, kind, check_md5 and marker is None)
-    info = {"md5": md5}
+    info = {"md5": md5, "official": check_md5 and marker is None}
     if marker is not None:
         info = {"synthetic": bool(marker.get("synthetic", True)), "source": str(marker.get("source", "unknown")),
                 "md5": {name: "skipped (not the official files)" for name in md5}}

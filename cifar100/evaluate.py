@@ -129,7 +129,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results["test"] = metrics
-    results.setdefault("data", {})["synthetic"] = dataset.synthetic
+    results.setdefault("data", {}).update(synthetic=dataset.synthetic, official=dataset.official)
     tmp = run_dir / ".results.json"
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     tmp.replace(results_path)

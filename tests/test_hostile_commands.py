@@ -1,5 +1,6 @@
 """`evaluate` and `predict` on broken and hostile files: one line naming the file, and no traceback."""
 
+import json
 import os
 import shutil
 import struct
@@ -69,3 +70,13 @@ def test_predict_names_each_bad_file_and_predicts_the_others(run_dir, tmp_path, 
     assert f"{text}: cannot read as an image" in err and f"{fifo}: not a regular file" in err
     assert len(err.splitlines()) == 3 and "Traceback" not in err
 
+
+def test_evaluate_says_when_the_data_is_not_the_official_files(run_dir, tmp_path, capsys):
+    x, y = np.zeros((100, 32, 32, 3), np.uint8), np.arange(100)
+    mine = data.write_official(tmp_path / "mine", "cifar100", x, y, x, y, synthetic=False, source="my photos")
+    evaluated = tmp_path / "run"
+    shutil.copytree(run_dir, evaluated)
+    assert main(["evaluate", str(evaluated), "--data", str(mine)]) == 0
+    assert "(not verified as the official files: md5 not checked)" in capsys.readouterr().out
+    results = json.loads((evaluated / "results.json").read_text())
+    assert results["data"] == {"synthetic": False, "official": False}

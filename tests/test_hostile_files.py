@@ -268,6 +268,19 @@ def test_own_data_pickled_by_python3_reads_back(folder, tmp_path, protocol):
     assert loaded.class_names == data.CIFAR100_FINE_NAMES
 
 
+def test_data_not_checked_against_the_official_md5_says_so(folder, tmp_path, monkeypatch):
+    ds = copy_of(folder, tmp_path)
+    data.write_official(ds, "cifar100", *[np.zeros((10, 32, 32, 3), np.uint8), np.arange(10)] * 2,
+                        synthetic=False, source="my photos")
+    loaded = data.load(ds)
+    assert not loaded.official and "not verified as the official files: md5 not checked" in loaded.describe()
+    (ds / data.DATASET_MARKER).unlink()
+    assert not data.load(ds, check_md5=False).official
+    monkeypatch.setitem(data.OFFICIAL_MD5, "cifar100", {n: data.md5sum(ds / n) for n in data.CIFAR100_FILES})
+    loaded = data.load(ds)
+    assert loaded.official and "not verified" not in loaded.describe()
+
+
 @pytest.fixture
 def serve():
     """serve(payload) -> (url, md5, requests): the payload over HTTP on loopback; `requests` lists the paths
