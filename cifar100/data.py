@@ -364,8 +364,9 @@ def _unpickle(path: Path) -> dict:
     except _Refused as exc:
         raise DatasetError(f"{path}: unsafe file, nothing was run: {exc}") from None
     except Exception as exc:  # a hostile or broken file can make the unpickler fail in any way
+        reason = " ".join(str(exc).split())[:200]
         raise DatasetError(f"{path}: truncated or corrupt file (expected a pickled dict of a CIFAR "
-                           f"batch; reading failed with {type(exc).__name__}: {str(exc)[:200]})") from None
+                           f"batch; reading failed with {type(exc).__name__}: {reason})") from None
     if not isinstance(obj, dict):
         raise DatasetError(f"{path}: expected a pickled dict, found {type(obj).__name__}")
     if not all(isinstance(key, (str, bytes)) for key in obj):
@@ -386,7 +387,7 @@ def _require_keys(path: Path, batch: dict, keys: tuple[str, ...]) -> None:
     missing = [k for k in keys if k not in batch]
     if missing:
         raise DatasetError(f"{path}: wrong keys: expected {list(keys)}, missing {missing}, "
-                           f"found {sorted(batch)}")
+                           f"found {reprlib.repr(sorted(batch))}")
 
 
 # --- reading and checking ---------------------------------------------------------------------------

@@ -147,6 +147,7 @@ def corpus() -> dict[str, tuple[str, bytes]]:
         "labels-strings": ("train", train_with(fine_labels=[str(v) for v in range(10)])),
         "labels-huge-int": ("train", train_with(fine_labels=[10**30] * 10)),
         "not-a-dict": ("meta", pickle.dumps([1, 2, 3], protocol=2)),
+        "many-long-keys": ("meta", pickle.dumps({f"{i:04d}" * 250: 0 for i in range(9000)}, protocol=2)),
         "tuple-key": ("meta", b"\x80\x02}" + pushes((1, 2)) + b"Ns."),
         "truncated": ("train", train_with()[:5000]),
         "empty": ("meta", b""),
@@ -184,6 +185,7 @@ def assert_refused_in_one_line(result, file):
     assert result.returncode in (1, 2), (result.returncode, result.stderr[-2000:])
     assert "Traceback" not in result.stderr
     assert str(file) in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+    assert len(result.stderr) < 1000, result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("name", sorted(corpus()))
