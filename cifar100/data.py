@@ -192,7 +192,7 @@ def _check_opcodes(raw: bytes) -> None:
             nesting = max(stack[start:], default=0) + (name in _TUPLE_OPCODES)
             del stack[start:]
             if nesting > MAX_TUPLE_NESTING:
-                raise _Refused(f"tuples nested more than {MAX_TUPLE_NESTING} deep (byte {pos})")
+                raise _Refused(f"tuples or frozensets nested more than {MAX_TUPLE_NESTING} deep (byte {pos})")
         else:
             nesting = int(name == "EMPTY_TUPLE")
         stack += [nesting] * pushed

@@ -351,3 +351,14 @@ def test_extraction_is_bounded_and_refuses_links(tmp_path, serve, monkeypatch, e
     with pytest.raises(DatasetError, match=rf"{message}; nothing was extracted"):
         data.fetch(tmp_path / "cifar-100-python")
     assert not (tmp_path / "cifar-100-python").exists()
+
+
+def test_an_array_as_python2_numpy_pickled_it_reads_back(tmp_path):
+    """The official files' form: dtype args ('u1', 0, 1), its state (3, '|', None, None, None, -1, -1, 0)."""
+    pixels = bytes(range(256)) * 12
+    raw = (b"\x80\x02}q\x00U\x04dataq\x01cnumpy.core.multiarray\n_reconstruct\nq\x02cnumpy\nndarray\nq\x03"
+           b"K\x00\x85U\x01b\x87Rq\x04(K\x01K\x01M\x00\x0c\x86cnumpy\ndtype\nq\x05U\x02u1K\x00K\x01\x87Rq\x06"
+           b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89T\x00\x0c\x00\x00" + pixels + b"tbs.")
+    (tmp_path / "batch").write_bytes(raw)
+    array = data._unpickle(tmp_path / "batch")["data"]
+    assert array.dtype == np.uint8 and array.shape == (1, 3072) and array.tobytes() == pixels
