@@ -46,9 +46,11 @@ def _print_results(run_dir: Path) -> None:
     import json
 
     results = json.loads((run_dir / "results.json").read_text())
-    synthetic = " (SYNTHETIC data, not CIFAR-100)" if results.get("data", {}).get("synthetic") else ""
+    info = results.get("data", {})
+    note = (" (SYNTHETIC data, not CIFAR-100)" if info.get("synthetic") else
+            " (not verified as the official files: md5 not checked)" if info.get("official") is False else "")
     test = results["test"]
-    print(f"{run_dir}: test top-1 {test['top1']:.4f}, top-5 {test['top5']:.4f} on {test['images']} images{synthetic}")
+    print(f"{run_dir}: test top-1 {test['top1']:.4f}, top-5 {test['top5']:.4f} on {test['images']} images{note}")
 
 
 def _evaluate(args) -> None:
@@ -62,11 +64,18 @@ def _evaluate(args) -> None:
         print(f"  {pair['true']} -> {pair['predicted']}: {pair['count']}")
 
 
-def _predict(args) -> None:
+def _predict(args) -> int:
+    """Predicts every readable image; each unreadable one is named on stderr, and the exit status is then 2."""
     from cifar100 import evaluate
 
-    for path, top in zip(args.images, evaluate.predict_files(args.run_dir, args.images), strict=False):
-        print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
+    status = 0
+    for path, top in zip(args.images, evaluate.predict_files(args.run_dir, args.images), strict=True):
+        if isinstance(top, UserError):
+            print(f"error: {top}", file=sys.stderr)
+            status = 2
+        else:
+            print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,11 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (UserError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -233,6 +233,7 @@ def finish(config: Config, run_dir: Path, splits: Splits, mining: HardExampleMin
         "backbone": config.backbone,
         "image_size": config.image_size,
         "data": {"kind": splits.dataset.kind, "path": str(splits.dataset.path), "synthetic": splits.dataset.synthetic,
+                 "official": splits.dataset.official,
                  "train_images": int(len(splits.train_indices)), "val_images": int(len(splits.val_indices)),
                  "test_images": int(len(splits.dataset.y_test))},
         "validation": val,
