@@ -125,9 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (UserError, FileNotFoundError) as exc:
+    except (UserError, OSError) as exc:  # OSError: a file or folder that cannot be read or written, named
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: what was saved is kept; the same command resumes a training run", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -530,6 +530,9 @@ def _read_marker(path: Path) -> dict | None:
     marker = path / DATASET_MARKER
     if not marker.is_file():
         return None
+    if marker.stat().st_size > 1 << 16:
+        raise DatasetError(f"{marker}: {marker.stat().st_size} bytes; expected a small JSON object with 'source' "
+                           "and 'synthetic'")
     try:
         content = json.loads(marker.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
@@ -537,6 +540,8 @@ def _read_marker(path: Path) -> dict | None:
                            "'source' and 'synthetic'") from None
     if not isinstance(content, dict):
         raise DatasetError(f"{marker}: expected a JSON object with 'source' and 'synthetic'")
+    if not isinstance(content.get("synthetic", True), bool):
+        raise DatasetError(f"{marker}: 'synthetic' must be true or false, found {content['synthetic']!r}")
     return content
 
 
