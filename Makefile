@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install test lint clean run demo
+.PHONY: install test test-fast lint clean run demo
 
 # `make run`: the notebook, headless, on the real dataset (downloaded when absent).
 #   make run PRESET=seed-resnet50 RUN=resnet50-224   (any preset; the run folder is models/$(RUN))
@@ -23,6 +23,10 @@ $(INSTALLED): requirements.txt pyproject.toml
 
 test: $(INSTALLED)
 	$(PY) -m pytest
+
+# the suite without the tests marked slow (those that train several runs in subprocesses)
+test-fast: $(INSTALLED)
+	$(PY) -m pytest -m "not slow"
 
 lint: $(INSTALLED)
 	$(PY) -m ruff check cifar100 tests benchmarks

@@ -46,7 +46,7 @@ def read_json(path: Path, what: str) -> dict:
     """A JSON object from the run folder, or a RunError saying which file is damaged and what to do."""
     try:
         content = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise RunError(f"{path}: damaged {what} (expected a JSON object, reading failed: {exc}). Delete the "
                        f"run folder {Path(path).parent} to start that run over") from None
     if not isinstance(content, dict):
@@ -132,8 +132,15 @@ def history_rows(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / HISTORY
     if not path.exists():
         return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        for row in rows:
+            int(row["epoch"]), float(row.get("val_accuracy") or 0)
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as exc:
+        raise RunError(f"{path}: damaged history (expected CSVLogger's rows: epoch, metrics; reading failed: "
+                       f"{type(exc).__name__}: {exc}). Delete the run folder {path.parent} to start over") from None
+    return rows
 
 
 def trim_history(path: Path, first_dropped_epoch: int) -> None:
@@ -141,6 +148,7 @@ def trim_history(path: Path, first_dropped_epoch: int) -> None:
     path = Path(path)
     if not path.exists():
         return
+    history_rows(path.parent)  # a damaged file is named, not rewritten
     lines = path.read_text().splitlines(keepends=True)
     kept = lines[:1] + [line for line in lines[1:] if line.strip() and int(line.split(",", 1)[0]) < first_dropped_epoch]
     if len(kept) == 1:

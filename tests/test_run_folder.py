@@ -108,6 +108,14 @@ def test_a_damaged_config_json_is_named_and_never_loses_progress(small_data, tmp
     assert (run_dir / "config.json").read_text() == damage and (run_dir / "history.csv").exists()
 
 
+def test_a_damaged_history_is_named_and_left_as_it_is(tmp_path):
+    history = tmp_path / "history.csv"
+    history.write_text("epoch,loss\n0,1.0\nthis is not, a row\n")
+    with pytest.raises(RunError, match=r"history.csv: damaged history .*ValueError"):
+        run_folder.settle_phase(tmp_path, tmp_path / "backup", 0)
+    assert history.read_text() == "epoch,loss\n0,1.0\nthis is not, a row\n"
+
+
 def test_a_rewrite_killed_before_its_rename_leaves_the_old_file(tmp_path, monkeypatch):
     history = tmp_path / "history.csv"
     history.write_text("epoch,loss\n0,1.0\n1,0.9\n2,0.8\n")
