@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cifar100 import data
+from cifar100 import data, tflogs
 from cifar100.config import PRESETS, make_config
 from cifar100.errors import UserError
 
@@ -26,6 +26,7 @@ def _data_download(args) -> None:
 
 
 def _train(args) -> None:
+    tflogs.import_keras()
     from cifar100 import train
 
     overrides = list(args.set)
@@ -52,6 +53,7 @@ def _print_results(run_dir: Path) -> None:
 
 
 def _evaluate(args) -> None:
+    tflogs.import_keras()
     from cifar100 import evaluate
 
     metrics = evaluate.evaluate_run(args.run_dir, args.data)
@@ -63,6 +65,7 @@ def _evaluate(args) -> None:
 
 
 def _predict(args) -> None:
+    tflogs.import_keras()
     from cifar100 import evaluate
 
     for path, top in zip(args.images, evaluate.predict_files(args.run_dir, args.images), strict=False):
