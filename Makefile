@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install test lint clean run demo
+.PHONY: install test lint clean run demo jupyter
 
 # `make run`: the notebook, headless, on the real dataset (downloaded when absent).
 #   make run PRESET=seed-resnet50 RUN=resnet50-224   (any preset; the run folder is models/$(RUN))
@@ -44,3 +44,7 @@ demo: $(INSTALLED)
 	$(PY) -m papermill main.ipynb models/demo/main.ipynb -p PRESET smoke -p DATA_DIR $(DEMO_DATA) \
 		-p RUN_NAME demo -p IMAGE_SIZE 64 -p DOWNLOAD False -p VERBOSE 2 -y "SETTINGS: {max_train_images: null}"
 	@echo "executed notebook: models/demo/main.ipynb (SYNTHETIC data)"
+
+# `make jupyter`: the notebook in JupyterLab, from the project's environment (as root too, e.g. in a container).
+jupyter: $(INSTALLED)
+	$(PY) -m jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) main.ipynb
