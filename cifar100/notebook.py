@@ -134,6 +134,8 @@ def check_run_folder(config: Config) -> None:
     if not saved.exists():
         return
     previous = Config.load(saved)
+    # only the settings that define training count: not how the folder was named (RUN_NAME "" or its name)
+    previous = previous.replace(**{k: v for k, v in config.to_dict().items() if k not in config.identity()})
     differences = previous.differences(config, {key: setting_label(key) for key in config.to_dict()})
     if differences:
         raise RunError(f"run folder {config.run_dir()} holds a run with other settings (there -> now: "

@@ -55,6 +55,7 @@ def test_a_named_run_folder_with_other_settings_is_refused_in_the_notebooks_word
     saved.run_dir().mkdir()
     saved.save(saved.run_dir() / "config.json")
     notebook.check_run_folder(saved)  # the same settings: fine
+    notebook.check_run_folder(saved.replace(preset=None, runs_dir=str(tmp_path) + "/"))  # saved elsewhere: same
     new = config_with(RUN_NAME="mine", RUNS_DIR=str(tmp_path), HARD_EXAMPLE_MINING=False, SETTINGS={"seed": 2})
     with pytest.raises(RunError) as refused:
         notebook.check_run_folder(new)

@@ -81,6 +81,9 @@ def test_the_same_settings_find_their_finished_run_without_training(synthetic_ci
     (run_dir / "state.json").write_text(json.dumps({"finished": True}))
     assert train.run(config, verbose=0) == run_dir
     assert "finished run found" in capsys.readouterr().out
+    # the same settings, the folder named explicitly (as `make run` does): the same run
+    assert train.run(config.replace(name=run_dir.name), verbose=0) == run_dir
+    assert "finished run found" in capsys.readouterr().out
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "results.json", "state.json"]
 
 
