@@ -136,7 +136,7 @@ def superclass_confusion(labels: np.ndarray, predicted: np.ndarray, fine_to_coar
     ax.set_xlabel("predicted superclass")
     ax.set_ylabel("true superclass")
     for i in range(n):
-        ax.text(i, i, f"{shares[i, i]:.0%}", ha="center", va="center", fontsize=6,
+        ax.text(i, i, f"{shares[i, i]:.0%}", ha="center", va="center", fontsize=7,
                 color="white" if shares[i, i] > 0.5 else "black")
     figure.colorbar(image, ax=ax, label="share of the true superclass's test images")
     ax.set_title("Superclass confusion on the test set" + _note(synthetic))
