@@ -150,6 +150,8 @@ def confused_pairs(most_confused: list[dict], synthetic: bool = False) -> Figure
     if not most_confused:
         ax.text(0.5, 0.5, "no confusions: every test image was classified correctly", ha="center", va="center")
         ax.set_axis_off()
+        ax.set_title("Most confused pairs of classes" + _note(synthetic))
+        return figure
     labels = [f"{p['true']} -> {p['predicted']}" for p in most_confused][::-1]
     counts = [p["count"] for p in most_confused][::-1]
     ax.barh(range(len(counts)), counts, color="tab:red")
