@@ -97,7 +97,7 @@ def test_curve_callback(x_test, y_test):
 def run_arm(label, overrides, seed, data_dir, runs_dir, args) -> dict:
     from cifar100 import data, train
     from cifar100.config import Config, make_config
-    from cifar100.train import history_rows
+    from cifar100.run_folder import history_rows
 
     defaults = Config()  # the project's mining defaults, not the smoke preset's
     mining_defaults = {name: getattr(defaults, name) for name in ("hem_every", "hem_fraction", "hem_strength",

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cifar100 import data, tflogs
+from cifar100 import data, run_folder, tflogs
 from cifar100.config import PRESETS, make_config
 from cifar100.errors import UserError
 
@@ -37,7 +37,7 @@ def _train(args) -> None:
         run_dir = Path(args.run_dir)
         config = config.replace(runs_dir=str(run_dir.parent), name=run_dir.name)
     run_dir = train.run(config, verbose=args.verbose)
-    if train.finished(run_dir):
+    if run_folder.finished(run_dir):
         _print_results(run_dir)
     else:  # another worker of a multi-worker run: the chief may still be evaluating
         print(f"this worker is done; the chief (worker 0) writes {run_dir}")
@@ -47,9 +47,11 @@ def _print_results(run_dir: Path) -> None:
     import json
 
     results = json.loads((run_dir / "results.json").read_text())
-    synthetic = " (SYNTHETIC data, not CIFAR-100)" if results.get("data", {}).get("synthetic") else ""
+    info = results.get("data", {})
+    note = (" (SYNTHETIC data, not CIFAR-100)" if info.get("synthetic") else
+            " (not verified as the official files: md5 not checked)" if info.get("official") is False else "")
     test = results["test"]
-    print(f"{run_dir}: test top-1 {test['top1']:.4f}, top-5 {test['top5']:.4f} on {test['images']} images{synthetic}")
+    print(f"{run_dir}: test top-1 {test['top1']:.4f}, top-5 {test['top5']:.4f} on {test['images']} images{note}")
 
 
 def _evaluate(args) -> None:
@@ -64,12 +66,19 @@ def _evaluate(args) -> None:
         print(f"  {pair['true']} -> {pair['predicted']}: {pair['count']}")
 
 
-def _predict(args) -> None:
+def _predict(args) -> int:
+    """Predicts every readable image; each unreadable one is named on stderr, and the exit status is then 2."""
     tflogs.import_keras()
     from cifar100 import evaluate
 
-    for path, top in zip(args.images, evaluate.predict_files(args.run_dir, args.images), strict=False):
-        print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
+    status = 0
+    for path, top in zip(args.images, evaluate.predict_files(args.run_dir, args.images), strict=True):
+        if isinstance(top, UserError):
+            print(f"error: {top}", file=sys.stderr)
+            status = 2
+        else:
+            print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
+    return status
 
 
 def _compare(args) -> None:
@@ -131,11 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-    except (UserError, FileNotFoundError) as exc:
+        return args.func(args) or 0
+    except (UserError, OSError) as exc:  # OSError: a file or folder that cannot be read or written, named
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        print("interrupted: what was saved is kept; the same command resumes a training run", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

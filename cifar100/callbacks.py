@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import time
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from cifar100 import run_folder
 from cifar100.config import Config
-from cifar100.sampling import TrainBatches
+from cifar100.sampling import EpochOrder, TrainBatches
 
 
 def per_example_cross_entropy(model: keras.Model, images: np.ndarray, labels: np.ndarray,
@@ -43,29 +41,50 @@ class HardExampleMining(keras.callbacks.Callback):
         super().__init__()
         self.sampler, self.every, self.fraction = sampler, every, fraction
         self.strength, self.floor, self.keep, self.batch_size = strength, floor, keep, batch_size
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
         self.losses = np.full(len(sampler.images), np.nan)  # latest known loss of each example
         self.hardest_indices = np.array([], dtype=np.int64)
         self.hardest_losses = np.array([], dtype=np.float64)
 
-    def score(self) -> float:
+    def score(self, epoch: int = 0) -> float:
         """Score a sample of the training set and update the sampler. Returns the seconds it took."""
         started = time.perf_counter()
         n = len(self.sampler.images)
         count = max(1, int(round(self.fraction * n)))
-        chosen = np.arange(n) if count >= n else np.sort(self.rng.choice(n, size=count, replace=False))
+        rng = np.random.default_rng([self.seed, epoch])
+        chosen = np.arange(n) if count >= n else np.sort(rng.choice(n, size=count, replace=False))
         self.losses[chosen] = per_example_cross_entropy(self.model, self.sampler.images[chosen],
                                                         self.sampler.labels[chosen], self.batch_size)
-        known = np.where(np.isnan(self.losses), np.nanmean(self.losses), self.losses)
-        self.sampler.set_probabilities(mining_probabilities(known, self.strength, self.floor))
         order = chosen[np.argsort(-self.losses[chosen])][: self.keep]
         self.hardest_indices, self.hardest_losses = order, self.losses[order]
+        self._update_sampler()
         return time.perf_counter() - started
 
+    def _update_sampler(self) -> None:
+        if np.isnan(self.losses).all():
+            self.sampler.set_probabilities(None)
+            return
+        known = np.where(np.isnan(self.losses), np.nanmean(self.losses), self.losses)
+        self.sampler.set_probabilities(mining_probabilities(known, self.strength, self.floor))
+
     def on_epoch_end(self, epoch, logs=None):
-        seconds = self.score() if (epoch + 1) % self.every == 0 else 0.0
+        seconds = self.score(epoch) if (epoch + 1) % self.every == 0 else 0.0
         if logs is not None:
             logs["hem_seconds"] = seconds
+
+    def get_state(self) -> dict:
+        """What a resumed run needs to continue exactly: the known losses and the hardest examples."""
+        return {"losses": [None if np.isnan(v) else float(v) for v in self.losses],
+                "hardest_indices": self.hardest_indices.tolist(), "hardest_losses": self.hardest_losses.tolist()}
+
+    def set_state(self, state: dict) -> None:
+        losses = np.array([np.nan if v is None else v for v in state["losses"]], dtype=np.float64)
+        if losses.shape != self.losses.shape:
+            return  # another training set: start afresh
+        self.losses = losses
+        self.hardest_indices = np.asarray(state["hardest_indices"], dtype=np.int64)
+        self.hardest_losses = np.asarray(state["hardest_losses"], dtype=np.float64)
+        self._update_sampler()
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -94,79 +113,49 @@ class EpochTimer(keras.callbacks.Callback):
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
 
-class TrimHistory(keras.callbacks.Callback):
-    """On (re)start, drops rows of history.csv from the epoch the run restarts at, so that a resumed run's
-    history has no repeat. Runs after BackupAndRestore, which has then settled the restart epoch."""
+class ResumeState(keras.callbacks.Callback):
+    """Saves, at the end of each epoch and before BackupAndRestore commits it, what Keras' backup does not
+    hold: the state of ReduceLROnPlateau, EarlyStopping and hard-example mining. At the start of a resumed
+    phase it puts that state back, so that the run continues exactly as if it had not been stopped."""
 
-    def __init__(self, history: Path, metadata: Path, start_epoch: int):
+    def __init__(self, backup_dir: Path, reduce_lr, early_stopping, mining, restored: dict | None = None):
         super().__init__()
-        self.history, self.metadata, self.start_epoch = Path(history), Path(metadata), start_epoch
+        self.backup_dir, self.reduce_lr, self.early_stopping = Path(backup_dir), reduce_lr, early_stopping
+        self.mining, self.restored = mining, restored
 
-    def on_train_begin(self, logs=None):
-        restart = self.start_epoch
-        if self.metadata.exists():
-            restart = json.loads(self.metadata.read_text())["epoch"]
-        trim_history(self.history, restart)
+    def on_train_begin(self, logs=None):  # after the callbacks' own resets: they come earlier in the list
+        if not self.restored:
+            return
+        for callback, key in ((self.reduce_lr, "reduce_lr"), (self.early_stopping, "early_stopping")):
+            for name, value in self.restored[key].items():
+                setattr(callback, name, value)
+
+    def on_epoch_end(self, epoch, logs=None):
+        state = {
+            "reduce_lr": {"wait": self.reduce_lr.wait, "best": _number(self.reduce_lr.best),
+                          "cooldown_counter": self.reduce_lr.cooldown_counter},
+            "early_stopping": {"wait": self.early_stopping.wait, "best": _number(self.early_stopping.best),
+                               "best_epoch": self.early_stopping.best_epoch,
+                               "stopped_epoch": self.early_stopping.stopped_epoch},
+            "stopped": bool(self.model.stop_training),
+            "mining": self.mining.get_state() if self.mining is not None else None,
+        }
+        run_folder.save_callback_state(self.backup_dir, epoch + 1, state)
 
 
-def trim_history(path: Path, first_dropped_epoch: int) -> None:
-    """Keep the header and the rows of epochs before `first_dropped_epoch`, rewriting the file in place."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) < first_dropped_epoch]
-    if kept != lines:
-        with open(path, "w") as handle:  # same file, so CSVLogger's open handle appends after the kept rows
-            handle.writelines(kept)
+def _number(value):
+    return None if value is None else float(value)
 
 
 class PublishCheckpoint(keras.callbacks.Callback):
-    """Moves the checkpoint that ModelCheckpoint just wrote to its final name in one atomic rename,
-    so that a kill while a checkpoint is being written never leaves a broken best.keras behind."""
+    """After BackupAndRestore committed the epoch: the epoch's checkpoint, if it wrote one, becomes best.keras."""
 
-    def __init__(self, partial: Path, final: Path):
+    def __init__(self, run_dir: Path):
         super().__init__()
-        self.partial, self.final = Path(partial), Path(final)
+        self.run_dir = Path(run_dir)
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.partial.exists():
-            os.replace(self.partial, self.final)
-
-
-def _readable_backup(weights: Path, metadata: Path) -> bool:
-    import h5py
-
-    if not (weights.exists() and metadata.exists()):
-        return False
-    try:
-        with h5py.File(weights, "r"):
-            json.loads(metadata.read_text())["epoch"]
-        return True
-    except (OSError, ValueError, KeyError):
-        return False
-
-
-def repair_backup(backup_dir: Path) -> str:
-    """Make BackupAndRestore's folder safe to restore from after a kill.
-
-    Keras writes the backup in place (weights, then the epoch), so a kill during a save can leave a
-    truncated weights file or weights without their epoch. Then the previous backup (double_checkpoint)
-    is put back, or, without one, the folder is removed so the phase restarts cleanly.
-    Returns what was done: "ok", "previous", "removed" or "none".
-    """
-    backup_dir = Path(backup_dir)
-    weights, metadata = backup_dir / "latest.weights.h5", backup_dir / "training_metadata.json"
-    if not backup_dir.exists():
-        return "none"
-    if _readable_backup(weights, metadata):
-        return "ok"
-    previous_weights, previous_metadata = Path(f"{weights}.bkp"), Path(f"{metadata}.bkp")
-    if _readable_backup(previous_weights, previous_metadata):
-        shutil.copyfile(previous_weights, weights)
-        shutil.copyfile(previous_metadata, metadata)
-        return "previous"
-    shutil.rmtree(backup_dir)
-    return "removed"
+        run_folder.publish_checkpoint(self.run_dir, epoch + 1)
 
 
 def make_mining(config: Config, sampler: TrainBatches) -> HardExampleMining | None:
@@ -177,26 +166,35 @@ def make_mining(config: Config, sampler: TrainBatches) -> HardExampleMining | No
                              seed=config.seed, batch_size=max(config.batch_size, 128))
 
 
-def callback_set(config: Config, run_dir: Path, phase: str, start_epoch: int, mining: HardExampleMining | None,
-                 best_so_far: float | None) -> list[keras.callbacks.Callback]:
-    """The callbacks of one phase, in the order they must run at the end of an epoch."""
-    partial = run_dir / ".best.partial.keras"
+def callback_set(config: Config, run_dir: Path, phase: str, sampler: TrainBatches, mining: HardExampleMining | None,
+                 best_so_far: float | None, restored: dict | None) -> list[keras.callbacks.Callback]:
+    """The callbacks of one phase, in the order they must run at the end of an epoch.
+
+    An epoch is committed by BackupAndRestore; what comes before it is redone if a kill strikes first
+    (run_folder.settle_phase drops its traces), what comes after it (publishing the checkpoint) is
+    finished at the restart.
+    """
     backup = run_dir / "backup" / phase
-    callbacks: list[keras.callbacks.Callback] = [EpochTimer(config.batch_size)]
+    checkpoints = run_dir / run_folder.CHECKPOINTS
+    checkpoints.mkdir(exist_ok=True)
+    reduce_lr = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=config.reduce_lr_factor,
+                                                  patience=config.reduce_lr_patience, min_lr=1e-6, verbose=1)
+    early_stopping = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max",
+                                                   patience=config.early_stopping_patience, verbose=1)
+    callbacks: list[keras.callbacks.Callback] = [EpochOrder(sampler), EpochTimer(config.batch_size)]
     if mining is not None:
         callbacks.append(mining)
     callbacks += [
         keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.ModelCheckpoint(partial, monitor="val_accuracy", mode="max", save_best_only=True,
-                                        initial_value_threshold=best_so_far, verbose=0),
-        PublishCheckpoint(partial, run_dir / "best.keras"),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=config.reduce_lr_factor,
-                                          patience=config.reduce_lr_patience, min_lr=1e-6, verbose=1),
-        keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=config.early_stopping_patience,
-                                      restore_best_weights=True, verbose=1),
-        keras.callbacks.CSVLogger(run_dir / "history.csv", append=True),
-        # last: the backup is written only after everything else of the epoch is recorded
-        keras.callbacks.BackupAndRestore(backup, double_checkpoint=True),
-        TrimHistory(run_dir / "history.csv", backup / "training_metadata.json", start_epoch),
+        keras.callbacks.ModelCheckpoint(checkpoints / run_folder.CHECKPOINT_PATTERN, monitor="val_accuracy",
+                                        mode="max", save_best_only=True, initial_value_threshold=best_so_far,
+                                        verbose=0),
+        reduce_lr,
+        early_stopping,
+        keras.callbacks.CSVLogger(run_dir / run_folder.HISTORY, append=True),
+        ResumeState(backup, reduce_lr, early_stopping, mining, restored),
+        # the commit: the epoch counts as done once its backup is written
+        keras.callbacks.BackupAndRestore(backup, double_checkpoint=True, delete_checkpoint=False),
+        PublishCheckpoint(run_dir),
     ]
     return callbacks

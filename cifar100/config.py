@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -15,6 +16,9 @@ AUGMENTATIONS = ("none", "basic", "randaugment", "mixup", "cutmix")
 INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5")
 AUTO_FLAGS = ("auto", "true", "false")
 PRECISIONS = AUTO_FLAGS + ("bfloat16",)
+DISTRIBUTIONS = ("auto", "mirrored", "multi-worker", "none")
+CHOICES = {"augment": AUGMENTATIONS, "interpolation": INTERPOLATIONS, "distribution": DISTRIBUTIONS,
+           "mixed_precision": PRECISIONS, "jit_compile": AUTO_FLAGS}
 # Settings that do not change what a run learns: left out of its identity (the hash in its folder name).
 NOT_IDENTITY = ("name", "preset", "runs_dir", "distribution_timeout")
 # Also left out of the readable part of a run's folder name (still in its hash): usually a long path.
@@ -68,6 +72,19 @@ class Config:
     reference_batch_size: int | None = None  # the learning rates are for this batch (linear scaling rule)
     distribution_timeout: float = 300.0  # seconds to wait for the other workers of a multi-worker run
 
+    def __post_init__(self):
+        # one spelling of each choice, used everywhere: "MixUp" -> "mixup", None -> "none"
+        for name in CHOICES:
+            value = getattr(self, name)
+            if value is None and name == "augment":
+                value = "none"
+            if isinstance(value, str):
+                setattr(self, name, value.strip().lower())
+        if isinstance(self.weights, str) and self.weights.strip().lower() in ("none", "null", ""):
+            self.weights = None
+        elif isinstance(self.weights, str) and self.weights.strip().lower() == "imagenet":
+            self.weights = "imagenet"
+
     @property
     def epochs(self) -> int:
         return self.head_epochs + self.finetune_epochs
@@ -110,27 +127,43 @@ class Config:
                    if _canonical(value) != _canonical(getattr(defaults, key))}
         return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:6]
 
-    def differences(self, other: Config, names: dict[str, str] | None = None) -> list[str]:
-        """One line per setting whose value differs, "setting: <this config's> -> <other's>".
-
-        `names` renames settings in the lines (the notebook says HARD_EXAMPLE_MINING for hem). For a refused
-        run folder: `saved.differences(new)` lists each setting's value there and the value asked for now.
-        """
-        names = names or {}
-        mine, theirs = self.to_dict(), other.to_dict()
-        return [f"{names.get(key, key)}: {mine[key]!r} -> {theirs[key]!r}" for key in mine
-                if _canonical(mine[key]) != _canonical(theirs[key])]
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from cifar100.run_folder import write_json
+
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: Path) -> Config:
+        """The settings saved in a run folder's config.json; a damaged file gives a RunError naming it."""
+        from cifar100.run_folder import read_json
+
+        try:
+            return cls.from_dict(read_json(path, "config.json"))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    @classmethod
+    def from_dict(cls, content: dict) -> Config:
+        """A Config from a saved dict; settings this version does not know are ignored."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in json.loads(Path(path).read_text()).items() if k in known})
+        try:
+            return cls(**{k: v for k, v in content.items() if k in known})
+        except TypeError as exc:
+            raise ConfigError(f"saved settings do not fit: {exc}") from None
+
+    def differences(self, other: Config, names: dict[str, str] | None = None) -> list[str]:
+        """'setting: other's value -> this value' for each setting that differs (3 and 3.0 do not).
+
+        For a refused run folder, `config.differences(saved)` lists each setting's value there and the value
+        asked for now. `names` renames settings in the lines (the notebook says HARD_EXAMPLE_MINING for hem).
+        """
+        names = names or {}
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [f"{names.get(k, k)}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items()
+                if _canonical(theirs.get(k)) != _canonical(v)]
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
@@ -223,15 +256,63 @@ def make_config(preset: str | None = None, overrides: dict | list[str] | None = 
     return config.replace(**(overrides or {}))
 
 
+# The meaning of each number: (kind, lowest, highest, lowest allowed, highest allowed). None: no bound.
+_INT, _FLOAT = "integer", "number"
+RANGES: dict[str, tuple] = {
+    "image_size": (_INT, 1, None), "batch_size": (_INT, 1, None), "seed": (_INT, 0, None),
+    "head_epochs": (_INT, 1, None), "finetune_epochs": (_INT, 1, None), "max_train_images": (_INT, 1, None),
+    "reduce_lr_patience": (_INT, 0, None), "early_stopping_patience": (_INT, 0, None),
+    "hem_every": (_INT, 1, None), "hem_keep": (_INT, 1, None), "reference_batch_size": (_INT, 1, None),
+    "head_learning_rate": (_FLOAT, "> 0", None), "finetune_learning_rate": (_FLOAT, "> 0", None),
+    "val_fraction": (_FLOAT, "> 0", "< 1"), "finetune_fraction": (_FLOAT, "> 0", "<= 1"),
+    "dropout": (_FLOAT, ">= 0", "< 1"), "label_smoothing": (_FLOAT, ">= 0", "< 1"),
+    "reduce_lr_factor": (_FLOAT, "> 0", "< 1"), "hem_fraction": (_FLOAT, "> 0", "<= 1"),
+    "hem_strength": (_FLOAT, ">= 0", None), "hem_floor": (_FLOAT, ">= 0", "<= 1"),
+    "distribution_timeout": (_FLOAT, "> 0", None),
+}
+
+
+def _check_number(name: str, value) -> None:
+    """Refuse a number of the wrong type, not finite, or outside the setting's meaning."""
+    kind, low, high = RANGES[name]
+    field_type = {f.name: str(f.type) for f in fields(Config)}[name]
+    if value is None and "None" in field_type:
+        return
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if kind == _INT and not is_int:
+        raise ConfigError(f"setting '{name}' must be an integer, got {value!r}")
+    if kind == _FLOAT and not (is_int or isinstance(value, float)):
+        raise ConfigError(f"setting '{name}' must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"setting '{name}' must be a finite number, got {value!r}")
+    for bound in (low, high):
+        if bound is None:
+            continue
+        op, limit = bound.split() if isinstance(bound, str) else (">=", bound)
+        ok = {">": value > float(limit), ">=": value >= float(limit), "<": value < float(limit),
+              "<=": value <= float(limit)}[op]
+        if not ok:
+            allowed = " and ".join(f"{b}" if isinstance(b, str) else f">= {b}" for b in (low, high) if b is not None)
+            raise ConfigError(f"setting '{name}' must be {allowed}, got {value!r}")
+
+
 def validate(config: Config) -> None:
-    """Refuse a config that cannot work, before any data is read or any model is built."""
+    """Refuse a config that cannot work, before any data is read, any model is built or any file is written."""
     from cifar100.models import BACKBONES
 
-    def positive_int(name):
-        value = getattr(config, name)
-        if not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"setting '{name}' must be a positive integer, got {value!r}")
-
+    for name in RANGES:
+        _check_number(name, getattr(config, name))
+    for name in ("hem",):
+        if not isinstance(getattr(config, name), bool):
+            raise ConfigError(f"setting '{name}' must be True or False, got {getattr(config, name)!r}")
+    for name in ("name", "data_dir", "runs_dir", "backbone"):
+        if not isinstance(getattr(config, name), str):
+            raise ConfigError(f"setting '{name}' must be a string, got {getattr(config, name)!r}")
+    if config.name and (config.name in (".", "..") or "/" in config.name or "\\" in config.name):
+        raise ConfigError(f"setting 'name': {config.name!r} must be a plain folder name (no '/', not '.' or '..')")
+    for name, allowed in CHOICES.items():
+        if getattr(config, name) not in allowed:
+            raise ConfigError(f"setting '{name}': {getattr(config, name)!r} is not one of {list(allowed)}")
     if config.backbone not in BACKBONES:
         raise ConfigError(f"setting 'backbone': unknown backbone '{config.backbone}'; "
                           f"choose one of {sorted(BACKBONES)}")
@@ -239,39 +320,39 @@ def validate(config: Config) -> None:
     if config.image_size < backbone.min_size:
         raise ConfigError(f"setting 'image_size': {config.image_size} px is below {config.backbone}'s minimum "
                           f"input size of {backbone.min_size} px")
-    for name in ("head_epochs", "finetune_epochs", "batch_size", "hem_every", "hem_keep", "image_size"):
-        positive_int(name)
-    if config.max_train_images is not None:
-        positive_int("max_train_images")
-    if not 0 < config.val_fraction < 1:
-        raise ConfigError(f"setting 'val_fraction' must be between 0 and 1, got {config.val_fraction}")
-    if not 0 < config.hem_fraction <= 1:
-        raise ConfigError(f"setting 'hem_fraction' must be in (0, 1], got {config.hem_fraction}")
-    if not 0 <= config.hem_floor <= 1:
-        raise ConfigError(f"setting 'hem_floor' must be in [0, 1], got {config.hem_floor}")
-    if not 0 < config.finetune_fraction <= 1:
-        raise ConfigError(f"setting 'finetune_fraction' must be in (0, 1], got {config.finetune_fraction}")
-    from cifar100.distribution import DISTRIBUTIONS, read_tf_config
-
-    if config.reference_batch_size is not None:
-        positive_int("reference_batch_size")
     if config.distribution == "multi-worker":
+        from cifar100.distribution import read_tf_config
+
         read_tf_config()  # a malformed TF_CONFIG fails here, before anything starts
-    choices = (("augment", AUGMENTATIONS), ("interpolation", INTERPOLATIONS), ("distribution", DISTRIBUTIONS),
-               ("mixed_precision", PRECISIONS), ("jit_compile", AUTO_FLAGS))
-    for name, allowed in choices:
-        if str(getattr(config, name)).lower() not in allowed:
-            raise ConfigError(f"setting '{name}': {getattr(config, name)!r} is not one of {list(allowed)}")
-    if config.weights not in (None, "imagenet"):
-        path = Path(config.weights)
-        if not path.is_file():
-            raise ConfigError(f"setting 'weights': file {path} not found (use 'imagenet', None, or a path to a "
-                              ".weights.h5 file)")
-        if not path.name.endswith(".weights.h5"):
-            raise ConfigError(f"setting 'weights': {path} is not a .weights.h5 file")
-    if config.weights == "imagenet" and not backbone.has_imagenet:
-        raise ConfigError(f"setting 'weights': {config.backbone} has no ImageNet weights; use None")
+    _check_weights(config, backbone)
     if not Path(config.data_dir).is_dir():
         from cifar100.data import _missing_folder_message
 
         raise ConfigError(f"setting 'data_dir': {_missing_folder_message(Path(config.data_dir))}")
+
+
+def _check_weights(config: Config, backbone) -> None:
+    """'imagenet', None, or a readable Keras .weights.h5 file (HDF5)."""
+    if config.weights is None:
+        return
+    if not isinstance(config.weights, str):
+        raise ConfigError(f"setting 'weights' must be 'imagenet', None or a file path, got {config.weights!r}")
+    if config.weights == "imagenet":
+        if not backbone.has_imagenet:
+            raise ConfigError(f"setting 'weights': {config.backbone} has no ImageNet weights; use None")
+        return
+    path = Path(config.weights)
+    if not path.is_file():
+        raise ConfigError(f"setting 'weights': file {path} not found (use 'imagenet', None, or a path to a "
+                          ".weights.h5 file)")
+    if not path.name.endswith(".weights.h5"):
+        raise ConfigError(f"setting 'weights': {path} is not a .weights.h5 file")
+    import h5py
+
+    try:
+        with h5py.File(path, "r"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"setting 'weights': {path} is not a readable Keras weights file (expected HDF5 as "
+                          f"written by save_weights; truncated or another format? {str(exc).splitlines()[0]})"
+                          ) from None

@@ -2,7 +2,9 @@
 
 The official "python version" files are pickles written by Python 2. A pickle can run any code it
 names, so they are read with an unpickler that only builds what those files contain: dicts, lists,
-strings, ints and numpy arrays. Anything else is refused.
+strings, numbers and numpy arrays of plain numeric dtypes, each array checked before numpy builds it.
+Anything else is refused, and so is a file that would crash, stall or exhaust the unpickler (see
+`_check_opcodes`). Every failure is a DatasetError naming the file.
 """
 
 from __future__ import annotations
@@ -10,8 +12,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
+import os
 import pickle
+import pickletools
+import reprlib
 import shutil
+import stat
 import struct
 import tarfile
 import tempfile
@@ -108,6 +115,7 @@ class Dataset:
     synthetic: bool = False
     source: str = "official"
     md5: dict[str, str] = field(default_factory=dict)
+    official: bool = False  # True only when every file matched its official md5 sum
 
     @property
     def num_classes(self) -> int:
@@ -116,7 +124,8 @@ class Dataset:
     def describe(self) -> str:
         lines = [
             f"dataset: {self.kind} format at {self.path}"
-            + ("  (SYNTHETIC data, not real CIFAR)" if self.synthetic else ""),
+            + ("  (SYNTHETIC data, not real CIFAR)" if self.synthetic else
+               "" if self.official else "  (not verified as the official files: md5 not checked)"),
             f"source: {self.source}",
             f"train: {len(self.y_train)} images, test: {len(self.y_test)} images, {self.num_classes} classes",
         ]
@@ -129,67 +138,263 @@ class Dataset:
 
 
 # --- safe unpickling -------------------------------------------------------------------------------
+# What a file may build: dicts, lists, tuples, strings, bytes, numbers, and numpy arrays of the plain numeric
+# dtypes below, each checked before numpy sees it. Official files hold uint8 pixels and lists of ints.
 
-def _allowed_globals() -> dict[tuple[str, str], object]:
-    from numpy._core import multiarray
-
-    return {
-        ("numpy.core.multiarray", "_reconstruct"): multiarray._reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): multiarray._reconstruct,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-    }
+DTYPE_CODES = ("u1", "u2", "u4", "u8", "i1", "i2", "i4", "i8", "f2", "f4", "f8")
+MAX_TUPLE_NESTING = 100  # hashing a tuple nested ~100,000 deep as a dict key overflows the C stack
+MAX_ENTRIES = 10_000  # dict and set entries per file (official: 5); crafted hash collisions cost n**2
 
 
-class _RefusedGlobal(pickle.UnpicklingError):
+class _Refused(pickle.UnpicklingError):
     """The file asked for something that a CIFAR file never holds."""
 
 
+def _stack_effect(op: pickletools.OpcodeInfo) -> tuple[bool, int, int]:
+    """(pops to a mark, items popped below the mark or in all, items pushed) of a pickle opcode."""
+    before = [item.name for item in op.stack_before]
+    below = before.index("mark") if "mark" in before else len(before)
+    return "mark" in before, below, len(op.stack_after)
+
+
+_STACK_EFFECTS = {op.name: _stack_effect(op) for op in pickletools.opcodes}
+_TUPLE_OPCODES = {"EMPTY_TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "TUPLE", "FROZENSET"}
+_KEYS_PER_ITEM = {"SETITEMS": 0.5, "DICT": 0.5, "ADDITEMS": 1, "FROZENSET": 1}
+_GET_OPCODES = {"GET", "BINGET", "LONG_BINGET"}
+_PUT_OPCODES = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
+
+
+def _check_opcodes(raw: bytes) -> None:
+    """Read the pickle's opcodes without running them and refuse what would crash or stall the unpickler
+    before it could be stopped: tuples nested deeper than MAX_TUPLE_NESTING, memo indices beyond the file's
+    size (the memo is allocated up to the index), more than MAX_ENTRIES dict or set entries.
+
+    The stack is followed as the unpickler follows it, each item as an upper bound of its tuple nesting (a
+    hashed dict key nests only through tuples and frozensets)."""
+    stack, marks, memo, entries = [], [], {}, 0
+    for op, arg, pos in pickletools.genops(raw):
+        name = op.name
+        if name == "MARK":
+            marks.append(len(stack))
+            continue
+        if name == "POP" and marks and marks[-1] == len(stack):  # as the unpickler does: pops the mark
+            marks.pop()
+            continue
+        to_mark, below, pushed = _STACK_EFFECTS[name]
+        if name in _GET_OPCODES:
+            nesting = memo.get(arg, 0)
+        elif to_mark or below:
+            start = marks.pop() if to_mark else len(stack)
+            entries += 1 if name == "SETITEM" else int((len(stack) - start) * _KEYS_PER_ITEM.get(name, 0))
+            if entries > MAX_ENTRIES:
+                raise _Refused(f"more than {MAX_ENTRIES} dict or set entries")
+            start = max(start - below, 0)
+            nesting = max(stack[start:], default=0) + (name in _TUPLE_OPCODES)
+            del stack[start:]
+            if nesting > MAX_TUPLE_NESTING:
+                raise _Refused(f"tuples or frozensets nested more than {MAX_TUPLE_NESTING} deep (byte {pos})")
+        else:
+            nesting = int(name == "EMPTY_TUPLE")
+        stack += [nesting] * pushed
+        if name in _PUT_OPCODES:
+            index = len(memo) if arg is None else arg
+            if index > pos:
+                raise _Refused(f"memo index {index} at byte {pos}: larger than the file could need")
+            memo[index] = stack[-1] if stack else 0
+
+
+class _Global:
+    """An allowed global as the file sees it: calls a builder that checks its arguments. The file cannot
+    change it (BUILD on it is refused), and `numpy.ndarray` (build None) cannot be called at all."""
+
+    __slots__ = ("name", "build")
+
+    def __init__(self, name: str, build):
+        self.name, self.build = name, build
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def __call__(self, *args):
+        if self.build is None:
+            raise _Refused(f"refused to call '{self.name}'")
+        return self.build(*args)
+
+    def __setstate__(self, state):
+        raise _Refused(f"refused to change '{self.name}'")
+
+
+class _PendingDtype:
+    """A dtype the file names: one of DTYPE_CODES, with the byte order that numpy's BUILD state gives."""
+
+    def __init__(self, code: str):
+        self.code, self.byteorder = code, "="
+
+    def __setstate__(self, state):
+        # numpy pickles a plain numeric dtype's state as (3, byteorder, None, None, None, -1, -1, 0)
+        if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3
+                and _latin1(state[1]) in ("|", "<", ">") and state[2:] == (None, None, None, -1, -1, 0)):
+            raise _Refused(f"refused the state {reprlib.repr(state)} of dtype '{self.code}': a plain numeric "
+                           "dtype has (3, byteorder, None, None, None, -1, -1, 0)")
+        self.byteorder = _latin1(state[1])
+
+    def build(self) -> np.dtype:
+        return np.dtype(self.code).newbyteorder(self.byteorder)
+
+
+class _PendingArray:
+    """An array from numpy's `_reconstruct`; BUILD gives its shape, dtype and bytes, checked before use."""
+
+    def __init__(self, unpickler: _SafeUnpickler):
+        self.unpickler, self.array = unpickler, None
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1):
+            raise pickle.UnpicklingError(f"unexpected array state {reprlib.repr(state)}")
+        _, shape, dtype, fortran, raw = state
+        self.array = self.unpickler.array(raw, dtype, shape, {False: "C", True: "F"}[fortran])
+
+
 class _SafeUnpickler(pickle.Unpickler):
-    """Builds only numpy arrays and plain containers; refuses every other global."""
+    """Builds only plain containers, strings, numbers and checked numpy arrays; refuses every other global.
+
+    A file of N bytes may build at most 2N bytes of arrays and byte strings in all: an honest file holds its
+    pixels once (Python 3 at protocol 2 writes them as text, which becomes bytes, then an array)."""
+
+    def __init__(self, raw: bytes):
+        super().__init__(io.BytesIO(raw), encoding="bytes")
+        self.budget = 2 * len(raw)
 
     def find_class(self, module: str, name: str):
-        allowed = _allowed_globals()
-        if (module, name) not in allowed:
-            raise _RefusedGlobal(f"refused to load '{module}.{name}': only numpy arrays, dicts, "
-                                         "lists, strings and ints are allowed in a CIFAR file")
-        return allowed[(module, name)]
+        builders = {
+            ("numpy.core.multiarray", "_reconstruct"): self.reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): self.reconstruct,
+            ("numpy.core.numeric", "_frombuffer"): self.array,
+            ("numpy._core.numeric", "_frombuffer"): self.array,
+            ("numpy", "dtype"): self.dtype,
+            ("numpy", "ndarray"): None,
+            ("_codecs", "encode"): self.latin1_bytes,
+            ("__builtin__", "bytes"): self.empty_bytes,
+        }
+        if (module, name) not in builders:
+            raise _Refused(f"refused to load '{module}.{name}': only numpy arrays, dicts, lists, strings and "
+                           "numbers are allowed in a CIFAR file")
+        return _Global(f"{module}.{name}", builders[(module, name)])
 
     def persistent_load(self, pid):
-        raise _RefusedGlobal("refused a persistent id: not allowed in a CIFAR file")
+        raise _Refused("refused a persistent id: not allowed in a CIFAR file")
+
+    def spend(self, size: int) -> None:
+        self.budget -= size
+        if self.budget < 0:
+            raise _Refused("the file builds more data than twice its size (its bytes used again and again: "
+                           "a memory bomb)")
+
+    def reconstruct(self, cls, shape, typecode) -> _PendingArray:
+        if not (isinstance(cls, _Global) and cls.name == "numpy.ndarray"):
+            raise _Refused(f"refused numpy's _reconstruct of {reprlib.repr(cls)}: only ndarray is allowed")
+        return _PendingArray(self)
+
+    def dtype(self, code, align=False, copy=True) -> _PendingDtype:
+        code = _latin1(code)
+        if not isinstance(code, str) or code not in DTYPE_CODES:
+            raise _Refused(f"refused dtype {reprlib.repr(code)}: only the plain numeric dtypes "
+                           f"{', '.join(DTYPE_CODES)} are allowed")
+        return _PendingDtype(code)
+
+    def array(self, raw, dtype, shape, order) -> np.ndarray:
+        """numpy's `_frombuffer(raw, dtype, shape, order)`, and the BUILD of a `_reconstruct`ed array."""
+        if not isinstance(dtype, _PendingDtype):
+            raise _Refused(f"refused an array of {reprlib.repr(dtype)}: only plain numeric dtypes are allowed")
+        if not (isinstance(raw, (bytes, bytearray)) and isinstance(shape, tuple) and len(shape) <= 32
+                and all(type(n) is int and n >= 0 for n in shape) and order in ("C", "F")):
+            raise pickle.UnpicklingError(f"malformed array: shape {reprlib.repr(shape)}, order "
+                                         f"{reprlib.repr(order)}, data {type(raw).__name__}")
+        dtype = dtype.build()
+        expected = math.prod(shape) * dtype.itemsize
+        if len(raw) != expected:
+            raise pickle.UnpicklingError(f"an array of shape {reprlib.repr(shape)} and dtype {dtype} needs "
+                                         f"{expected} bytes, the file holds {len(raw)}")
+        self.spend(len(raw))
+        return np.frombuffer(raw, dtype).reshape(shape, order=order).copy()
+
+    def empty_bytes(self) -> bytes:
+        """`bytes()`: how Python 3 writes b"" at protocols 0 to 2."""
+        return b""
+
+    def latin1_bytes(self, text, encoding) -> bytes:
+        """`_codecs.encode(text, "latin1")`: how Python 3 writes bytes at protocols 0 to 2."""
+        if type(text) is not str or encoding != "latin1":
+            raise _Refused(f"refused _codecs.encode of {type(text).__name__} with {reprlib.repr(encoding)}: "
+                           "only text with 'latin1' is allowed")
+        self.spend(len(text))
+        return text.encode("latin1")
+
+
+def _latin1(value):
+    """Python 2 strings arrive as bytes (encoding="bytes"): their text; anything else as it is."""
+    return value.decode("latin1") if isinstance(value, bytes) else value
+
+
+def open_regular(path: str | Path):
+    """Open a regular file for binary reading. A FIFO, device or folder in its place is refused at once
+    (opening does not block); every failure is a DatasetError naming the file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot open ({exc.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DatasetError(f"{path}: not a regular file (a folder, FIFO or device is in its place)")
+    return open(fd, "rb")
 
 
 def _unpickle(path: Path) -> dict:
-    """Read one pickled batch with the safe unpickler; keys and names come back as str."""
+    """Read one pickled batch with the safe unpickler: a dict, its text keys as str, its arrays built."""
+    with open_regular(path) as handle:
+        try:
+            raw = handle.read()
+        except (OSError, MemoryError) as exc:
+            raise DatasetError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
     try:
-        obj = _SafeUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
-    except _RefusedGlobal as exc:
+        _check_opcodes(raw)
+        obj = _SafeUnpickler(raw).load()
+    except _Refused as exc:
         raise DatasetError(f"{path}: unsafe file, nothing was run: {exc}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
-            struct.error) as exc:
+    except Exception as exc:  # a hostile or broken file can make the unpickler fail in any way
+        reason = " ".join(str(exc).split())[:200]
         raise DatasetError(f"{path}: truncated or corrupt file (expected a pickled dict of a CIFAR "
-                           f"batch; reading failed with {type(exc).__name__}: {exc})") from None
+                           f"batch; reading failed with {type(exc).__name__}: {reason})") from None
     if not isinstance(obj, dict):
         raise DatasetError(f"{path}: expected a pickled dict, found {type(obj).__name__}")
-    return {_text(k): v for k, v in obj.items()}
+    if not all(isinstance(key, (str, bytes)) for key in obj):
+        raise DatasetError(f"{path}: expected a dict with text keys, found keys {reprlib.repr(list(obj))}")
+    return {_latin1(key): _built(path, value) for key, value in obj.items()}
 
 
-def _text(value) -> str:
-    return value.decode("latin1") if isinstance(value, bytes) else str(value)
+def _built(path: Path, value):
+    """The array that a `_PendingArray` stands for; any other value as it is."""
+    if not isinstance(value, _PendingArray):
+        return value
+    if value.array is None:
+        raise DatasetError(f"{path}: truncated or corrupt file: an array without its shape and data")
+    return value.array
 
 
 def _require_keys(path: Path, batch: dict, keys: tuple[str, ...]) -> None:
     missing = [k for k in keys if k not in batch]
     if missing:
         raise DatasetError(f"{path}: wrong keys: expected {list(keys)}, missing {missing}, "
-                           f"found {sorted(batch)}")
+                           f"found {reprlib.repr(sorted(batch))}")
 
 
 # --- reading and checking ---------------------------------------------------------------------------
 
 def md5sum(path: Path) -> str:
     digest = hashlib.md5()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -215,22 +420,38 @@ def _images(path: Path, batch: dict) -> np.ndarray:
 
 
 def _labels(path: Path, batch: dict, key: str, count: int, num_classes: int) -> np.ndarray:
-    try:
-        labels = np.asarray(batch[key], dtype=np.int64)
-    except (TypeError, ValueError):
-        raise DatasetError(f"{path}: '{key}' must be a list of integers") from None
-    if labels.ndim != 1 or len(labels) != count:
+    labels = batch[key]
+    if isinstance(labels, np.ndarray) and labels.dtype.kind in "iu" and labels.ndim == 1:
+        labels = labels.tolist()
+    _require_list_of(path, key, labels, (int,), "integers (class indices)")
+    if len(labels) != count:
         raise DatasetError(f"{path}: image and label counts differ: {count} images in 'data', "
-                           f"{labels.size} labels in '{key}'")
-    if count and (labels.min() < 0 or labels.max() >= num_classes):
-        bad = labels[(labels < 0) | (labels >= num_classes)]
+                           f"{len(labels)} labels in '{key}'")
+    bad = [label for label in labels if not 0 <= label < num_classes]
+    if bad:
         raise DatasetError(f"{path}: labels out of range in '{key}': expected 0..{num_classes - 1}, "
-                           f"found {bad[:5].tolist()}")
-    return labels
+                           f"found {bad[:5]}")
+    return np.array(labels, dtype=np.int64)
+
+
+def _require_list_of(path: Path, key: str, values, types, what: str) -> None:
+    """Refuse anything but a list (or tuple) whose items are exactly of `types` (no bool for int)."""
+    if not isinstance(values, (list, tuple)):
+        raise DatasetError(f"{path}: '{key}' must be a list of {what}, found {_found(values)}")
+    wrong = next((i for i, value in enumerate(values) if type(value) not in types), None)
+    if wrong is not None:
+        raise DatasetError(f"{path}: '{key}' must be a list of {what}, found {_found(values[wrong])} "
+                           f"at position {wrong}")
+
+
+def _found(value) -> str:
+    """A value from a file, briefly: its type and the start of its repr (bounded for any nesting)."""
+    return f"{type(value).__name__} {reprlib.repr(value)[:60]}"
 
 
 def _names(path: Path, meta: dict, key: str, expected: int) -> list[str]:
-    names = [_text(n) for n in meta[key]]
+    _require_list_of(path, key, meta[key], (str, bytes), "strings")
+    names = [_latin1(name) for name in meta[key]]
     if len(names) != expected:
         raise DatasetError(f"{path}: '{key}' must hold {expected} names, found {len(names)}")
     return names
@@ -297,7 +518,7 @@ def load(path: str | Path = "cifar-100-python", check_md5: bool = True, download
     kind = detect_kind(path)
     marker = _read_marker(path)
     md5 = _check_md5(path, kind, check_md5 and marker is None)
-    info = {"md5": md5}
+    info = {"md5": md5, "official": check_md5 and marker is None}
     if marker is not None:
         info = {"synthetic": bool(marker.get("synthetic", True)), "source": str(marker.get("source", "unknown")),
                 "md5": {name: "skipped (not the official files)" for name in md5}}
@@ -309,13 +530,18 @@ def _read_marker(path: Path) -> dict | None:
     marker = path / DATASET_MARKER
     if not marker.is_file():
         return None
+    if marker.stat().st_size > 1 << 16:
+        raise DatasetError(f"{marker}: {marker.stat().st_size} bytes; expected a small JSON object with 'source' "
+                           "and 'synthetic'")
     try:
         content = json.loads(marker.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{marker}: not valid JSON ({exc}); expected an object with 'source' and "
-                           "'synthetic'") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise DatasetError(f"{marker}: not valid JSON ({type(exc).__name__}: {exc}); expected an object with "
+                           "'source' and 'synthetic'") from None
     if not isinstance(content, dict):
         raise DatasetError(f"{marker}: expected a JSON object with 'source' and 'synthetic'")
+    if not isinstance(content.get("synthetic", True), bool):
+        raise DatasetError(f"{marker}: 'synthetic' must be true or false, found {content['synthetic']!r}")
     return content
 
 
@@ -524,6 +750,29 @@ def write_synthetic(path: str | Path, kind: str = "cifar100", n_train: int = 500
 
 # --- download ----------------------------------------------------------------------------------------
 
+MAX_ARCHIVE_MEMBERS = 100  # the official archives hold 5 (CIFAR-100) and 9 (CIFAR-10)
+MAX_EXTRACTED_BYTES = 1 << 30  # they extract to ~180 MB
+
+
+def _extract(archive: Path, target: Path, url: str) -> None:
+    """Extract a downloaded archive of plain files and folders, bounded in count and total size; links,
+    devices and anything else are refused before a byte is written."""
+    with tarfile.open(archive) as tar:
+        members = []
+        for member in tar:
+            if len(members) == MAX_ARCHIVE_MEMBERS:
+                raise DatasetError(f"{url}: the archive holds more than {MAX_ARCHIVE_MEMBERS} entries; nothing "
+                                   "was extracted")
+            if not (member.isfile() or member.isdir()):
+                raise DatasetError(f"{url}: the archive holds '{member.name}', which is not a plain file or "
+                                   "folder (a link or device); nothing was extracted")
+            members.append(member)
+        size = sum(member.size for member in members)
+        if size > MAX_EXTRACTED_BYTES:
+            raise DatasetError(f"{url}: the archive would extract to {size} bytes, more than the "
+                               f"{MAX_EXTRACTED_BYTES} allowed; nothing was extracted")
+        tar.extractall(target, members=members, filter="data")
+
 def fetch(path: str | Path = "cifar-100-python", kind: str = "cifar100", url: str | None = None,
           timeout: float = 20.0) -> Path:
     """Download the official archive, check its md5 and extract it into `path`.
@@ -538,6 +787,10 @@ def fetch(path: str | Path = "cifar-100-python", kind: str = "cifar100", url: st
     if holds_files(path):
         raise DatasetError(f"{path} already holds files: download into an empty or new folder (nothing was "
                            "changed)")
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise DatasetError(f"{blocking}: a file, where a folder is needed to download into {path} (nothing was "
+                           "downloaded)")
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".download-") as tmp:
         archive = Path(tmp) / "archive.tar.gz"
@@ -563,8 +816,7 @@ def fetch(path: str | Path = "cifar-100-python", kind: str = "cifar100", url: st
         if found != expected_md5:
             raise DatasetError(f"{url}: md5 mismatch of the downloaded archive: expected {expected_md5}, "
                                f"found {found}. Nothing was extracted; try again.")
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
+        _extract(archive, Path(tmp), url)
         extracted = Path(tmp) / folder
         if not extracted.is_dir():
             raise DatasetError(f"{url}: the archive holds no '{folder}/' folder")

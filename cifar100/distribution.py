@@ -22,9 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cifar100.config import ConfigError
-
-DISTRIBUTIONS = ("auto", "mirrored", "multi-worker", "none")
+from cifar100.config import DISTRIBUTIONS, ConfigError
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import warnings
+import zipfile
 from pathlib import Path
 
 import keras
@@ -11,6 +13,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, top_k_ac
 
 from cifar100 import data
 from cifar100.config import Config
+from cifar100.errors import DatasetError, RunError
 
 
 def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -88,9 +91,23 @@ def load_run(run_dir: str | Path) -> tuple[Config, keras.Model, dict]:
         if not (run_dir / name).exists():
             raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} a finished run folder?")
     config = Config.load(run_dir / "config.json")
-    model = keras.saving.load_model(run_dir / "best.keras")
+    model = load_checkpoint(run_dir / "best.keras")
     classes = json.loads((run_dir / "classes.json").read_text())
     return config, model, classes
+
+
+def load_checkpoint(path: Path) -> keras.Model:
+    """A saved model; a file that is not one (truncated, damaged, another format) is a RunError naming it."""
+    damaged = f"{path}: damaged or not a Keras model file"
+    advice = "restore it, or train the run again in a new run folder"
+    with data.open_regular(path) as handle:
+        if not zipfile.is_zipfile(handle):
+            raise RunError(f"{damaged}: not a zip archive, as a .keras file is (truncated?); {advice}")
+    try:
+        return keras.saving.load_model(path)
+    except Exception as exc:  # a damaged file can make Keras' loader fail in any way
+        raise RunError(f"{damaged}: loading it failed with {type(exc).__name__}: {_first_line(exc)}; "
+                       f"{advice}") from None
 
 
 def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,
@@ -100,6 +117,10 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,
     run_dir = Path(run_dir)
     config, model, classes = load_run(run_dir)
     dataset = dataset or data.load(data_dir or config.data_dir)
+    if dataset.num_classes != len(classes["class_names"]):
+        raise DatasetError(f"{dataset.path}: the dataset has {dataset.num_classes} classes ({dataset.kind}), but "
+                           f"the run {run_dir} was trained on {len(classes['class_names'])}: evaluate it on a "
+                           f"dataset of its own classes (--data)")
     probabilities = predict_probabilities(model, dataset.x_test, max(config.batch_size, 128))
     mapping = None if classes.get("fine_to_coarse") is None else np.asarray(classes["fine_to_coarse"])
     metrics = detailed_metrics(probabilities, dataset.y_test, dataset.class_names, mapping, dataset.coarse_names)
@@ -108,32 +129,52 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results["test"] = metrics
-    results.setdefault("data", {})["synthetic"] = dataset.synthetic
+    results.setdefault("data", {}).update(synthetic=dataset.synthetic, official=dataset.official)
     tmp = run_dir / ".results.json"
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     tmp.replace(results_path)
     return metrics
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0][:300]
+
+
 def load_image(path: str | Path) -> np.ndarray:
-    """Any PNG or JPEG, any size -> a 32x32 RGB uint8 image, as the model takes it."""
-    from PIL import Image, UnidentifiedImageError
+    """Any PNG or JPEG, any size up to PIL's MAX_IMAGE_PIXELS -> a 32x32 RGB uint8 image, as the model takes
+    it. Raises DatasetError naming the file for anything else (a decompression bomb included)."""
+    from PIL import Image
 
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            if image.size != (32, 32):
-                image = image.resize((32, 32), Image.Resampling.BOX if min(image.size) >= 32 else
-                                     Image.Resampling.BICUBIC)
-            return np.asarray(image, dtype=np.uint8)
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
-        raise data.DatasetError(f"{path}: cannot read as an image ({exc})") from None
+    with data.open_regular(path) as handle, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(handle) as image:
+                image = image.convert("RGB")
+                if image.size != (32, 32):
+                    image = image.resize((32, 32), Image.Resampling.BOX if min(image.size) >= 32 else
+                                         Image.Resampling.BICUBIC)
+                return np.asarray(image, dtype=np.uint8)
+        except Exception as exc:  # a broken or hostile file can make a decoder fail in any way
+            raise DatasetError(f"{path}: cannot read as an image ({type(exc).__name__}: "
+                               f"{_first_line(exc)})") from None
 
 
-def predict_files(run_dir: str | Path, paths: list[str | Path], top: int = 5) -> list[list[tuple[str, float]]]:
-    """The top classes, with probabilities, for each image file."""
+def predict_files(run_dir: str | Path, paths: list[str | Path],
+                  top: int = 5) -> list[list[tuple[str, float]] | DatasetError]:
+    """The top classes, with probabilities, for each image file; for a file that cannot be read, its
+    DatasetError instead (the other files are still predicted)."""
     _, model, classes = load_run(run_dir)
-    images = np.stack([load_image(p) for p in paths])
-    probabilities = predict_probabilities(model, images)
+    loaded = []
+    for path in paths:
+        try:
+            loaded.append(load_image(path))
+        except DatasetError as exc:
+            loaded.append(exc)
+    readable = [image for image in loaded if isinstance(image, np.ndarray)]
+    rows = iter(predict_probabilities(model, np.stack(readable)) if readable else [])
     names = classes["class_names"]
-    return [[(names[i], float(row[i])) for i in np.argsort(-row)[:top]] for row in probabilities]
+    return [item if isinstance(item, DatasetError) else _top_classes(next(rows), names, top) for item in loaded]
+
+
+def _top_classes(probabilities: np.ndarray, names: list[str], top: int) -> list[tuple[str, float]]:
+    return [(names[c], float(probabilities[c])) for c in np.argsort(-probabilities)[:top]]

@@ -136,7 +136,7 @@ def check_run_folder(config: Config) -> None:
     previous = Config.load(saved)
     # only the settings that define training count: not how the folder was named (RUN_NAME "" or its name)
     previous = previous.replace(**{k: v for k, v in config.to_dict().items() if k not in config.identity()})
-    differences = previous.differences(config, {key: setting_label(key) for key in config.to_dict()})
+    differences = config.differences(previous, {key: setting_label(key) for key in config.to_dict()})
     if differences:
         raise RunError(f"run folder {config.run_dir()} holds a run with other settings (there -> now: "
                        f"{'; '.join(differences)}). Nothing was changed there: set RUN_NAME = \"\" to let the "
@@ -145,12 +145,12 @@ def check_run_folder(config: Config) -> None:
 
 def describe(config: Config) -> str:
     """One line: the run folder, what differs from the preset, and what the training cell will do."""
-    from cifar100 import train
+    from cifar100 import run_folder
 
     run_dir = config.run_dir()
     changed = config.changed_from_preset()
     what = (", ".join(f"{setting_label(k)}={v!r}" for k, v in changed.items()) or "nothing") + " changed"
-    if train.finished(run_dir):
+    if run_folder.finished(run_dir):
         state = "finished: the training cell shows it without training"
     elif (run_dir / "config.json").exists():
         state = "started before: the training cell resumes it"
@@ -161,9 +161,9 @@ def describe(config: Config) -> str:
 
 def load_results(config: Config) -> dict:
     """results.json of the run, or a one-line error saying which cell to run."""
-    from cifar100 import train
+    from cifar100 import run_folder
 
     run_dir = config.run_dir()
-    if not train.finished(run_dir):
+    if not run_folder.finished(run_dir):
         raise RunError(f"run folder {run_dir} has no results yet: run the training cell (under 'Training')")
     return json.loads((run_dir / "results.json").read_text())

@@ -1,7 +1,12 @@
-"""Training batches for `fit`: uint8 32x32 images, shuffled each epoch, drawn with per-example probabilities.
+"""Training batches for `fit`: uint8 32x32 images in an order drawn afresh each epoch.
 
-Hard-example mining acts here: it sets the probabilities, and the next epochs draw the hard examples
-more often. Images are never upsampled here; that happens inside the model.
+Hard-example mining acts here: it sets per-example draw probabilities, and the next epoch draws the hard
+examples more often. Images are never upsampled here; that happens inside the model.
+
+Each epoch's order is a function of (seed, epoch, probabilities) alone, drawn when Keras begins the epoch
+(`EpochOrder`, a callback: Keras tells callbacks the epoch number before the epoch's first batch is read).
+Keras also peeks at batches to learn their shapes and reads ahead, so nothing here depends on which
+batches were read before: a run resumed at epoch e draws exactly the batches an uninterrupted run draws.
 """
 
 from __future__ import annotations
@@ -27,14 +32,18 @@ class TrainBatches(keras.utils.PyDataset):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
-        self.num_classes, self.batch_size = num_classes, batch_size
+        self.num_classes, self.batch_size, self.seed = num_classes, batch_size, seed
         self.mix, self.mix_alpha = mix, mix_alpha
-        self.rng = np.random.default_rng(seed)
         self.probabilities: np.ndarray | None = None  # None means uniform
-        self.order = self._draw_order()
+        self.epoch = 0  # the epoch whose order is in use
+        self.order = self._draw_order(0)
 
     def __len__(self) -> int:
         return math.ceil(len(self.images) / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the order of `epoch` (counted from the run's start), with the probabilities now in force."""
+        self.epoch, self.order = epoch, self._draw_order(epoch)
 
     def set_probabilities(self, probabilities: np.ndarray | None) -> None:
         """Per-example draw probabilities for the next epochs (None: uniform). Takes effect at the next epoch."""
@@ -49,34 +58,43 @@ class TrainBatches(keras.utils.PyDataset):
         n = len(self.images)
         return np.full(n, 1.0 / n) if self.probabilities is None else self.probabilities
 
-    def _draw_order(self) -> np.ndarray:
+    def _draw_order(self, epoch: int) -> np.ndarray:
         n = len(self.images)
+        rng = np.random.default_rng([self.seed, epoch])
         if self.probabilities is None:
-            return self.rng.permutation(n)
-        return self.rng.choice(n, size=n, replace=True, p=self.probabilities)
-
-    def on_epoch_end(self) -> None:
-        self.order = self._draw_order()
+            return rng.permutation(n)
+        return rng.choice(n, size=n, replace=True, p=self.probabilities)
 
     def __getitem__(self, index: int):
         chosen = self.order[index * self.batch_size:(index + 1) * self.batch_size]
         images = self.images[chosen]
         labels = np.eye(self.num_classes, dtype=np.float32)[self.labels[chosen]]
         if self.mix:
-            images, labels = self._mix(images, labels)
+            images, labels = self._mix(images, labels, np.random.default_rng([self.seed, self.epoch, index]))
         return images, labels
 
-    def _mix(self, images: np.ndarray, labels: np.ndarray):
+    def _mix(self, images: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
         """MixUp or CutMix of each image with a shuffled partner; labels are mixed in the same proportion."""
-        partner = self.rng.permutation(len(images))
-        lam = self.rng.beta(self.mix_alpha, self.mix_alpha) if self.mix == "mixup" else self.rng.uniform()
+        partner = rng.permutation(len(images))
+        lam = rng.beta(self.mix_alpha, self.mix_alpha) if self.mix == "mixup" else rng.uniform()
         if self.mix == "mixup":
             mixed = lam * images.astype(np.float32) + (1 - lam) * images[partner].astype(np.float32)
             images = np.rint(mixed).astype(np.uint8)
         else:
             side = int(round(32 * math.sqrt(1 - lam)))
-            top, left = self.rng.integers(0, 32 - side + 1, size=2)
+            top, left = rng.integers(0, 32 - side + 1, size=2)
             images = images.copy()
             images[:, top:top + side, left:left + side] = images[partner, top:top + side, left:left + side]
             lam = 1 - side * side / 1024
         return images, lam * labels + (1 - lam) * labels[partner]
+
+
+class EpochOrder(keras.callbacks.Callback):
+    """Draws the sampler's order for each epoch as Keras begins it."""
+
+    def __init__(self, sampler: TrainBatches):
+        super().__init__()
+        self.sampler = sampler
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.sampler.set_epoch(epoch)

@@ -7,7 +7,6 @@ resumes where it stopped.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -19,9 +18,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from cifar100 import data, distribution, models
-from cifar100.callbacks import HardExampleMining, callback_set, make_mining, repair_backup
-from cifar100.config import Config, ConfigError, validate
+from cifar100 import data, distribution, models, run_folder
+from cifar100.callbacks import HardExampleMining, callback_set, make_mining
+from cifar100.config import Config, validate
 from cifar100.sampling import TrainBatches
 
 PHASE1_WEIGHTS = "phase1.weights.h5"
@@ -104,70 +103,32 @@ def compile_model(model: keras.Model, learning_rate: float, config: Config) -> N
     )
 
 
-def claim_run_dir(config: Config, run_dir: Path) -> bool:
-    """Create the run folder, or check that an existing one belongs to this config. True when resuming."""
-    saved = run_dir / "config.json"
-    if saved.exists():
-        previous = Config.load(saved)
-        if previous.to_dict() != config.to_dict():
-            changed = sorted(k for k, v in config.to_dict().items() if previous.to_dict().get(k) != v)
-            raise ConfigError(f"{run_dir} holds a run with other settings ({', '.join(changed)} differ). "
-                              "Nothing was changed there: choose another run name (--set name=...) or "
-                              "--run-dir, or delete that folder to start over.")
-        return True
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(saved)
-    return False
-
-
-def history_rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "history.csv"
-    if not path.exists():
-        return []
-    import csv
-
-    with open(path) as handle:
-        return list(csv.DictReader(handle))
-
-
-def best_val_accuracy(run_dir: Path) -> float | None:
-    values = [float(r["val_accuracy"]) for r in history_rows(run_dir) if r.get("val_accuracy")]
-    return max(values) if values and (run_dir / "best.keras").exists() else None
-
-
 def save_class_info(run_dir: Path, dataset: data.Dataset) -> None:
     info = {"kind": dataset.kind, "synthetic": dataset.synthetic, "class_names": dataset.class_names,
             "coarse_names": dataset.coarse_names,
             "fine_to_coarse": None if dataset.fine_to_coarse is None else dataset.fine_to_coarse.tolist()}
-    (run_dir / "classes.json").write_text(json.dumps(info, indent=1) + "\n")
+    run_folder.write_json(run_dir / "classes.json", info)
 
 
-def fit_phase(model, config, run_dir, phase, sampler, validation, start_epoch, end_epoch, mining, verbose,
-              extra_callbacks=()):
-    repair_backup(run_dir / "backup" / phase)
-    callbacks = callback_set(config, run_dir, phase, start_epoch, mining, best_val_accuracy(run_dir))
+def fit_phase(model: keras.Model, config: Config, run_dir: Path, phase: str, sampler: TrainBatches,
+              validation: tuple, start_epoch: int, end_epoch: int, mining: HardExampleMining | None,
+              verbose, extra_callbacks=()) -> None:
+    """One phase of training, from `start_epoch` (or where a killed run of this phase stopped) to `end_epoch`."""
+    backup = run_dir / "backup" / phase
+    committed = run_folder.settle_phase(run_dir, backup, start_epoch)
+    restored = run_folder.load_callback_state(backup, committed) if committed > start_epoch else None
+    if restored and restored.get("stopped"):
+        end_epoch = committed  # early stopping had ended this phase: only restore its weights
+    if restored and mining is not None and restored.get("mining"):
+        mining.set_state(restored["mining"])
+    callbacks = callback_set(config, run_dir, phase, sampler, mining, run_folder.best_val_accuracy(run_dir), restored)
     # Keras keeps the epoch that BackupAndRestore restored in a previous fit() and would start this phase
     # there (keras/src/backend/*/trainer.py: `self._initial_epoch or initial_epoch`); clear it.
     model._initial_epoch = None
-    model.fit(sampler, validation_data=validation, initial_epoch=start_epoch, epochs=end_epoch,
+    # shuffle=False: the sampler draws each epoch's order itself; Keras would also shuffle the batches with
+    # Python's global `random`, whose state a resumed process does not share with the one that was stopped
+    model.fit(sampler, validation_data=validation, initial_epoch=start_epoch, epochs=end_epoch, shuffle=False,
               callbacks=callbacks + list(extra_callbacks), verbose=verbose)
-
-
-def read_state(run_dir: Path) -> dict:
-    path = run_dir / "state.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def finished(run_dir: Path) -> bool:
-    """True once the run folder holds the final results (written last, after the test evaluation)."""
-    return bool(read_state(run_dir).get("finished")) and (run_dir / "results.json").exists()
-
-
-def write_state(run_dir: Path, **changes) -> None:
-    state = {**read_state(run_dir), **changes}
-    tmp = run_dir / ".state.json"
-    tmp.write_text(json.dumps(state) + "\n")
-    os.replace(tmp, run_dir / "state.json")
 
 
 def run(config: Config, verbose: int | str = "auto", callbacks: list | None = None) -> Path:
@@ -178,8 +139,9 @@ def run(config: Config, verbose: int | str = "auto", callbacks: list | None = No
     Under a multi-worker distribution only the chief writes the run folder; every other worker works in
     a temporary folder (seeded from the chief's, to resume from the same point) removed at the end.
     """
-    validate(config)
-    if finished(config.run_dir()) and Config.load(config.run_dir() / "config.json").identity() == config.identity():
+    validate(config)  # before anything is read or written
+    if run_folder.finished(config.run_dir()) and \
+            Config.load(config.run_dir() / "config.json").identity() == config.identity():
         print(f"finished run found: {config.run_dir()} holds these settings' results; nothing to train")
         return config.run_dir()
     splits = prepare_data(config)
@@ -200,11 +162,18 @@ def _run(config: Config, run_dir: Path, splits: Splits, strategy, verbose, callb
     num_classes = splits.dataset.num_classes
     with strategy.scope():
         model = models.build_model(config, num_classes)  # a weights file that does not fit fails here
-    resuming = claim_run_dir(config, run_dir)
-    if finished(run_dir):
-        print(f"run {run_dir} is complete: see {run_dir / 'results.json'}")
-        return run_dir
-    (run_dir / ".best.partial.keras").unlink(missing_ok=True)
+    with run_folder.RunLock(run_dir):
+        resuming = run_folder.claim(config, run_dir)
+        if run_folder.finished(run_dir):
+            print(f"run {run_dir} is complete: see {run_dir / 'results.json'}")
+            return run_dir
+        _train(config, run_dir, splits, strategy, model, resuming, verbose, callbacks)
+    return run_dir
+
+
+def _train(config: Config, run_dir: Path, splits: Splits, strategy, model, resuming: bool, verbose,
+           callbacks) -> None:
+    num_classes = splits.dataset.num_classes
     print(("resuming" if resuming else "starting") + f" run {run_dir}"
           + (f" on {strategy.num_replicas_in_sync} replicas" if strategy.num_replicas_in_sync > 1 else ""))
     print(splits.dataset.describe())
@@ -223,27 +192,35 @@ def _run(config: Config, run_dir: Path, splits: Splits, strategy, verbose, callb
 
     phase1 = run_dir / PHASE1_WEIGHTS
     models.set_phase(model, "head")
-    if phase1.exists():
+    if phase1.exists() and "head_epochs_done" in run_folder.read_state(run_dir):
         model.load_weights(phase1)
+        _restore_mining(mining, run_dir, "finetune" if run_folder.read_state(run_dir).get("finetune_done") else "head")
     else:
         compile_for(config.head_learning_rate)
         fit_phase(model, config, run_dir, "head", sampler, validation, 0, config.head_epochs, mining, verbose, extra)
-        write_state(run_dir, head_epochs_done=len(history_rows(run_dir)))
         tmp = run_dir / f".{PHASE1_WEIGHTS}"
         model.save_weights(tmp)
         os.replace(tmp, phase1)
-    head_epochs_done = read_state(run_dir)["head_epochs_done"]
+        run_folder.write_state(run_dir, head_epochs_done=len(run_folder.history_rows(run_dir)))
+    head_epochs_done = run_folder.read_state(run_dir)["head_epochs_done"]
 
-    if not read_state(run_dir).get("finetune_done"):
+    if not run_folder.read_state(run_dir).get("finetune_done"):
         models.set_phase(model, "finetune", config.finetune_fraction)
         compile_for(config.finetune_learning_rate)
         fit_phase(model, config, run_dir, "finetune", sampler, validation, head_epochs_done,
                   head_epochs_done + config.finetune_epochs, mining, verbose, extra)
-        write_state(run_dir, finetune_done=True)
+        run_folder.write_state(run_dir, finetune_done=True)
     finish(config, run_dir, splits, mining, time.perf_counter() - started)
-    write_state(run_dir, finished=True)
+    run_folder.write_state(run_dir, finished=True)
     shutil.rmtree(run_dir / "backup", ignore_errors=True)
-    return run_dir
+    shutil.rmtree(run_dir / run_folder.CHECKPOINTS, ignore_errors=True)
+
+
+def _restore_mining(mining: HardExampleMining | None, run_dir: Path, phase: str) -> None:
+    """A run resumed after a finished phase continues with the mining state that phase ended with."""
+    state = run_folder.last_callback_state(run_dir / "backup" / phase)
+    if mining is not None and state and state.get("mining"):
+        mining.set_state(state["mining"])
 
 
 def finish(config: Config, run_dir: Path, splits: Splits, mining: HardExampleMining | None, seconds: float) -> dict:
@@ -253,13 +230,14 @@ def finish(config: Config, run_dir: Path, splits: Splits, mining: HardExampleMin
     best = keras.saving.load_model(run_dir / "best.keras")
     val = evaluate.basic_metrics(best, splits.x_val, splits.y_val, splits.dataset.num_classes,
                                  max(config.batch_size, 128))
-    rows = history_rows(run_dir)
+    rows = run_folder.history_rows(run_dir)
     speeds = [float(r["train_images_per_second"]) for r in rows if r.get("train_images_per_second")]
     results = {
         "run": config.run_name(),
         "backbone": config.backbone,
         "image_size": config.image_size,
         "data": {"kind": splits.dataset.kind, "path": str(splits.dataset.path), "synthetic": splits.dataset.synthetic,
+                 "official": splits.dataset.official,
                  "train_images": int(len(splits.train_indices)), "val_images": int(len(splits.val_indices)),
                  "test_images": int(len(splits.dataset.y_test))},
         "validation": val,
@@ -277,9 +255,7 @@ def finish(config: Config, run_dir: Path, splits: Splits, mining: HardExampleMin
             "labels": splits.y_train[mining.hardest_indices].tolist(),
             "losses": [round(float(v), 4) for v in mining.hardest_losses],
         }
-    tmp = run_dir / ".results.json"
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, run_dir / "results.json")
+    run_folder.write_json(run_dir / "results.json", results)
     results["test"] = evaluate.evaluate_run(run_dir, dataset=splits.dataset)  # the test set, once, at the end
     return results
 

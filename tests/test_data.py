@@ -64,6 +64,12 @@ def test_a_broken_marker_is_named(dataset_dir):
     (dataset_dir / data.DATASET_MARKER).write_text("{not json")
     with pytest.raises(DatasetError, match=r"DATASET.json: not valid JSON"):
         data.load(dataset_dir)
+    (dataset_dir / data.DATASET_MARKER).write_text('{"source": "x", "synthetic": "false"}')
+    with pytest.raises(DatasetError, match=r"DATASET.json: 'synthetic' must be true or false, found 'false'"):
+        data.load(dataset_dir)
+    (dataset_dir / data.DATASET_MARKER).write_text('{"source": "' + "x" * 100_000 + '"}')
+    with pytest.raises(DatasetError, match=r"DATASET.json: 100\d+ bytes; expected a small JSON object"):
+        data.load(dataset_dir)
 
 
 def test_cifar100_superclasses_follow_the_official_mapping(synthetic_cifar100):

@@ -59,9 +59,9 @@ def test_a_new_setting_with_its_default_does_not_change_old_hashes():
 
 def test_differences_list_old_and_new_values_in_the_callers_words():
     saved, new = make_config("smoke"), make_config("smoke", {"hem": False, "head_learning_rate": 0.01})
-    assert saved.differences(new) == ["head_learning_rate: 0.003 -> 0.01", "hem: True -> False"]
-    assert saved.differences(new, {"hem": "HARD_EXAMPLE_MINING"})[1] == "HARD_EXAMPLE_MINING: True -> False"
-    assert saved.differences(saved.replace(image_size=32.0)) == []
+    assert new.differences(saved) == ["head_learning_rate: 0.003 -> 0.01", "hem: True -> False"]
+    assert new.differences(saved, {"hem": "HARD_EXAMPLE_MINING"})[1] == "HARD_EXAMPLE_MINING: True -> False"
+    assert saved.replace(image_size=32.0).differences(saved) == []
 
 
 def test_a_config_saved_before_the_preset_was_recorded_still_loads(tmp_path):

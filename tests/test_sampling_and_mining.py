@@ -1,14 +1,11 @@
+import time
+
 import keras
 import numpy as np
 import pytest
 
-from cifar100.callbacks import (
-    HardExampleMining,
-    mining_probabilities,
-    per_example_cross_entropy,
-    repair_backup,
-    trim_history,
-)
+from cifar100.callbacks import HardExampleMining, mining_probabilities, per_example_cross_entropy
+from cifar100.run_folder import repair_backup, trim_history
 from cifar100.sampling import TrainBatches
 
 
@@ -25,12 +22,29 @@ def epoch_indices(sampler):
 
 def test_uniform_epochs_show_every_example_once_in_a_new_order():
     sampler = make_sampler()
+    sampler.set_epoch(0)
     first = epoch_indices(sampler)
     np.testing.assert_array_equal(np.sort(first), np.arange(100))
-    sampler.on_epoch_end()
+    sampler.set_epoch(1)
     second = epoch_indices(sampler)
     np.testing.assert_array_equal(np.sort(second), np.arange(100))
     assert not np.array_equal(first, second)
+
+
+def test_an_epochs_batches_depend_only_on_the_epoch_not_on_what_was_read_before():
+    """Keras peeks at batches and reads ahead; a resumed run starts at its epoch with the same batches."""
+    uninterrupted = make_sampler(mix="mixup")
+    batches = []
+    for epoch in range(3):
+        uninterrupted.set_epoch(epoch)
+        uninterrupted[0], uninterrupted[5]  # read ahead, as tf.data's prefetch does
+        batches.append(uninterrupted[1])
+    resumed = make_sampler(mix="mixup")
+    resumed[0]  # Keras' peek at the first batches
+    resumed.set_epoch(2)
+    for got, expected in zip(resumed[1], batches[2], strict=True):
+        np.testing.assert_array_equal(got, expected)
+    assert not np.array_equal(batches[1][0], batches[2][0])
 
 
 def test_batches_are_raw_uint8_images_with_one_hot_labels():
@@ -47,8 +61,8 @@ def test_draws_follow_the_probabilities():
     probabilities = np.array([0.5] + [0.5 / 9] * 9)
     sampler.set_probabilities(probabilities)
     counts = np.zeros(10)
-    for _ in range(400):
-        sampler.on_epoch_end()
+    for epoch in range(400):
+        sampler.set_epoch(epoch)
         counts += np.bincount(sampler.order, minlength=10)
     np.testing.assert_allclose(counts / counts.sum(), probabilities, atol=0.02)
 
@@ -109,7 +123,7 @@ def test_trim_history_drops_rows_from_the_restart_epoch(tmp_path):
     trim_history(path, 2)
     assert path.read_text() == "epoch,loss\n0,1.0\n1,0.9\n"
     trim_history(path, 0)
-    assert path.read_text() == "epoch,loss\n"
+    assert path.read_text() == ""  # CSVLogger writes the header again
 
 
 def save_backup(folder, epoch, suffix=""):
@@ -138,3 +152,13 @@ def test_repair_backup_falls_back_to_the_previous_backup(tmp_path):
     (folder / "training_metadata.json").unlink()  # killed between the weights and the epoch
     assert repair_backup(folder) == "previous"
     assert (folder / "training_metadata.json").read_text() == '{"epoch": 2, "batch": 0}'
+
+
+def test_repair_backup_refuses_weights_newer_than_their_epoch(tmp_path):
+    """Killed after the new weights but before the new epoch number: the pair belongs to two epochs."""
+    folder = tmp_path / "backup"
+    save_backup(folder, 2, suffix=".bkp")
+    save_backup(folder, 2)
+    time.sleep(0.01)
+    keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save_weights(folder / "latest.weights.h5")
+    assert repair_backup(folder) == "previous"

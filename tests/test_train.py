@@ -40,7 +40,7 @@ def test_smoke_preset_learns_the_synthetic_signal(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["data"]["synthetic"] is True
     assert results["test"]["top1"] > 0.6  # chance is 0.1
-    assert results["test"]["top5"] > results["test"]["top1"]
+    assert results["test"]["top5"] >= results["test"]["top1"]
     assert epochs_in(run_dir / "history.csv") == list(range(5))
     for name in ("config.json", "best.keras", "history.csv", "results.json", "classes.json"):
         assert (run_dir / name).is_file(), name
@@ -56,8 +56,8 @@ def test_smoke_preset_learns_the_synthetic_signal(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     ({"backbone": "vgg99"}, r"setting 'backbone': unknown backbone 'vgg99'"),
     ({"backbone": "xception", "image_size": 64}, r"setting 'image_size': 64 px is below xception's minimum .* 71"),
-    ({"finetune_epochs": 0}, r"setting 'finetune_epochs' must be a positive integer, got 0"),
-    ({"head_epochs": -1}, r"setting 'head_epochs' must be a positive integer, got -1"),
+    ({"finetune_epochs": 0}, r"setting 'finetune_epochs' must be >= 1, got 0"),
+    ({"head_epochs": -1}, r"setting 'head_epochs' must be >= 1, got -1"),
     ({"data_dir": "/nonexistent/cifar"}, r"setting 'data_dir': /nonexistent/cifar: dataset folder not found"),
     ({"weights": "/nonexistent/w.weights.h5"}, r"setting 'weights': file /nonexistent/w.weights.h5 not found"),
     ({"backbone": "mobilenetv3small", "weights": str(WEIGHTS_DIR / "mobilenet_v2_1.0_imagenet_notop.weights.h5")},
@@ -71,16 +71,6 @@ def test_a_config_that_cannot_work_fails_before_training(train_data, tmp_path, o
         train.run(smoke(train_data, tmp_path / "bad", **overrides), verbose=0)
     assert time.monotonic() - started < 30
     assert not (tmp_path / "bad" / "history.csv").exists()
-
-
-def test_a_run_folder_of_other_settings_is_left_alone(train_data, tmp_path):
-    run_dir = tmp_path / "taken"
-    run_dir.mkdir()
-    smoke(train_data, run_dir, seed=1).save(run_dir / "config.json")
-    before = (run_dir / "config.json").read_text()
-    with pytest.raises(ConfigError, match=r"holds a run with other settings \(seed differ\)"):
-        train.run(smoke(train_data, run_dir), verbose=0)
-    assert (run_dir / "config.json").read_text() == before
 
 
 def cli_train(train_data, run_dir):

@@ -1,0 +1,82 @@
+"""`evaluate` and `predict` on broken and hostile files: one line naming the file, and no traceback."""
+
+import json
+import os
+import shutil
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifar100 import data, models, train
+from cifar100.__main__ import main
+from cifar100.config import make_config
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, synthetic_cifar100):
+    """A run folder of the smoke preset (untrained: the tests need its files, not its accuracy)."""
+    run = tmp_path_factory.mktemp("runs") / "run"
+    run.mkdir()
+    config = make_config("smoke", {"data_dir": str(synthetic_cifar100)})
+    config.save(run / "config.json")
+    models.build_model(config, num_classes=100).save(run / "best.keras")
+    train.save_class_info(run, data.load(synthetic_cifar100))
+    return run
+
+
+def png_chunk(kind: bytes, content: bytes) -> bytes:
+    return struct.pack(">I", len(content)) + kind + content + struct.pack(">I", zlib.crc32(kind + content))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG that claims width x height RGB pixels and holds none: a decompression bomb's header."""
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + png_chunk(b"IDAT", b"") + png_chunk(b"IEND", b""))
+
+
+def test_evaluate_names_a_damaged_checkpoint(run_dir, tmp_path, capsys):
+    damaged = tmp_path / "run"
+    shutil.copytree(run_dir, damaged)
+    raw = (damaged / "best.keras").read_bytes()
+    (damaged / "best.keras").write_bytes(raw[: len(raw) // 2])
+    assert main(["evaluate", str(damaged)]) == 2
+    err = capsys.readouterr().err
+    assert f"{damaged / 'best.keras'}: damaged or not a Keras model file" in err and "not found" not in err
+
+
+def test_evaluate_refuses_a_dataset_of_other_classes(run_dir, tmp_path, capsys):
+    cifar10 = data.write_synthetic(tmp_path / "cifar10", kind="cifar10", n_train=50, n_test=20)
+    assert main(["evaluate", str(run_dir), "--data", str(cifar10)]) == 2
+    err = capsys.readouterr().err
+    assert f"{cifar10}: the dataset has 10 classes (cifar10), but the run {run_dir} was trained on 100" in err
+
+
+def test_predict_names_each_bad_file_and_predicts_the_others(run_dir, tmp_path, capsys):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(good)
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_claiming(100_000, 100_000))
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    assert main(["predict", str(run_dir), str(bomb), str(good), str(text), str(fifo)]) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{good}: ") and len(out.splitlines()) == 1
+    assert f"{bomb}: cannot read as an image (DecompressionBombError" in err
+    assert f"{text}: cannot read as an image" in err and f"{fifo}: not a regular file" in err
+    assert len(err.splitlines()) == 3 and "Traceback" not in err
+
+
+def test_evaluate_says_when_the_data_is_not_the_official_files(run_dir, tmp_path, capsys):
+    x, y = np.zeros((100, 32, 32, 3), np.uint8), np.arange(100)
+    mine = data.write_official(tmp_path / "mine", "cifar100", x, y, x, y, synthetic=False, source="my photos")
+    evaluated = tmp_path / "run"
+    shutil.copytree(run_dir, evaluated)
+    assert main(["evaluate", str(evaluated), "--data", str(mine)]) == 0
+    assert "(not verified as the official files: md5 not checked)" in capsys.readouterr().out
+    results = json.loads((evaluated / "results.json").read_text())
+    assert results["data"] == {"synthetic": False, "official": False}

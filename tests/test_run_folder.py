@@ -1,0 +1,212 @@
+"""The run folder's guarantees: settings checked before anything is written, one process per folder, atomic
+rewrites, and a run killed at any point that resumes to exactly the run it would have been."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from cifar100 import data, run_folder, train
+from cifar100.config import Config, make_config, validate
+from cifar100.errors import ConfigError, RunError
+
+from .conftest import ROOT, run_cli
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    return data.write_synthetic(tmp_path_factory.mktemp("rf") / "cifar-10", kind="cifar10", n_train=1000, n_test=200)
+
+
+def smoke(dataset, run_dir, **overrides):
+    return make_config("smoke", {"data_dir": str(dataset), "runs_dir": str(run_dir.parent), "name": run_dir.name,
+                                 **overrides})
+
+
+# --- settings --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("setting,value,message", [
+    ("head_learning_rate", float("nan"), "must be a finite number, got nan"),
+    ("finetune_learning_rate", 0.0, "must be > 0, got 0.0"),
+    ("head_learning_rate", float("inf"), "must be a finite number"),
+    ("reduce_lr_factor", 1.5, "must be > 0 and < 1, got 1.5"),
+    ("reduce_lr_factor", 0, "must be > 0 and < 1, got 0"),
+    ("dropout", 1.0, "must be >= 0 and < 1, got 1.0"),
+    ("label_smoothing", -0.1, "must be >= 0 and < 1"),
+    ("early_stopping_patience", -1, "must be >= 0, got -1"),
+    ("reduce_lr_patience", 2.5, "must be an integer, got 2.5"),
+    ("seed", -3, "must be >= 0, got -3"),
+    ("batch_size", True, "must be an integer, got True"),
+    ("head_learning_rate", "fast", "must be a number, got 'fast'"),
+    ("hem", "yes", "must be True or False, got 'yes'"),
+    ("augment", "sharpen", "'sharpen' is not one of"),
+    ("name", "../elsewhere", "must be a plain folder name"),
+])
+def test_every_setting_is_checked_against_its_meaning_before_anything_is_created(small_data, tmp_path, setting,
+                                                                                   value, message):
+    run_dir = tmp_path / "runs" / "bad"
+    config = smoke(small_data, run_dir).replace(**{setting: value})
+    with pytest.raises(ConfigError, match=f"setting '{setting}'.*" + message.replace("(", r"\(").replace(".", r"\.")):
+        train.run(config, verbose=0)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_choices_have_one_spelling_used_everywhere(small_data, tmp_path):
+    from cifar100 import models
+
+    assert Config(augment="MixUp").augment == "mixup"
+    assert Config(augment=None).augment == "none" and models.augmentation_layers(Config(augment=None)) == []
+    assert make_config("smoke", ["augment=CUTMIX"]).augment == "cutmix"
+    assert Config(weights="None").weights is None and Config(weights="ImageNet").weights == "imagenet"
+    assert Config(jit_compile="False").jit_compile == "false"
+
+
+@pytest.mark.parametrize("content", [b"", b"not a weights file\n", b"\x89HDF\r\n\x1a\n" + b"\0" * 40])
+def test_a_weights_file_that_is_not_hdf5_is_named_with_its_setting(small_data, tmp_path, content):
+    weights = tmp_path / "broken.weights.h5"
+    weights.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"setting 'weights': {weights} is not a readable Keras weights file"):
+        validate(smoke(small_data, tmp_path / "run", weights=str(weights)))
+
+
+def test_a_command_that_failed_before_training_can_be_corrected_in_the_same_folder(small_data, tmp_path):
+    run_dir = tmp_path / "named"
+    first = smoke(small_data, run_dir, seed=1)
+    assert run_folder.claim(first, run_dir) is False  # e.g. then the model could not be built
+    corrected = smoke(small_data, run_dir, seed=2)
+    assert run_folder.claim(corrected, run_dir) is False
+    assert Config.load(run_dir / "config.json") == corrected
+
+
+def test_a_run_folder_with_progress_and_other_settings_is_left_alone(small_data, tmp_path):
+    run_dir = tmp_path / "taken"
+    run_folder.claim(smoke(small_data, run_dir, seed=1), run_dir)
+    (run_dir / "history.csv").write_text("epoch,loss\n0,1.0\n")
+    before = (run_dir / "config.json").read_text()
+    with pytest.raises(RunError, match=r"holds a run with other settings \(seed: 1 -> 2\)"):
+        run_folder.claim(smoke(small_data, run_dir, seed=2), run_dir)
+    assert (run_dir / "config.json").read_text() == before
+
+
+@pytest.mark.parametrize("damage", ["", "{\"backbone\": ", "[1, 2]", "{\"batch_size\": 64, \"bogus\": }"])
+def test_a_damaged_config_json_is_named_and_never_loses_progress(small_data, tmp_path, damage):
+    run_dir = tmp_path / "damaged"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(damage)
+    config = smoke(small_data, run_dir)
+    assert run_folder.claim(config, run_dir) is False  # nothing trained there yet: taken over
+    assert Config.load(run_dir / "config.json") == config
+
+    (run_dir / "config.json").write_text(damage)
+    (run_dir / "history.csv").write_text("epoch,loss\n0,1.0\n")
+    with pytest.raises(RunError, match=r"config.json: damaged config.json.* delete .* to start over"):
+        run_folder.claim(config, run_dir)
+    assert (run_dir / "config.json").read_text() == damage and (run_dir / "history.csv").exists()
+
+
+def test_a_rewrite_killed_before_its_rename_leaves_the_old_file(tmp_path, monkeypatch):
+    history = tmp_path / "history.csv"
+    history.write_text("epoch,loss\n0,1.0\n1,0.9\n2,0.8\n")
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_folder.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_folder.trim_history(history, 1)
+    assert history.read_text() == "epoch,loss\n0,1.0\n1,0.9\n2,0.8\n"
+    with pytest.raises(KeyboardInterrupt):
+        run_folder.write_state(tmp_path, finished=True)
+    assert not (tmp_path / "state.json").exists()
+
+
+def test_a_second_process_on_a_locked_run_folder_says_who_holds_it(small_data, tmp_path):
+    run_dir = tmp_path / "locked"
+    with run_folder.RunLock(run_dir):
+        with pytest.raises(RunError, match=f"{run_dir} is in use by process {os.getpid()} on "):
+            train.run(smoke(small_data, run_dir), verbose=0)
+        result = run_cli("train", "--preset", "smoke", "--data", str(small_data), "--run-dir", str(run_dir))
+    assert result.returncode == 2
+    assert f"error: {run_dir} is in use by process {os.getpid()}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (run_dir / "history.csv").exists()
+    with run_folder.RunLock(run_dir):  # released when its holder is done
+        pass
+
+
+# --- killed and resumed ----------------------------------------------------------------------------------
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import keras
+    from cifar100 import callbacks, train
+    from cifar100.config import Config
+
+    point, epoch = sys.argv[2], int(sys.argv[3])
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def before(cls, name, when):
+        original = getattr(cls, name)
+        def patched(*args, **kwargs):
+            if when(*args, **kwargs):
+                die()
+            return original(*args, **kwargs)
+        setattr(cls, name, patched)
+
+    if point == "before_commit":  # history row and checkpoint written, the epoch's backup not
+        before(keras.callbacks.BackupAndRestore, "on_epoch_end", lambda self, e, logs=None: e == epoch)
+    elif point == "after_commit":  # the epoch's backup written, its checkpoint not yet published
+        before(callbacks.PublishCheckpoint, "on_epoch_end", lambda self, e, logs=None: e == epoch)
+    elif point == "after_phase":  # a phase's fit() returned, nothing after it done
+        original_fit = train.fit_phase
+        def fit_phase(*args, **kwargs):
+            original_fit(*args, **kwargs)
+            if args[3] == "head":
+                die()
+        train.fit_phase = fit_phase
+    elif point == "during_finish":
+        before(train, "finish", lambda *args, **kwargs: True)
+    train.run(Config.load(sys.argv[1]), verbose=0)
+""")
+
+METRICS = ("epoch", "accuracy", "loss", "top5", "val_accuracy", "val_loss", "val_top5", "learning_rate")
+
+
+def metric_rows(run_dir):
+    with open(run_dir / "history.csv") as handle:
+        return [{k: row[k] for k in METRICS} for row in csv.DictReader(handle)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("whole") / "run"
+    train.run(smoke(small_data, run_dir, head_epochs=2, finetune_epochs=4), verbose=0)
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point,epoch", [("before_commit", 1), ("before_commit", 3), ("after_commit", 2),
+                                         ("after_phase", 0), ("during_finish", 0)])
+def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run(small_data, uninterrupted, tmp_path, point, epoch):
+    run_dir = tmp_path / "run"
+    config = smoke(small_data, run_dir, head_epochs=2, finetune_epochs=4)
+    run_dir.mkdir()
+    config.save(tmp_path / "config.json")
+    killed = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path / "config.json"), point, str(epoch)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not run_folder.finished(run_dir)
+
+    train.run(config, verbose=0)
+    assert metric_rows(run_dir) == metric_rows(uninterrupted)
+    got, expected = (json.loads((d / "results.json").read_text()) for d in (run_dir, uninterrupted))
+    assert got["best_epoch"] == expected["best_epoch"] and got["epochs_run"] == expected["epochs_run"]
+    assert got["validation"] == expected["validation"]
+    assert got["hardest_examples"] == expected["hardest_examples"]
+    assert not (run_dir / "backup").exists() and not (run_dir / run_folder.CHECKPOINTS).exists()
