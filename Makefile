@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install test test-fast lint clean run demo
+.PHONY: install test test-fast lint clean run demo jupyter questions
 
 # `make run`: the notebook, headless, on the real dataset (downloaded when absent).
 #   make run PRESET=seed-resnet50 RUN=resnet50-224   (any preset; the run folder is models/$(RUN))
@@ -48,3 +48,20 @@ demo: $(INSTALLED)
 	$(PY) -m papermill main.ipynb models/demo/main.ipynb -p PRESET smoke -p DATA_DIR $(DEMO_DATA) \
 		-p RUN_NAME demo -p IMAGE_SIZE 64 -p DOWNLOAD False -p VERBOSE 2 -y "SETTINGS: {max_train_images: null}"
 	@echo "executed notebook: models/demo/main.ipynb (SYNTHETIC data)"
+
+# `make questions`: the original project's two questions on the SYNTHETIC demo data (not CIFAR-100): 32 px
+# against upsampled to 64 px, and hard-example mining on against off (2 seeds each); then the comparison.
+# Each set of settings has its own run folder in models/, so a second `make questions` trains nothing.
+QUESTIONS := "image_size=32 seed=0" "image_size=64 seed=0" "image_size=32 seed=1" \
+	"image_size=32 seed=0 hem=false" "image_size=32 seed=1 hem=false"
+questions: $(INSTALLED)
+	test -d $(DEMO_DATA) || $(PY) -m cifar100 data synthetic $(DEMO_DATA) --train 6000 --test 1000
+	for settings in $(QUESTIONS); do \
+		$(PY) -m cifar100 train --preset smoke --data $(DEMO_DATA) --verbose 2 --set max_train_images=None \
+			$$(for s in $$settings; do printf -- '--set %s ' $$s; done) || exit 1; \
+	done
+	$(PY) -m cifar100 compare models
+
+# `make jupyter`: the notebook in JupyterLab, from the project's environment (as root too, e.g. in a container).
+jupyter: $(INSTALLED)
+	$(PY) -m jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) main.ipynb

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cifar100 import data, run_folder
+from cifar100 import data, run_folder, tflogs
 from cifar100.config import PRESETS, make_config
 from cifar100.errors import UserError
 
@@ -26,6 +26,7 @@ def _data_download(args) -> None:
 
 
 def _train(args) -> None:
+    tflogs.import_keras()
     from cifar100 import train
 
     overrides = list(args.set)
@@ -54,6 +55,7 @@ def _print_results(run_dir: Path) -> None:
 
 
 def _evaluate(args) -> None:
+    tflogs.import_keras()
     from cifar100 import evaluate
 
     metrics = evaluate.evaluate_run(args.run_dir, args.data)
@@ -66,6 +68,7 @@ def _evaluate(args) -> None:
 
 def _predict(args) -> int:
     """Predicts every readable image; each unreadable one is named on stderr, and the exit status is then 2."""
+    tflogs.import_keras()
     from cifar100 import evaluate
 
     status = 0
@@ -76,6 +79,14 @@ def _predict(args) -> int:
         else:
             print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
     return status
+
+
+def _compare(args) -> None:
+    from cifar100 import compare
+
+    if not Path(args.runs_dir).is_dir():
+        raise FileNotFoundError(f"{args.runs_dir}: runs folder not found")
+    print(compare.format_table(compare.group_runs(compare.find_runs(args.runs_dir))))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train (or resume) a run")
     train.add_argument("--preset", choices=sorted(PRESETS), default=None)
     train.add_argument("--data", help="dataset folder (default: the preset's data_dir, cifar-100-python)")
-    train.add_argument("--run-dir", help="run folder (default: models/<backbone>-<size>px or models/<name>)")
+    train.add_argument("--run-dir", help="run folder (default: models/<preset>[-<what differs>-<hash>], named by "
+                       "the settings, or models/<name> with --set name=...)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a setting, e.g. --set image_size=128 --set weights=None")
     train.add_argument("--verbose", type=int, default=1, help="Keras progress: 1 bars, 2 a line per epoch, 0 none")
@@ -118,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("run_dir")
     predict.add_argument("images", nargs="+")
     predict.set_defaults(func=_predict)
+
+    compare = commands.add_parser("compare", help="a table of every finished run, grouped by dataset")
+    compare.add_argument("runs_dir", nargs="?", default="models", help="the runs folder (default: models)")
+    compare.set_defaults(func=_compare)
     return parser
 
 

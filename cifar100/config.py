@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -16,13 +19,20 @@ PRECISIONS = AUTO_FLAGS + ("bfloat16",)
 DISTRIBUTIONS = ("auto", "mirrored", "multi-worker", "none")
 CHOICES = {"augment": AUGMENTATIONS, "interpolation": INTERPOLATIONS, "distribution": DISTRIBUTIONS,
            "mixed_precision": PRECISIONS, "jit_compile": AUTO_FLAGS}
+# Settings that do not change what a run learns: left out of its identity (the hash in its folder name).
+NOT_IDENTITY = ("name", "preset", "runs_dir", "distribution_timeout")
+# Also left out of the readable part of a run's folder name (still in its hash): usually a long path.
+NOT_IN_NAME = NOT_IDENTITY + ("data_dir",)
+MAX_NAME_LENGTH = 100
+MAX_VALUE_LENGTH = 20
 
 
 @dataclass
 class Config:
     """Everything that defines a training run. Saved as config.json in the run folder."""
 
-    name: str = ""  # run folder name under runs_dir; derived from backbone and size when empty
+    name: str = ""  # run folder name under runs_dir; when empty, derived from the settings (see run_name)
+    preset: str | None = None  # the preset the settings started from (make_config records it)
     backbone: str = "mobilenetv3small"
     image_size: int = 96  # images are upsampled from 32 px to this size inside the model
     weights: str | None = "imagenet"  # "imagenet", None (random), or a path to a .weights.h5 file
@@ -80,10 +90,42 @@ class Config:
         return self.head_epochs + self.finetune_epochs
 
     def run_name(self) -> str:
-        return self.name or f"{self.backbone}-{self.image_size}px"
+        """The run folder's name: `name` when set, else the preset plus what differs from it plus a hash.
+
+        `cpu-small` is the preset as it is; `cpu-small-hem=False-head_learning_rate=0.003-1a2b3c` changes
+        two settings. The 6-hex-digit hash covers every setting that defines training (not the data
+        folder's name in the readable part, nor where the run is saved), so other settings never share
+        a folder and the same settings always find theirs.
+        """
+        if self.name:
+            return self.name
+        base = self.preset or "custom"
+        changed = self.changed_from_preset()
+        if not changed and self.data_dir == _preset_config(self.preset).data_dir:
+            return base
+        readable = "-".join([base] + [f"{key}={_name_value(value)}" for key, value in changed.items()])
+        return f"{readable[:MAX_NAME_LENGTH].rstrip('-')}-{self.settings_hash()}"
 
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.run_name()
+
+    def changed_from_preset(self) -> dict:
+        """The settings (but the data folder) that differ from the preset's, in the order of the fields."""
+        preset = _preset_config(self.preset)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in NOT_IN_NAME
+                and _canonical(getattr(self, f.name)) != _canonical(getattr(preset, f.name))}
+
+    def identity(self) -> dict:
+        """The settings that define what the run learns: all but its name, preset and where it is saved."""
+        return {key: value for key, value in self.to_dict().items() if key not in NOT_IDENTITY}
+
+    def settings_hash(self) -> str:
+        """6 hex digits of a hash of the identity. Only settings that differ from the Config defaults enter
+        it, so that a new setting (whose default keeps the old behaviour) does not change old runs' hashes."""
+        defaults = Config()
+        changed = {key: _canonical(value) for key, value in self.identity().items()
+                   if _canonical(value) != _canonical(getattr(defaults, key))}
+        return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:6]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -112,10 +154,16 @@ class Config:
         except TypeError as exc:
             raise ConfigError(f"saved settings do not fit: {exc}") from None
 
-    def differences(self, other: Config) -> list[str]:
-        """'setting: other's value -> this value' for each setting that differs."""
+    def differences(self, other: Config, names: dict[str, str] | None = None) -> list[str]:
+        """'setting: other's value -> this value' for each setting that differs (3 and 3.0 do not).
+
+        For a refused run folder, `config.differences(saved)` lists each setting's value there and the value
+        asked for now. `names` renames settings in the lines (the notebook says HARD_EXAMPLE_MINING for hem).
+        """
+        names = names or {}
         mine, theirs = self.to_dict(), other.to_dict()
-        return [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+        return [f"{names.get(k, k)}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items()
+                if _canonical(theirs.get(k)) != _canonical(v)]
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
@@ -138,6 +186,28 @@ PRESETS: dict[str, dict] = {
                   head_epochs=1, head_learning_rate=3e-3, finetune_epochs=4, finetune_learning_rate=3e-3,
                   augment="none", dropout=0.0, hem_fraction=0.5),
 }
+
+
+def _preset_config(preset: str | None) -> Config:
+    return make_config(preset if preset in PRESETS else None)
+
+
+def _canonical(value):
+    """A value as it is compared: 3 and 3.0 are the same setting."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _name_value(value) -> str:
+    """A setting's value as it appears in a folder name: short, and safe on every filesystem."""
+    if isinstance(value, float):
+        text = f"{value:g}"
+    else:
+        text = str(value)
+        if "/" in text or "\\" in text:
+            text = re.split(r"[/\\]", text.rstrip("/\\"))[-1]  # a path: its last part
+    return re.sub(r"[^A-Za-z0-9._+=-]", "_", text)[:MAX_VALUE_LENGTH]
 
 
 def _parse_value(key: str, text: str, current):
@@ -164,7 +234,7 @@ def make_config(preset: str | None = None, overrides: dict | list[str] | None = 
     """A Config from a preset name plus overrides: a dict, or a list of 'key=value' strings."""
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"preset '{preset}' is unknown: choose one of {sorted(PRESETS)}")
-    config = Config(**PRESETS.get(preset, {}))
+    config = Config(**PRESETS.get(preset, {}), preset=preset)
     if config.reference_batch_size is None:
         # the learning rates were chosen for the preset's batch: a larger --set batch_size scales them
         config = config.replace(reference_batch_size=config.batch_size)

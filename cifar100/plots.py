@@ -1,18 +1,31 @@
 """Figures of a run and of several runs. Each function returns a matplotlib Figure (never calls plt.show);
-`save` writes one as PNG into the run folder's figures/."""
+`save` writes one as PNG into the run folder's figures/.
+
+The figures are closed in pyplot as soon as they are made: Jupyter's inline backend then does not show
+them on its own at the end of the cell, so a notebook cell shows each figure once, when it returns or
+displays it, and figures made in a loop do not pile up in memory.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 SYNTHETIC_NOTE = " (SYNTHETIC data, not CIFAR-100)"
+
+
+def _subplots(*args, **kwargs) -> tuple[Figure, object]:
+    """plt.subplots, with the figure closed in pyplot (it can still be drawn on, saved and displayed)."""
+    figure, axes = plt.subplots(*args, **kwargs)
+    plt.close(figure)
+    return figure, axes
 
 
 def save(figure: Figure, run_dir: str | Path, name: str) -> Path:
@@ -37,7 +50,7 @@ def training_curves(history: dict[str, np.ndarray], phase_boundary: int | None =
                     synthetic: bool = False) -> Figure:
     """Loss and accuracy per epoch (training and validation), the learning rate, and the phase boundary."""
     epochs = history["epoch"] + 1
-    figure, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(15, 4))
+    figure, (loss_ax, acc_ax, lr_ax) = _subplots(1, 3, figsize=(15, 4))
     panels = ((loss_ax, "loss", "cross-entropy loss"), (acc_ax, "accuracy", "top-1 accuracy"))
     for ax, key, label in panels:
         ax.plot(epochs, history[key], "o-", label="training")
@@ -62,46 +75,49 @@ def training_curves(history: dict[str, np.ndarray], phase_boundary: int | None =
     return figure
 
 
-def run_label(results: dict) -> str:
-    label = f"{results.get('backbone', '?')} @ {results.get('image_size', '?')} px"
-    if results.get("data", {}).get("synthetic"):
-        label += "\n(synthetic)"
-    return f"{results.get('run', '')}\n{label}"
-
-
-def compare_runs(all_results: list[dict], title: str = "Test accuracy by run") -> Figure:
-    """Test top-1 and top-5 of several runs side by side, labelled with backbone and image size."""
-    figure, ax = plt.subplots(figsize=(max(6, 1.8 * len(all_results) + 2), 4.5))
-    if not all_results:
+def compare_runs(groups: list, current: str | None = None) -> Figure:
+    """Test top-1 and top-5 of every finished run (`cifar100.compare.group_runs`): one panel per dataset,
+    each bar labelled by the settings in which its runs differ from the others; several seeds of the same
+    settings are one bar, the mean, with the standard deviation as an error bar. `current` (a run folder's
+    name) is written in bold."""
+    if not groups:
+        figure, ax = _subplots(figsize=(6, 2))
         ax.text(0.5, 0.5, "no finished runs found", ha="center", va="center")
         ax.set_axis_off()
         return figure
-    positions = np.arange(len(all_results))
-    top1 = [r["test"]["top1"] for r in all_results]
-    top5 = [r["test"]["top5"] for r in all_results]
-    bars = ax.bar(positions - 0.2, top1, width=0.4, label="top-1")
-    ax.bar(positions + 0.2, top5, width=0.4, label="top-5", alpha=0.6)
-    ax.bar_label(bars, labels=[f"{v:.1%}" for v in top1], fontsize=8)
-    ax.set_xticks(positions, [run_label(r) for r in all_results], fontsize=8)
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1.05)
-    ax.set_xlim(-0.5 - 0.5 * (len(all_results) < 3), len(all_results) - 0.5 + 0.5 * (len(all_results) < 3))
-    ax.legend(loc="lower right")
-    synthetic = any(r.get("data", {}).get("synthetic") for r in all_results)
-    ax.set_title(title + (" (runs marked synthetic are NOT CIFAR-100)" if synthetic else ""))
-    ax.grid(axis="y", alpha=0.3)
+    most = max(len(group.rows) for group in groups)
+    figure, axes = _subplots(len(groups), 1, figsize=(max(7.0, 1.8 * most + 3), 4.6 * len(groups)), squeeze=False)
+    for ax, group in zip(axes[:, 0], groups, strict=True):
+        _compare_panel(ax, group, current)
+    figure.suptitle("Test accuracy of every finished run, by dataset")
     figure.tight_layout()
     return figure
 
 
-def find_results(runs_dir: str | Path = "models") -> list[dict]:
-    """results.json of every finished run under runs_dir that has test metrics, sorted by run name."""
-    found = []
-    for path in sorted(Path(runs_dir).glob("*/results.json")):
-        results = json.loads(path.read_text())
-        if "test" in results:
-            found.append(results)
-    return found
+def _compare_panel(ax, group, current: str | None) -> None:
+    rows = group.rows
+    positions = np.arange(len(rows))
+    seeds = any(len(row.runs) > 1 for row in rows)
+    for offset, key, name, alpha in ((-0.2, "top1", "top-1", 1.0), (0.2, "top5", "top-5", 0.55)):
+        means = [row.mean(key) for row in rows]
+        errors = [row.std(key) if len(row.runs) > 1 else np.nan for row in rows] if seeds else None
+        ax.bar(positions + offset, means, width=0.4, yerr=errors, capsize=4, label=name, alpha=alpha)
+        for x, mean, row in zip(positions + offset, means, rows, strict=True):
+            ax.text(x, mean + row.std(key) + 0.015, f"{mean:.1%}", ha="center", va="bottom", fontsize=7.5)
+    labels = [row.label.replace(", ", "\n") + (f"\n(mean of {len(row.runs)} seeds)" if len(row.runs) > 1 else "")
+              for row in rows]
+    ax.set_xticks(positions, labels, fontsize=8)
+    for tick, row in zip(ax.get_xticklabels(), rows, strict=True):
+        if current in [run.name for run in row.runs]:
+            tick.set_fontweight("bold")
+    spare = max(0.0, (3 - len(rows)) / 2)  # a panel of one or two runs keeps bars of a normal width
+    ax.set_xlim(-0.6 - spare, len(rows) - 0.4 + spare)
+    ax.set_ylim(0, 1.12)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_ylabel("test accuracy")
+    ax.set_title(textwrap.fill(group.title, 90), fontsize=10, color="tab:red" if group.synthetic else "black")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)  # outside: hides no bar
+    ax.grid(axis="y", alpha=0.3)
 
 
 def superclass_confusion(labels: np.ndarray, predicted: np.ndarray, fine_to_coarse: np.ndarray,
@@ -112,7 +128,7 @@ def superclass_confusion(labels: np.ndarray, predicted: np.ndarray, fine_to_coar
     n = len(coarse_names)
     matrix = confusion_matrix(fine_to_coarse[labels], fine_to_coarse[predicted], labels=np.arange(n))
     shares = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
-    figure, ax = plt.subplots(figsize=(11, 9.5))
+    figure, ax = _subplots(figsize=(11, 9.5))
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     names = [name.replace("_", " ") for name in coarse_names]
     ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=8)
@@ -120,7 +136,7 @@ def superclass_confusion(labels: np.ndarray, predicted: np.ndarray, fine_to_coar
     ax.set_xlabel("predicted superclass")
     ax.set_ylabel("true superclass")
     for i in range(n):
-        ax.text(i, i, f"{shares[i, i]:.0%}", ha="center", va="center", fontsize=6,
+        ax.text(i, i, f"{shares[i, i]:.0%}", ha="center", va="center", fontsize=7,
                 color="white" if shares[i, i] > 0.5 else "black")
     figure.colorbar(image, ax=ax, label="share of the true superclass's test images")
     ax.set_title("Superclass confusion on the test set" + _note(synthetic))
@@ -130,10 +146,12 @@ def superclass_confusion(labels: np.ndarray, predicted: np.ndarray, fine_to_coar
 
 def confused_pairs(most_confused: list[dict], synthetic: bool = False) -> Figure:
     """The most frequent (true -> predicted) mistakes between fine classes."""
-    figure, ax = plt.subplots(figsize=(8, 0.4 * max(len(most_confused), 3) + 1.2))
+    figure, ax = _subplots(figsize=(8, 0.4 * max(len(most_confused), 3) + 1.2))
     if not most_confused:
         ax.text(0.5, 0.5, "no confusions: every test image was classified correctly", ha="center", va="center")
         ax.set_axis_off()
+        ax.set_title("Most confused pairs of classes" + _note(synthetic))
+        return figure
     labels = [f"{p['true']} -> {p['predicted']}" for p in most_confused][::-1]
     counts = [p["count"] for p in most_confused][::-1]
     ax.barh(range(len(counts)), counts, color="tab:red")
@@ -148,7 +166,7 @@ def confused_pairs(most_confused: list[dict], synthetic: bool = False) -> Figure
 
 def image_grid(images: np.ndarray, captions: list[str], title: str, columns: int = 8) -> Figure:
     rows = max(1, int(np.ceil(len(images) / columns)))
-    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.95), squeeze=False)
+    figure, axes = _subplots(rows, columns, figsize=(columns * 1.6, rows * 2.1), squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
     for ax, image, caption in zip(axes.flat, images, captions, strict=False):
@@ -179,7 +197,7 @@ def hardest_examples(images: np.ndarray, labels: np.ndarray, losses: np.ndarray,
 def samples_per_class(images: np.ndarray, labels: np.ndarray, class_names: list[str], classes: int = 10,
                       per_class: int = 8, synthetic: bool = False) -> Figure:
     """A grid of training images: one row per class (the first `classes` classes)."""
-    figure, axes = plt.subplots(classes, per_class, figsize=(per_class * 1.2, classes * 1.25), squeeze=False)
+    figure, axes = _subplots(classes, per_class, figsize=(per_class * 1.2, classes * 1.25), squeeze=False)
     for row, cls in enumerate(range(min(classes, len(class_names)))):
         members = np.flatnonzero(labels == cls)[:per_class]
         for col, ax in enumerate(axes[row]):
@@ -198,7 +216,7 @@ def samples_per_class(images: np.ndarray, labels: np.ndarray, class_names: list[
 def class_balance(labels: np.ndarray, class_names: list[str], synthetic: bool = False) -> Figure:
     """Training images per class."""
     counts = np.bincount(labels, minlength=len(class_names))
-    figure, ax = plt.subplots(figsize=(14, 3.5))
+    figure, ax = _subplots(figsize=(14, 3.5))
     ax.bar(range(len(counts)), counts)
     step = max(1, len(class_names) // 50)
     ax.set_xticks(range(0, len(counts), step), class_names[::step], rotation=90, fontsize=7)

@@ -140,6 +140,10 @@ def run(config: Config, verbose: int | str = "auto", callbacks: list | None = No
     a temporary folder (seeded from the chief's, to resume from the same point) removed at the end.
     """
     validate(config)  # before anything is read or written
+    if run_folder.finished(config.run_dir()) and \
+            Config.load(config.run_dir() / "config.json").identity() == config.identity():
+        print(f"finished run found: {config.run_dir()} holds these settings' results; nothing to train")
+        return config.run_dir()
     splits = prepare_data(config)
     strategy, cluster = distribution.make_strategy(config.distribution, config.distribution_timeout)
     if cluster is None or cluster.is_chief:

@@ -1,4 +1,3 @@
-import json
 
 import matplotlib
 import numpy as np
@@ -68,22 +67,17 @@ def test_training_curves_have_labelled_axes_and_the_phase_boundary():
     assert "SYNTHETIC" in figure._suptitle.get_text()
 
 
-def test_compare_runs_labels_each_run_with_backbone_and_size():
-    runs = [{"run": "a", "backbone": "resnet50", "image_size": 32, "test": {"top1": 0.5, "top5": 0.8}, "data": {}},
-            {"run": "b", "backbone": "resnet50", "image_size": 224, "test": {"top1": 0.78, "top5": 0.95},
-             "data": {"synthetic": True}}]
-    ax = plots.compare_runs(runs).axes[0]
-    labels = [t.get_text() for t in ax.get_xticklabels()]
-    assert "resnet50 @ 32 px" in labels[0] and "resnet50 @ 224 px" in labels[1] and "synthetic" in labels[1]
-    assert [round(p.get_height(), 2) for p in ax.patches[:2]] == [0.5, 0.78]
-    assert ax.get_ylabel() == "test accuracy" and "NOT CIFAR-100" in ax.get_title()
+def test_figures_are_closed_in_pyplot_so_a_notebook_shows_each_once():
+    # Jupyter's inline backend shows every figure still open at the end of a cell; the notebook shows each
+    # figure by returning it, so a figure left open would appear twice.
+    import matplotlib.pyplot as plt
 
-
-def test_find_results_reads_finished_runs(tmp_path):
-    for name, results in (("a", {"run": "a", "test": {"top1": 1}}), ("b", {"run": "b"})):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "results.json").write_text(json.dumps(results))
-    assert [r["run"] for r in plots.find_results(tmp_path)] == ["a"]
+    plt.close("all")
+    plots.training_curves(history(), phase_boundary=2)
+    plots.confused_pairs([])
+    plots.class_balance(np.arange(40) % 4, NAMES)
+    plots.misclassified(np.zeros((8, 32, 32, 3), np.uint8), LABELS, PROBABILITIES.argmax(1), NAMES)
+    assert plt.get_fignums() == []
 
 
 def test_superclass_confusion_is_row_normalised_with_names():

@@ -1,0 +1,164 @@
+"""Every finished run of a runs folder side by side.
+
+Runs are grouped by the dataset they were trained and tested on (synthetic data never sits beside real
+data); within a group each row is labelled by the settings in which it differs from the other rows, and
+runs whose settings differ only in the seed are one row: the mean and standard deviation over the seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cifar100.config import NOT_IDENTITY, Config
+
+NOT_IN_LABELS = NOT_IDENTITY + ("data_dir", "seed")  # the data is the group's; seeds are averaged
+
+
+@dataclass
+class Run:
+    """A finished run: its folder, its settings (config.json; {} for a folder without one), its results."""
+
+    folder: Path
+    config: dict
+    results: dict
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    def settings(self) -> dict:
+        """The settings that tell this run's row apart (all but the seed, the data and the name)."""
+        settings = self.config or {"backbone": self.results.get("backbone"),
+                                   "image_size": self.results.get("image_size")}
+        return {key: value for key, value in settings.items() if key not in NOT_IN_LABELS}
+
+    def dataset(self) -> tuple:
+        data = self.results.get("data", {})
+        return (data.get("kind", "?"), os.path.normpath(str(data.get("path", "?"))), bool(data.get("synthetic")))
+
+
+@dataclass
+class Row:
+    """Runs of the same settings (one per seed), shown as one bar."""
+
+    label: str
+    runs: list[Run]
+
+    def values(self, key: str) -> np.ndarray:
+        if key in ("top1", "top5"):
+            return np.array([run.results["test"][key] for run in self.runs], dtype=float)
+        return np.array([run.results.get(key) or np.nan for run in self.runs], dtype=float)
+
+    def mean(self, key: str) -> float:
+        return float(np.mean(self.values(key)))
+
+    def std(self, key: str) -> float:
+        """The sample standard deviation over the seeds (0 for one run)."""
+        values = self.values(key)
+        return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+@dataclass
+class Group:
+    """The runs on one dataset."""
+
+    kind: str
+    path: str
+    synthetic: bool
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        name = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10"}.get(self.kind, self.kind)
+        if self.synthetic:
+            return f"SYNTHETIC {name}-format data (not {name}) in {self.path}"
+        return f"{name} in {self.path}"
+
+
+def find_runs(runs_dir: str | Path = "models") -> list[Run]:
+    """Every finished run (a results.json with test metrics) in the folders of runs_dir, by folder name."""
+    runs = []
+    for path in sorted(Path(runs_dir).glob("*/results.json")):
+        results = json.loads(path.read_text())
+        if "test" not in results:
+            continue
+        config_path = path.parent / "config.json"
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        runs.append(Run(path.parent, config, results))
+    return runs
+
+
+def _value(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Runs grouped by dataset (real data first); in each group one row per distinct settings, labelled by
+    the settings that differ between the rows (a group of one row: by its folder name)."""
+    groups: dict[tuple, Group] = {}
+    for run in runs:
+        kind, path, synthetic = run.dataset()
+        groups.setdefault((kind, path, synthetic), Group(kind, path, synthetic))
+    for key, group in groups.items():
+        members = [run for run in runs if run.dataset() == key]
+        by_settings: dict[str, list[Run]] = {}
+        for run in members:
+            by_settings.setdefault(json.dumps(_canonical(run.settings()), sort_keys=True), []).append(run)
+        distinct = [json.loads(k) for k in by_settings]
+        varying = [k for k in _ordered_keys(distinct) if len({json.dumps(d.get(k)) for d in distinct}) > 1]
+        for settings, same in zip(distinct, by_settings.values(), strict=True):
+            label = ", ".join(f"{k}={_value(settings.get(k))}" for k in varying) or same[0].name
+            group.rows.append(Row(label, same))
+    return sorted(groups.values(), key=lambda g: (g.synthetic, g.kind, g.path))  # real data first
+
+
+def _canonical(settings: dict) -> dict:
+    return {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in settings.items()}
+
+
+def _ordered_keys(settings: list[dict]) -> list[str]:
+    """The keys of the settings, in the order of Config's fields (unknown keys last)."""
+    order = [name for name in Config.__dataclass_fields__]
+    keys = {k for d in settings for k in d}
+    return [k for k in order if k in keys] + sorted(keys - set(order))
+
+
+def _duration(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "?"
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def _mean_std(row: Row, key: str) -> str:
+    text = f"{row.mean(key):.2%}"
+    return text + (f" ± {row.std(key):.2%}" if len(row.runs) > 1 else "")
+
+
+def format_table(groups: list[Group], current: str | None = None) -> str:
+    """The comparison as text: one block per dataset, one line per settings. `current` (a run folder's
+    name) is marked with *."""
+    if not groups:
+        return "no finished runs found"
+    header = ("settings (what differs)", "runs", "test top-1", "test top-5", "train time", "images/s", "run folders")
+    blocks = []
+    for group in groups:
+        lines = [header]
+        for row in group.rows:
+            mark = "* " if current and current in [run.name for run in row.runs] else ""
+            seeds = f"{len(row.runs)} seeds" if len(row.runs) > 1 else "1"
+            lines.append((mark + row.label, seeds, _mean_std(row, "top1"), _mean_std(row, "top5"),
+                          _duration(row.mean("train_seconds_total")), f"{row.mean('train_images_per_second'):.0f}",
+                          ", ".join(run.name for run in row.runs)))
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+        text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+                for line in lines]
+        blocks.append(f"{group.title}: {sum(len(r.runs) for r in group.rows)} run(s)\n" + "\n".join(text))
+    note = "\n(* this run; train time is the sum of the epochs' wall time; ± is the std over seeds)" if current \
+        else "\n(train time is the sum of the epochs' wall time; ± is the std over seeds)"
+    return "\n\n".join(blocks) + note

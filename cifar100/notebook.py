@@ -1,0 +1,169 @@
+"""Helpers for main.ipynb: one-line errors, the run's settings from the parameters cell, and a check that
+the parameters have not changed since those settings were built.
+
+The notebook's cells run in any order a person chooses. The settings cell builds the Config from the
+parameters cell; every cell below starts with `params.check()`, which returns that Config, or stops with
+one line naming the parameter that changed and the cell to run, so that no cell silently uses old settings.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+from cifar100 import tflogs
+from cifar100.config import Config, make_config
+from cifar100.errors import RunError, UserError
+
+# The parameters cell's names, and the Config setting each one fills.
+PARAMETERS = {"PRESET": None, "BACKBONE": "backbone", "IMAGE_SIZE": "image_size", "HEAD_EPOCHS": "head_epochs",
+              "FINETUNE_EPOCHS": "finetune_epochs", "HARD_EXAMPLE_MINING": "hem", "WEIGHTS": "weights",
+              "DATA_DIR": "data_dir", "DOWNLOAD": None, "RUN_NAME": "name", "RUNS_DIR": "runs_dir",
+              "SETTINGS": None, "VERBOSE": None}
+SETTINGS_CELL = "the settings cell (the code cell below the parameters)"
+
+
+class ParametersChanged(UserError):
+    """A cell ran with parameters other than those its settings were built from."""
+
+
+def setup() -> None:
+    """For the notebook's first code cell: Keras imported without TensorFlow's C++ start-up lines, and
+    errors a user can cause (UserError) shown as one red line instead of a traceback."""
+    tflogs.import_keras()
+    show_user_errors()
+
+
+def show_user_errors(shell=None) -> None:
+    """Show a UserError as `error: <message>` and an interrupt as one line, both without a traceback."""
+    shell = shell or _ipython()
+    if shell is not None:
+        shell.set_custom_exc((UserError, KeyboardInterrupt), _one_line_error)
+
+
+def _ipython():
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    return get_ipython()
+
+
+def error_line(value: BaseException) -> str:
+    if isinstance(value, KeyboardInterrupt):
+        return ("interrupted. A training run keeps every finished epoch in its run folder: run the training "
+                "cell again to resume it.")
+    return f"error: {value}"
+
+
+def _one_line_error(shell, etype, value, tb, tb_offset=None):
+    line = ["\x1b[31m" + error_line(value) + "\x1b[0m"]
+    show = getattr(shell, "_showtraceback", None)
+    if show is not None:
+        show(etype, value, line)  # an error output, one line; the cell still counts as failed
+    else:
+        print(line[0], file=sys.stderr)
+    return line
+
+
+def setting_label(key: str) -> str:
+    """A Config setting in the notebook's words: hem -> HARD_EXAMPLE_MINING, batch_size -> SETTINGS['batch_size']."""
+    names = {setting: name for name, setting in PARAMETERS.items() if setting} | {"preset": "PRESET"}
+    return names.get(key, f"SETTINGS[{key!r}]")
+
+
+def config_from(parameters: dict) -> Config:
+    """The run's Config from the parameters cell's values (a dict of them by name)."""
+    overrides = {setting: parameters[name] for name, setting in PARAMETERS.items()
+                 if setting and name not in ("WEIGHTS", "RUN_NAME") and parameters[name] is not None}
+    weights = parameters["WEIGHTS"]
+    if weights is None or str(weights).lower() in ("none", "random"):
+        overrides["weights"] = None
+    elif weights != "preset":
+        overrides["weights"] = weights
+    overrides["name"] = parameters["RUN_NAME"] or ""
+    return make_config(parameters["PRESET"], {**overrides, **(parameters["SETTINGS"] or {})})
+
+
+class Parameters:
+    """The parameters cell's values when the settings cell ran, and the Config built from them."""
+
+    def __init__(self, namespace: dict):
+        missing = [name for name in PARAMETERS if name not in namespace]
+        if missing:
+            raise ParametersChanged(f"the parameters cell has not run ({', '.join(missing)} undefined): "
+                                    "run it, then this cell")
+        self.namespace = namespace  # the notebook's globals, read again by check()
+        self.values = {name: copy.deepcopy(namespace[name]) for name in PARAMETERS}
+        self.config = config_from(self.values)
+        self.figures: dict | None = None  # the run's figures, once the first figures cell made them
+
+    def changed(self) -> list[str]:
+        """'NAME: old -> new' for each parameter whose value differs from when the settings were built."""
+        return [f"{name}: {self.values[name]!r} -> {self.namespace.get(name)!r}" for name in PARAMETERS
+                if self.namespace.get(name) != self.values[name]]
+
+    def check(self, dataset=None) -> Config:
+        """The run's Config, after checking that the parameters are those it was built from (and that
+        `dataset`, when given, is the one the settings name)."""
+        changed = self.changed()
+        if changed:
+            raise ParametersChanged(f"the parameters changed since the settings were built ({'; '.join(changed)}): "
+                                    f"run {SETTINGS_CELL}, then this cell, or Run All")
+        if dataset is not None and Path(dataset.path).resolve() != Path(self.config.data_dir).resolve():
+            raise ParametersChanged(f"the data in memory come from {dataset.path}, but DATA_DIR is "
+                                    f"{self.config.data_dir}: run the data cell (under 'The data'), then this cell")
+        return self.config
+
+
+    def figure(self, name: str):
+        """One of the run's figures (None when the run has none of that name), after `check()`."""
+        self.check()
+        if self.figures is None:
+            raise ParametersChanged("this run's figures are not made yet: run the first cell under 'Figures', "
+                                    "then this cell")
+        return self.figures.get(name)
+
+
+def check_run_folder(config: Config) -> None:
+    """Refuse, in the notebook's words, a run folder that holds a run of other settings (an explicit
+    RUN_NAME reused with other settings); nothing there is changed."""
+    saved = config.run_dir() / "config.json"
+    if not saved.exists():
+        return
+    previous = Config.load(saved)
+    # only the settings that define training count: not how the folder was named (RUN_NAME "" or its name)
+    previous = previous.replace(**{k: v for k, v in config.to_dict().items() if k not in config.identity()})
+    differences = config.differences(previous, {key: setting_label(key) for key in config.to_dict()})
+    if differences:
+        raise RunError(f"run folder {config.run_dir()} holds a run with other settings (there -> now: "
+                       f"{'; '.join(differences)}). Nothing was changed there: set RUN_NAME = \"\" to let the "
+                       "settings name the run folder, choose another RUN_NAME, or delete that folder.")
+
+
+def describe(config: Config) -> str:
+    """One line: the run folder, what differs from the preset, and what the training cell will do."""
+    from cifar100 import run_folder
+
+    run_dir = config.run_dir()
+    changed = config.changed_from_preset()
+    what = (", ".join(f"{setting_label(k)}={v!r}" for k, v in changed.items()) or "nothing") + " changed"
+    if run_folder.finished(run_dir):
+        state = "finished: the training cell shows it without training"
+    elif (run_dir / "config.json").exists():
+        state = "started before: the training cell resumes it"
+    else:
+        state = "new: the training cell trains it"
+    return f"run folder {run_dir} (preset {config.preset}; {what}): {state}"
+
+
+def load_results(config: Config) -> dict:
+    """results.json of the run, or a one-line error saying which cell to run."""
+    from cifar100 import run_folder
+
+    run_dir = config.run_dir()
+    if not run_folder.finished(run_dir):
+        raise RunError(f"run folder {run_dir} has no results yet: run the training cell (under 'Training')")
+    return json.loads((run_dir / "results.json").read_text())

@@ -1,0 +1,77 @@
+"""TensorFlow's C++ log lines, hidden by default; Python warnings are left alone.
+
+On every start TensorFlow's C++ code writes lines such as "Could not find cuda drivers on your machine",
+"failed call to cuInit" (on a machine without a GPU), cpu_feature_guard's "This TensorFlow binary is
+optimized...", oneDNN's notice and "Memory patch applied". `import cifar100` sets TF_CPP_MIN_LOG_LEVEL=2
+(C++ INFO and WARNING lines hidden, errors kept) unless it is already set, and `import_keras()` imports Keras
+with the lines written before TensorFlow's logging is set up filtered out. Set CIFAR100_TF_LOGS=1 before
+`import cifar100` (or the command line) to see every line; TF_CPP_MIN_LOG_LEVEL, when set, is respected.
+TF_ENABLE_ONEDNN_OPTS is never changed: it changes numerics; only its notice is hidden.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+
+NOISE = re.compile("|".join([
+    r"All log messages before absl::InitializeLog\(\) is called are written to STDERR",
+    r"Could not find cuda drivers on your machine",
+    r"failed call to cuInit",
+    r"oneDNN custom operations are on",
+    r"cpu_feature_guard\.cc",
+    r"To enable the following instructions: .* rebuild TensorFlow",
+    r"Memory patch applied",
+    r"Unable to register cu(DNN|FFT|BLAS) factory",
+    r"computation placer already registered",
+    r"TF-TRT Warning: Could not find TensorRT",
+]))
+
+
+def show_all() -> bool:
+    """True when the user asked for every TensorFlow log line (CIFAR100_TF_LOGS=1)."""
+    return os.environ.get("CIFAR100_TF_LOGS", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def set_default_level() -> None:
+    if not show_all():
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@contextlib.contextmanager
+def filtered_stderr(pattern: re.Pattern = NOISE):
+    """Hold back what is written to file descriptor 2 inside the block (C++ code writes there directly),
+    then write it out, less the lines that match `pattern`."""
+    if show_all():
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not pattern.search(line))
+            if kept:
+                os.write(2, kept.encode())
+
+
+def import_keras():
+    """Import Keras (and TensorFlow, and probe for GPUs) without TensorFlow's start-up log lines."""
+    with filtered_stderr():
+        import keras
+
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")  # CUDA is probed here: "failed call to cuInit" without a GPU
+    return keras

@@ -1,0 +1,84 @@
+"""cifar100.notebook: the settings from the parameters cell, the check that they are current, one-line errors."""
+
+import copy
+
+import pytest
+
+from cifar100 import notebook
+from cifar100.config import make_config
+from cifar100.errors import ConfigError, RunError
+
+PARAMETERS = {"PRESET": "smoke", "BACKBONE": None, "IMAGE_SIZE": None, "HEAD_EPOCHS": None, "FINETUNE_EPOCHS": None,
+              "HARD_EXAMPLE_MINING": True, "WEIGHTS": "preset", "DATA_DIR": "d", "DOWNLOAD": False, "RUN_NAME": "",
+              "RUNS_DIR": "runs", "SETTINGS": {}, "VERBOSE": 1}
+
+
+def config_with(**changes):
+    return notebook.config_from({**PARAMETERS, **changes})
+
+
+def test_the_parameters_fill_the_config():
+    config = config_with(IMAGE_SIZE=64, HARD_EXAMPLE_MINING=False, SETTINGS={"seed": 3})
+    assert (config.preset, config.image_size, config.hem, config.seed) == ("smoke", 64, False, 3)
+    assert (config.data_dir, config.runs_dir, config.name) == ("d", "runs", "")
+    assert config.run_name().startswith("smoke-image_size=64-seed=3-hem=False-")
+
+
+def test_weights_none_and_none_as_text_both_mean_random_and_preset_keeps_the_presets():
+    assert make_config("cpu-small").weights == "imagenet"
+    assert config_with(PRESET="cpu-small").weights == "imagenet"  # WEIGHTS = "preset"
+    for value in (None, "none", "None", "random"):
+        assert config_with(PRESET="cpu-small", WEIGHTS=value).weights is None
+    assert config_with(WEIGHTS="imagenet").weights == "imagenet"
+
+
+def test_a_cell_run_after_the_parameters_changed_says_which_cell_to_run():
+    namespace = copy.deepcopy(PARAMETERS)
+    params = notebook.Parameters(namespace)
+    assert params.check() is params.config
+    namespace["HARD_EXAMPLE_MINING"] = False
+    namespace["SETTINGS"]["batch_size"] = 8  # changed in place: noticed too
+    with pytest.raises(notebook.ParametersChanged, match=r"HARD_EXAMPLE_MINING: True -> False; SETTINGS: \{\} -> "
+                                                         r"\{'batch_size': 8\}\): run the settings cell"):
+        params.check()
+    with pytest.raises(notebook.ParametersChanged, match="figures are not made yet"):
+        notebook.Parameters(namespace).figure("training_curves")
+
+
+def test_the_settings_cell_before_the_parameters_cell_says_so():
+    with pytest.raises(notebook.ParametersChanged, match="the parameters cell has not run"):
+        notebook.Parameters({})
+
+
+def test_a_named_run_folder_with_other_settings_is_refused_in_the_notebooks_words(tmp_path):
+    saved = config_with(RUN_NAME="mine", RUNS_DIR=str(tmp_path))
+    saved.run_dir().mkdir()
+    saved.save(saved.run_dir() / "config.json")
+    notebook.check_run_folder(saved)  # the same settings: fine
+    notebook.check_run_folder(saved.replace(preset=None, runs_dir=str(tmp_path) + "/"))  # saved elsewhere: same
+    new = config_with(RUN_NAME="mine", RUNS_DIR=str(tmp_path), HARD_EXAMPLE_MINING=False, SETTINGS={"seed": 2})
+    with pytest.raises(RunError) as refused:
+        notebook.check_run_folder(new)
+    message = str(refused.value)
+    assert "seed: 0 -> 2" not in message and "SETTINGS['seed']: 0 -> 2" in message
+    assert "HARD_EXAMPLE_MINING: True -> False" in message and 'RUN_NAME = ""' in message
+    assert "--set" not in message and "--run-dir" not in message
+
+
+class FakeShell:
+    def set_custom_exc(self, exceptions, handler):
+        self.exceptions, self.handler = exceptions, handler
+
+    def _showtraceback(self, etype, value, lines):
+        self.shown = lines
+
+
+def test_a_user_error_shows_as_one_line_without_a_traceback():
+    shell = FakeShell()
+    notebook.show_user_errors(shell)
+    assert issubclass(ConfigError, shell.exceptions[0]) and KeyboardInterrupt in shell.exceptions
+    error = ConfigError("setting 'x': bad")
+    assert shell.handler(shell, ConfigError, error, None) == shell.shown
+    assert len(shell.shown) == 1 and "error: setting 'x': bad" in shell.shown[0]
+    shell.handler(shell, KeyboardInterrupt, KeyboardInterrupt(), None)
+    assert "run the training cell again to resume" in shell.shown[0]

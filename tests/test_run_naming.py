@@ -1,0 +1,92 @@
+"""A run is identified by its settings: its folder is named by what differs from the preset, plus a hash."""
+
+import json
+import re
+
+import pytest
+
+from cifar100 import train
+from cifar100.config import Config, make_config
+
+
+def name_of(**overrides) -> str:
+    return make_config("smoke", overrides).run_name()
+
+
+def test_the_preset_as_it_is_is_named_by_the_preset():
+    assert name_of() == "smoke" and make_config("cpu-small").run_name() == "cpu-small"
+    assert make_config("smoke").preset == "smoke"
+
+
+def test_a_changed_setting_is_named_and_hashed():
+    name = name_of(hem=False, head_learning_rate=0.001)
+    assert re.fullmatch(r"smoke-head_learning_rate=0\.001-hem=False-[0-9a-f]{6}", name), name
+    assert name_of(hem=False) != name and name_of(hem=False).startswith("smoke-hem=False-")
+
+
+def test_the_same_settings_give_the_same_folder_and_other_settings_another():
+    assert name_of(hem=False, seed=3) == name_of(seed=3, hem=False)
+    assert name_of(image_size=64) == name_of(image_size=64.0)  # 64 and 64.0 are the same setting
+    assert name_of(head_learning_rate=3e-3) == "smoke"  # the preset's own value changes nothing
+    names = {name_of(seed=s) for s in range(20)} | {name_of(hem=False), name_of(batch_size=16)}
+    assert len(names) == 22
+
+
+def test_where_a_run_is_saved_is_not_part_of_its_identity_but_its_data_is():
+    assert name_of(runs_dir="/elsewhere", distribution_timeout=10.0) == "smoke"
+    other_data = name_of(data_dir="/data/other")
+    assert re.fullmatch(r"smoke-[0-9a-f]{6}", other_data)  # the path is in the hash, not in the readable part
+    assert other_data != name_of(data_dir="/data/third")
+    assert make_config("smoke", {"runs_dir": "/x"}).run_dir().as_posix() == "/x/smoke"
+
+
+def test_names_are_short_and_safe_on_any_filesystem():
+    name = name_of(weights="../shared/weights/a very long name: with * odd ? chars.weights.h5", augment="x" * 300,
+                   label_smoothing=0.1, dropout=0.25, finetune_fraction=0.5, hem_strength=2.0, hem_floor=0.1)
+    assert re.fullmatch(r"[A-Za-z0-9._+=-]+", name), name
+    assert len(name) <= 110 and "weights=a_very_long_name__w" in name and "/" not in name
+
+
+def test_an_explicit_name_wins():
+    assert make_config("smoke", {"name": "mine", "hem": False}).run_name() == "mine"
+
+
+def test_a_new_setting_with_its_default_does_not_change_old_hashes():
+    # Only settings that differ from the Config defaults enter the hash: pinned here so that a change of
+    # the hashing (which would orphan every finished run) is deliberate.
+    assert name_of(hem=False) == "smoke-hem=False-f27530"
+
+
+def test_differences_list_old_and_new_values_in_the_callers_words():
+    saved, new = make_config("smoke"), make_config("smoke", {"hem": False, "head_learning_rate": 0.01})
+    assert new.differences(saved) == ["head_learning_rate: 0.003 -> 0.01", "hem: True -> False"]
+    assert new.differences(saved, {"hem": "HARD_EXAMPLE_MINING"})[1] == "HARD_EXAMPLE_MINING: True -> False"
+    assert saved.replace(image_size=32.0).differences(saved) == []
+
+
+def test_a_config_saved_before_the_preset_was_recorded_still_loads(tmp_path):
+    fields = make_config("smoke").to_dict()
+    del fields["preset"]
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    loaded = Config.load(tmp_path / "config.json")
+    assert loaded.preset is None and re.fullmatch(r"custom-backbone=tinycnn-.*-[0-9a-f]{6}", loaded.run_name())
+
+
+def test_the_same_settings_find_their_finished_run_without_training(synthetic_cifar100, tmp_path, capsys):
+    config = make_config("smoke", {"data_dir": str(synthetic_cifar100), "runs_dir": str(tmp_path), "hem": False})
+    run_dir = config.run_dir()
+    run_dir.mkdir()
+    config.save(run_dir / "config.json")
+    (run_dir / "results.json").write_text("{}")
+    (run_dir / "state.json").write_text(json.dumps({"finished": True}))
+    assert train.run(config, verbose=0) == run_dir
+    assert "finished run found" in capsys.readouterr().out
+    # the same settings, the folder named explicitly (as `make run` does): the same run
+    assert train.run(config.replace(name=run_dir.name), verbose=0) == run_dir
+    assert "finished run found" in capsys.readouterr().out
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "results.json", "state.json"]
+
+
+@pytest.mark.parametrize("preset", ["seed-resnet50", "cpu-small", "smoke"])
+def test_every_preset_with_a_change_keeps_its_name_first(preset):
+    assert make_config(preset, {"seed": 7}).run_name().startswith(f"{preset}-seed=7-")

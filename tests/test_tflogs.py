@@ -1,0 +1,35 @@
+"""TensorFlow's C++ log lines are hidden by default, everything else on stderr is kept."""
+
+import os
+import subprocess
+import sys
+
+from cifar100 import tflogs
+
+from .conftest import ROOT
+
+
+def test_filtered_stderr_drops_only_the_known_noise(capfd):
+    with tflogs.filtered_stderr():
+        os.write(2, b"I0000 00:00:1 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be "
+                    b"used.\nE0000 00:00:2 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error\n"
+                    b"a line that matters\n")
+        print("a Python warning that matters", file=sys.stderr)
+    err = capfd.readouterr().err
+    assert sorted(err.splitlines()) == ["a Python warning that matters", "a line that matters"]
+
+
+def command_line_stderr(**env) -> str:
+    environment = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "CIFAR100_TF_LOGS")}
+    result = subprocess.run([sys.executable, "-m", "cifar100", "predict", "/nonexistent/run", "x.png"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env={**environment, **env})
+    assert result.returncode == 2
+    return result.stderr
+
+
+def test_the_command_line_prints_no_tensorflow_log_lines_unless_asked():
+    # `predict` imports Keras (and so TensorFlow, and probes CUDA) before it finds no run folder
+    quiet = command_line_stderr()
+    assert quiet == "error: /nonexistent/run/config.json not found: is /nonexistent/run a finished run folder?\n"
+    loud = command_line_stderr(CIFAR100_TF_LOGS="1", TF_CPP_MIN_LOG_LEVEL="0")
+    assert any(tflogs.NOISE.search(line) for line in loud.splitlines()), loud
