@@ -165,6 +165,11 @@ class Config:
         return [f"{names.get(k, k)}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items()
                 if _canonical(theirs.get(k)) != _canonical(v)]
 
+    def training_differences(self, other: Config, names: dict[str, str] | None = None) -> list[str]:
+        """`differences` in the settings that define training only (not the run's name, preset or place)."""
+        return self.differences(other.replace(**{k: v for k, v in self.to_dict().items() if k in NOT_IDENTITY}),
+                                names)
+
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
 

@@ -133,10 +133,7 @@ def check_run_folder(config: Config) -> None:
     saved = config.run_dir() / "config.json"
     if not saved.exists():
         return
-    previous = Config.load(saved)
-    # only the settings that define training count: not how the folder was named (RUN_NAME "" or its name)
-    previous = previous.replace(**{k: v for k, v in config.to_dict().items() if k not in config.identity()})
-    differences = config.differences(previous, {key: setting_label(key) for key in config.to_dict()})
+    differences = config.training_differences(Config.load(saved), {key: setting_label(key) for key in config.to_dict()})
     if differences:
         raise RunError(f"run folder {config.run_dir()} holds a run with other settings (there -> now: "
                        f"{'; '.join(differences)}). Nothing was changed there: set RUN_NAME = \"\" to let the "

@@ -116,12 +116,13 @@ def claim(config: Config, run_dir: Path) -> bool:
                 raise RunError(f"{exc}. The folder holds training progress that cannot be resumed without its "
                                f"settings: restore {saved.name}, or delete {run_dir} to start over") from None
             previous = None
-        if previous is not None and previous.to_dict() == config.to_dict():
-            return True
-        if previous is not None and has_progress(run_dir):
-            changes = "; ".join(config.differences(previous))
-            raise RunError(f"{run_dir} holds a run with other settings ({changes}). Nothing was changed there: "
-                           "choose another run name, or delete that folder to start over")
+        if previous is not None:
+            changes = config.training_differences(previous)
+            if not changes:
+                return True
+            if has_progress(run_dir):
+                raise RunError(f"{run_dir} holds a run with other settings ({'; '.join(changes)}). Nothing was "
+                               "changed there: choose another run name, or delete that folder to start over")
     config.save(saved)
     return False
 

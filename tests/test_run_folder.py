@@ -92,6 +92,14 @@ def test_a_run_folder_with_progress_and_other_settings_is_left_alone(small_data,
     assert (run_dir / "config.json").read_text() == before
 
 
+def test_the_same_training_settings_resume_whatever_the_folder_was_called(small_data, tmp_path):
+    run_dir = tmp_path / "named"
+    run_folder.claim(smoke(small_data, run_dir), run_dir)
+    (run_dir / "history.csv").write_text("epoch,loss\n0,1.0\n")
+    elsewhere = smoke(small_data, run_dir).replace(name="", runs_dir=str(tmp_path / ".." / tmp_path.name))
+    assert run_folder.claim(elsewhere, run_dir) is True
+
+
 @pytest.mark.parametrize("damage", ["", "{\"backbone\": ", "[1, 2]", "{\"batch_size\": 64, \"bogus\": }"])
 def test_a_damaged_config_json_is_named_and_never_loses_progress(small_data, tmp_path, damage):
     run_dir = tmp_path / "damaged"
