@@ -1,6 +1,9 @@
+import hashlib
+import http.server
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -25,3 +28,31 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
     """Run `python -m cifar100 ARGS` in a subprocess and return the finished process."""
     return subprocess.run([sys.executable, "-m", "cifar100", *args], capture_output=True, text=True,
                           cwd=cwd or ROOT, timeout=timeout)
+
+
+@pytest.fixture
+def serve():
+    """serve(payload) -> (url, md5, requests): the payload over HTTP on loopback; `requests` lists the paths
+    asked for."""
+    servers, requests = [], []
+
+    def start(payload: bytes, name: str = "a.tar.gz"):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                requests.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}/{name}", hashlib.md5(payload).hexdigest(), requests
+
+    yield start
+    for server in servers:
+        server.shutdown()

@@ -1,11 +1,9 @@
 import csv
-import http.server
 import io
 import os
 import pickle
 import socket
 import tarfile
-import threading
 import time
 from pathlib import Path
 
@@ -267,31 +265,15 @@ def test_download_from_a_silent_server_times_out(tmp_path):
 
 
 @pytest.fixture
-def archive_server(tmp_path):
+def archive_server(tmp_path, serve):
     """Serves a CIFAR-100-shaped tar.gz on loopback; yields (url, md5)."""
     source = tmp_path / "src" / "cifar-100-python"
     data.write_synthetic(source, n_train=100, n_test=100)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         tar.add(source, arcname="cifar-100-python")
-    payload = buffer.getvalue()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    import hashlib
-    yield f"http://127.0.0.1:{server.server_port}/cifar-100-python.tar.gz", hashlib.md5(payload).hexdigest()
-    server.shutdown()
+    url, md5, _ = serve(buffer.getvalue(), "cifar-100-python.tar.gz")
+    return url, md5
 
 
 def test_download_checks_md5_and_extracts(tmp_path, archive_server, monkeypatch):

@@ -6,8 +6,6 @@ in a subprocess limited to 4 GB of address space and 30 s.
 """
 
 import functools
-import hashlib
-import http.server
 import io
 import os
 import pickle
@@ -15,7 +13,6 @@ import resource
 import subprocess
 import sys
 import tarfile
-import threading
 
 import numpy as np
 import pytest
@@ -281,34 +278,6 @@ def test_data_not_checked_against_the_official_md5_says_so(folder, tmp_path, mon
     monkeypatch.setitem(data.OFFICIAL_MD5, "cifar100", {n: data.md5sum(ds / n) for n in data.CIFAR100_FILES})
     loaded = data.load(ds)
     assert loaded.official and "not verified" not in loaded.describe()
-
-
-@pytest.fixture
-def serve():
-    """serve(payload) -> (url, md5, requests): the payload over HTTP on loopback; `requests` lists the paths
-    asked for."""
-    servers, requests = [], []
-
-    def start(payload: bytes):
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                requests.append(self.path)
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args):
-                pass
-
-        server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_port}/a.tar.gz", hashlib.md5(payload).hexdigest(), requests
-
-    yield start
-    for server in servers:
-        server.shutdown()
 
 
 def test_download_into_a_file_fails_before_downloading(tmp_path, serve):
