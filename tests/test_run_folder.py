@@ -124,6 +124,28 @@ def test_a_damaged_history_is_named_and_left_as_it_is(tmp_path):
     assert history.read_text() == "epoch,loss\n0,1.0\nthis is not, a row\n"
 
 
+def test_a_restarted_phase_keeps_only_what_committed_epochs_wrote(tmp_path):
+    """Backup says 2 epochs are done. Epoch 1's checkpoint was written but not published (killed after the
+    commit); epoch 2 wrote a history row and a better checkpoint but was never committed (a ghost)."""
+    import keras
+
+    backup = tmp_path / "backup" / "head"
+    backup.mkdir(parents=True)
+    keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save_weights(backup / "latest.weights.h5")
+    (backup / "training_metadata.json").write_text('{"epoch": 2, "batch": 0}')
+    (tmp_path / "history.csv").write_text("epoch,val_accuracy\n0,0.5\n1,0.6\n2,0.9\n")
+    checkpoints = tmp_path / run_folder.CHECKPOINTS
+    checkpoints.mkdir()
+    (tmp_path / "best.keras").write_text("epoch 0")
+    (checkpoints / "best-0002.keras").write_text("epoch 1")
+    (checkpoints / "best-0003.keras").write_text("epoch 2, never committed")
+
+    assert run_folder.settle_phase(tmp_path, backup, 0) == 2
+    assert (tmp_path / "history.csv").read_text() == "epoch,val_accuracy\n0,0.5\n1,0.6\n"
+    assert (tmp_path / "best.keras").read_text() == "epoch 1" and list(checkpoints.iterdir()) == []
+    assert run_folder.best_val_accuracy(tmp_path) == 0.6  # the next checkpoint must beat epoch 1, not the ghost
+
+
 def test_a_rewrite_killed_before_its_rename_leaves_the_old_file(tmp_path, monkeypatch):
     history = tmp_path / "history.csv"
     history.write_text("epoch,loss\n0,1.0\n1,0.9\n2,0.8\n")
@@ -206,18 +228,22 @@ def uninterrupted(small_data, tmp_path_factory):
     return run_dir
 
 
+# One run, killed five times where a kill could do harm, each time resumed from the folder the kill left:
+# before an epoch's backup (its history row and checkpoint already written), after it (checkpoint not yet
+# published), between the phases, and during the final evaluation. Epochs 0-1 are the head phase, 2-5 fine-tuning.
+KILLS = [("before_commit", 1), ("after_phase", 0), ("after_commit", 3), ("before_commit", 4), ("during_finish", 0)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("point,epoch", [("before_commit", 1), ("before_commit", 3), ("after_commit", 2),
-                                         ("after_phase", 0), ("during_finish", 0)])
-def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run(small_data, uninterrupted, tmp_path, point, epoch):
+def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run(small_data, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     config = smoke(small_data, run_dir, head_epochs=2, finetune_epochs=4)
-    run_dir.mkdir()
     config.save(tmp_path / "config.json")
-    killed = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path / "config.json"), point, str(epoch)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    assert not run_folder.finished(run_dir)
+    for point, epoch in KILLS:
+        killed = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path / "config.json"), point, str(epoch)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert killed.returncode == -9, f"not killed at {point} {epoch}: {killed.stderr[-2000:]}"
+        assert not run_folder.finished(run_dir)
 
     train.run(config, verbose=0)
     assert metric_rows(run_dir) == metric_rows(uninterrupted)

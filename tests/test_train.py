@@ -1,8 +1,5 @@
 import csv
 import json
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +11,7 @@ from PIL import Image
 from cifar100 import data, train
 from cifar100.config import ConfigError, make_config
 
-from .conftest import ROOT, SAMPLE_DIR, WEIGHTS_DIR, run_cli
+from .conftest import SAMPLE_DIR, WEIGHTS_DIR, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -71,34 +68,6 @@ def test_a_config_that_cannot_work_fails_before_training(train_data, tmp_path, o
         train.run(smoke(train_data, tmp_path / "bad", **overrides), verbose=0)
     assert time.monotonic() - started < 30
     assert not (tmp_path / "bad" / "history.csv").exists()
-
-
-def cli_train(train_data, run_dir):
-    return [sys.executable, "-m", "cifar100", "train", "--preset", "smoke", "--data", str(train_data),
-            "--run-dir", str(run_dir), "--set", "head_epochs=2", "--set", "finetune_epochs=3", "--verbose", "2"]
-
-
-def test_a_killed_run_resumes_and_completes_without_gaps_or_repeats(train_data, tmp_path):
-    run_dir = tmp_path / "killed"
-    process = subprocess.Popen(cli_train(train_data, run_dir), cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        if (run_dir / "history.csv").exists() and len(epochs_in(run_dir / "history.csv")) >= 1:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "the run ended before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = epochs_in(run_dir / "history.csv")
-    assert 1 <= len(killed_at) < 5 and not (run_dir / "results.json").exists()
-
-    resumed = subprocess.run(cli_train(train_data, run_dir), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming run" in resumed.stdout
-    assert epochs_in(run_dir / "history.csv") == list(range(5))
-    assert json.loads((run_dir / "results.json").read_text())["epochs_run"] == 5
-    keras.saving.load_model(run_dir / "best.keras")
 
 
 @pytest.fixture(scope="module")
