@@ -44,9 +44,8 @@ def _train(args) -> None:
 
 
 def _print_results(run_dir: Path) -> None:
-    import json
 
-    results = json.loads((run_dir / "results.json").read_text())
+    results = run_folder.read_json(run_dir / "results.json")
     info = results.get("data", {})
     note = (" (SYNTHETIC data, not CIFAR-100)" if info.get("synthetic") else
             " (not verified as the official files: md5 not checked)" if info.get("official") is False else "")

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from cifar100 import run_folder
 from cifar100.config import NOT_IDENTITY, Config
+from cifar100.errors import RunError
 
 NOT_IN_LABELS = NOT_IDENTITY + ("data_dir", "seed")  # the data is the group's; seeds are averaged
 
@@ -84,12 +87,15 @@ def find_runs(runs_dir: str | Path = "models") -> list[Run]:
     """Every finished run (a results.json with test metrics) in the folders of runs_dir, by folder name."""
     runs = []
     for path in sorted(Path(runs_dir).glob("*/results.json")):
-        results = json.loads(path.read_text())
-        if "test" not in results:
-            continue
         config_path = path.parent / "config.json"
-        config = json.loads(config_path.read_text()) if config_path.exists() else {}
-        runs.append(Run(path.parent, config, results))
+        try:
+            results = run_folder.read_json(path)
+            config = run_folder.read_json(config_path) if config_path.exists() else {}
+        except RunError as exc:
+            print(f"skipped: {exc}", file=sys.stderr)  # one damaged folder does not hide the others
+            continue
+        if isinstance(results.get("test"), dict):
+            runs.append(Run(path.parent, config, results))
     return runs
 
 

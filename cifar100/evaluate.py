@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 import zipfile
 from pathlib import Path
@@ -11,7 +10,7 @@ import keras
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, top_k_accuracy_score
 
-from cifar100 import data
+from cifar100 import data, run_folder
 from cifar100.config import Config
 from cifar100.errors import DatasetError, RunError
 
@@ -92,7 +91,7 @@ def load_run(run_dir: str | Path) -> tuple[Config, keras.Model, dict]:
             raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} a finished run folder?")
     config = Config.load(run_dir / "config.json")
     model = load_checkpoint(run_dir / "best.keras")
-    classes = json.loads((run_dir / "classes.json").read_text())
+    classes = run_folder.read_json(run_dir / "classes.json")
     return config, model, classes
 
 
@@ -127,12 +126,10 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,
     np.savez_compressed(run_dir / "test_predictions.npz", probabilities=probabilities.astype(np.float16),
                         labels=dataset.y_test)
     results_path = run_dir / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results = run_folder.read_json(results_path) if results_path.exists() else {}
     results["test"] = metrics
     results.setdefault("data", {}).update(synthetic=dataset.synthetic, official=dataset.official)
-    tmp = run_dir / ".results.json"
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(results_path)
+    run_folder.write_json(results_path, results)
     return metrics
 
 

@@ -9,7 +9,6 @@ one line naming the parameter that changed and the cell to run, so that no cell 
 from __future__ import annotations
 
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -163,4 +162,4 @@ def load_results(config: Config) -> dict:
     run_dir = config.run_dir()
     if not run_folder.finished(run_dir):
         raise RunError(f"run folder {run_dir} has no results yet: run the training cell (under 'Training')")
-    return json.loads((run_dir / "results.json").read_text())
+    return run_folder.read_json(run_dir / "results.json")

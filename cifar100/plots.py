@@ -8,8 +8,6 @@ displays it, and figures made in a loop do not pile up in memory.
 
 from __future__ import annotations
 
-import csv
-import json
 import textwrap
 from pathlib import Path
 
@@ -17,6 +15,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+from cifar100 import run_folder
 
 SYNTHETIC_NOTE = " (SYNTHETIC data, not CIFAR-100)"
 
@@ -41,8 +41,8 @@ def _note(synthetic: bool) -> str:
 
 
 def read_history(run_dir: str | Path) -> dict[str, np.ndarray]:
-    with open(Path(run_dir) / "history.csv") as handle:
-        rows = list(csv.DictReader(handle))
+    """history.csv as one array per column."""
+    rows = run_folder.history_rows(Path(run_dir))
     return {key: np.array([float(r[key]) if r[key] else np.nan for r in rows]) for key in rows[0]} if rows else {}
 
 
@@ -229,8 +229,8 @@ def class_balance(labels: np.ndarray, class_names: list[str], synthetic: bool = 
 def run_figures(run_dir: str | Path, dataset) -> dict[str, Figure]:
     """Every figure of one finished run (after evaluation), saved as PNG into run_dir/figures/."""
     run_dir = Path(run_dir)
-    results = json.loads((run_dir / "results.json").read_text())
-    state = json.loads((run_dir / "state.json").read_text())
+    results = run_folder.read_json(run_dir / "results.json")
+    state = run_folder.read_state(run_dir)
     synthetic = bool(results.get("data", {}).get("synthetic"))
     names = dataset.class_names
     predictions = np.load(run_dir / "test_predictions.npz")

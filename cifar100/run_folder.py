@@ -42,9 +42,15 @@ def write_json(path: Path, content) -> None:
     write_atomic(path, json.dumps(content, indent=1) + "\n")
 
 
-def read_json(path: Path, what: str) -> dict:
+MAX_JSON_BYTES = 64 << 20  # results.json of a CIFAR-100 run is about 100 kB
+
+
+def read_json(path: Path, what: str | None = None) -> dict:
     """A JSON object from the run folder, or a RunError saying which file is damaged and what to do."""
+    what = what or Path(path).name
     try:
+        if Path(path).stat().st_size > MAX_JSON_BYTES:
+            raise OSError(f"{Path(path).stat().st_size} bytes, more than any run writes")
         content = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise RunError(f"{path}: damaged {what} (expected a JSON object, reading failed: {exc}). Delete the "

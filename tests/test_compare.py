@@ -83,3 +83,11 @@ def test_the_figure_has_a_panel_per_dataset_error_bars_and_a_legend_that_hides_n
 def test_no_runs(tmp_path):
     assert compare.format_table(compare.group_runs(compare.find_runs(tmp_path))) == "no finished runs found"
     assert plots.compare_runs([]).axes[0].texts[0].get_text() == "no finished runs found"
+
+
+def test_a_damaged_run_folder_is_named_and_the_others_are_still_compared(runs, capsys):
+    damaged = fake_run(runs, "/data/syn", True, 0.3, seed=7)
+    (damaged / "results.json").write_text('{"run": ')
+    found = compare.find_runs(runs)
+    assert damaged not in [run.folder for run in found] and len(found) >= 6
+    assert f"skipped: {damaged / 'results.json'}: damaged results.json" in capsys.readouterr().err
