@@ -57,8 +57,15 @@ def _evaluate(args) -> None:
     tflogs.import_keras()
     from cifar100 import evaluate
 
-    metrics = evaluate.evaluate_run(args.run_dir, args.data)
-    _print_results(Path(args.run_dir))
+    run_dir = Path(args.run_dir)
+    with run_folder.RunLock(run_dir):  # not while a training run writes the folder
+        metrics = evaluate.evaluate_run(run_dir, args.data)
+    own_data = Path(evaluate.Config.load(run_dir / "config.json").data_dir).resolve()
+    if args.data and Path(args.data).resolve() != own_data:
+        print(f"{run_dir} on {args.data}: test top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f} on "
+              f"{metrics['images']} images (not the run's own data: its results.json is left as it is)")
+    else:
+        _print_results(run_dir)
     if "superclass_accuracy" in metrics:
         print(f"superclass accuracy {metrics['superclass_accuracy']:.4f}")
     for pair in metrics["most_confused"][:5]:

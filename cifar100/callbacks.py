@@ -147,14 +147,16 @@ def _number(value):
     return None if value is None else float(value)
 
 
-class PublishCheckpoint(keras.callbacks.Callback):
-    """After BackupAndRestore committed the epoch: the epoch's checkpoint, if it wrote one, becomes best.keras."""
+class CommitEpoch(keras.callbacks.Callback):
+    """After BackupAndRestore wrote its backup: mark the epoch committed, then make its checkpoint (if it
+    wrote one) best.keras."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, backup_dir: Path):
         super().__init__()
-        self.run_dir = Path(run_dir)
+        self.run_dir, self.backup_dir = Path(run_dir), Path(backup_dir)
 
     def on_epoch_end(self, epoch, logs=None):
+        run_folder.mark_committed(self.backup_dir)
         run_folder.publish_checkpoint(self.run_dir, epoch + 1)
 
 
@@ -170,9 +172,9 @@ def callback_set(config: Config, run_dir: Path, phase: str, sampler: TrainBatche
                  best_so_far: float | None, restored: dict | None) -> list[keras.callbacks.Callback]:
     """The callbacks of one phase, in the order they must run at the end of an epoch.
 
-    An epoch is committed by BackupAndRestore; what comes before it is redone if a kill strikes first
-    (run_folder.settle_phase drops its traces), what comes after it (publishing the checkpoint) is
-    finished at the restart.
+    An epoch is committed once BackupAndRestore has written its backup and CommitEpoch has recorded it; what
+    comes before is redone if a kill strikes first (run_folder.settle_phase drops its traces), what comes
+    after (publishing the checkpoint) is finished at the restart.
     """
     backup = run_dir / "backup" / phase
     checkpoints = run_dir / run_folder.CHECKPOINTS
@@ -193,8 +195,7 @@ def callback_set(config: Config, run_dir: Path, phase: str, sampler: TrainBatche
         early_stopping,
         keras.callbacks.CSVLogger(run_dir / run_folder.HISTORY, append=True),
         ResumeState(backup, reduce_lr, early_stopping, mining, restored),
-        # the commit: the epoch counts as done once its backup is written
         keras.callbacks.BackupAndRestore(backup, double_checkpoint=True, delete_checkpoint=False),
-        PublishCheckpoint(run_dir),
+        CommitEpoch(run_dir, backup),  # the epoch counts as done once this has run
     ]
     return callbacks

@@ -80,6 +80,8 @@ class Group:
         name = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10"}.get(self.kind, self.kind)
         if self.synthetic:
             return f"SYNTHETIC {name}-format data (not {name}) in {self.path}"
+        if any(run.results.get("data", {}).get("official") is False for row in self.rows for run in row.runs):
+            return f"{name}-format data in {self.path} (not verified as the official {name} files)"
         return f"{name} in {self.path}"
 
 
@@ -89,13 +91,17 @@ def find_runs(runs_dir: str | Path = "models") -> list[Run]:
     for path in sorted(Path(runs_dir).glob("*/results.json")):
         config_path = path.parent / "config.json"
         try:
+            if not run_folder.finished(path.parent):
+                continue
             results = run_folder.read_json(path)
             config = run_folder.read_json(config_path) if config_path.exists() else {}
+            test = results.get("test")
+            if not (isinstance(test, dict) and all(isinstance(test.get(k), (int, float)) for k in ("top1", "top5"))):
+                raise RunError(f"{path}: damaged results.json: no numeric test top1 and top5")
         except RunError as exc:
             print(f"skipped: {exc}", file=sys.stderr)  # one damaged folder does not hide the others
             continue
-        if isinstance(results.get("test"), dict):
-            runs.append(Run(path.parent, config, results))
+        runs.append(Run(path.parent, config, results))
     return runs
 
 
@@ -157,7 +163,9 @@ def format_table(groups: list[Group], current: str | None = None) -> str:
         lines = [header]
         for row in group.rows:
             mark = "* " if current and current in [run.name for run in row.runs] else ""
-            seeds = f"{len(row.runs)} seeds" if len(row.runs) > 1 else "1"
+            seeds = len({run.config.get("seed") for run in row.runs})
+            seeds = "1" if len(row.runs) == 1 else f"{seeds} seeds" if seeds == len(row.runs) else \
+                f"{len(row.runs)} runs, {seeds} seed(s)"
             lines.append((mark + row.label, seeds, _mean_std(row, "top1"), _mean_std(row, "top5"),
                           _duration(row.mean("train_seconds_total")), f"{row.mean('train_images_per_second'):.0f}",
                           ", ".join(run.name for run in row.runs)))

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -80,6 +81,8 @@ class Config:
                 value = "none"
             if isinstance(value, str):
                 setattr(self, name, value.strip().lower())
+        if isinstance(self.data_dir, str) and self.data_dir:
+            self.data_dir = os.path.normpath(self.data_dir)  # "data/", "./data" and "data" are one folder
         if isinstance(self.weights, str) and self.weights.strip().lower() in ("none", "null", ""):
             self.weights = None
         elif isinstance(self.weights, str) and self.weights.strip().lower() == "imagenet":
@@ -215,7 +218,7 @@ def _name_value(value) -> str:
     return re.sub(r"[^A-Za-z0-9._+=-]", "_", text)[:MAX_VALUE_LENGTH]
 
 
-def _parse_value(key: str, text: str, current):
+def _parse_value(key: str, text: str):
     """Turn a `--set key=value` string into the type of the setting."""
     field_type = {f.name: f.type for f in fields(Config)}[key]
     lowered = text.strip().lower()
@@ -253,7 +256,7 @@ def make_config(preset: str | None = None, overrides: dict | list[str] | None = 
             key = key.strip()
             if key not in names:
                 raise ConfigError(f"--set {key}: unknown setting; known settings: {sorted(names)}")
-            pairs[key] = _parse_value(key, value, getattr(config, key))
+            pairs[key] = _parse_value(key, value)
         overrides = pairs
     unknown = set(overrides or {}) - names
     if unknown:
@@ -261,7 +264,7 @@ def make_config(preset: str | None = None, overrides: dict | list[str] | None = 
     return config.replace(**(overrides or {}))
 
 
-# The meaning of each number: (kind, lowest, highest, lowest allowed, highest allowed). None: no bound.
+# The meaning of each number: (kind, lower bound, upper bound); a number alone means >=, None no bound.
 _INT, _FLOAT = "integer", "number"
 RANGES: dict[str, tuple] = {
     "image_size": (_INT, 1, None), "batch_size": (_INT, 1, None), "seed": (_INT, 0, None),
@@ -301,15 +304,15 @@ def _check_number(name: str, value) -> None:
             raise ConfigError(f"setting '{name}' must be {allowed}, got {value!r}")
 
 
-def validate(config: Config) -> None:
-    """Refuse a config that cannot work, before any data is read, any model is built or any file is written."""
+def validate(config: Config, check_data: bool = True) -> None:
+    """Refuse a config that cannot work, before any data is read, any model is built or any file is written.
+    `check_data=False` leaves out the data folder (the notebook downloads it when absent)."""
     from cifar100.models import BACKBONES
 
     for name in RANGES:
         _check_number(name, getattr(config, name))
-    for name in ("hem",):
-        if not isinstance(getattr(config, name), bool):
-            raise ConfigError(f"setting '{name}' must be True or False, got {getattr(config, name)!r}")
+    if not isinstance(config.hem, bool):
+        raise ConfigError(f"setting 'hem' must be True or False, got {config.hem!r}")
     for name in ("name", "data_dir", "runs_dir", "backbone"):
         if not isinstance(getattr(config, name), str):
             raise ConfigError(f"setting '{name}' must be a string, got {getattr(config, name)!r}")
@@ -330,7 +333,7 @@ def validate(config: Config) -> None:
 
         read_tf_config()  # a malformed TF_CONFIG fails here, before anything starts
     _check_weights(config, backbone)
-    if not Path(config.data_dir).is_dir():
+    if check_data and not Path(config.data_dir).is_dir():
         from cifar100.data import _missing_folder_message
 
         raise ConfigError(f"setting 'data_dir': {_missing_folder_message(Path(config.data_dir))}")

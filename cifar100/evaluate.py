@@ -111,8 +111,9 @@ def load_checkpoint(path: Path) -> keras.Model:
 
 def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,
                  dataset: data.Dataset | None = None) -> dict:
-    """Test metrics of the run's best checkpoint, merged into its results.json; predictions saved beside.
-    The test set comes from `dataset` when given, else from `data_dir` (default: the run's)."""
+    """Test metrics of the run's best checkpoint. The test set comes from `dataset` when given, else from
+    `data_dir` (default: the run's). On the run's own data they are merged into its results.json, with the
+    predictions beside it; on other data they are only returned, and the run folder is left as it is."""
     run_dir = Path(run_dir)
     config, model, classes = load_run(run_dir)
     dataset = dataset or data.load(data_dir or config.data_dir)
@@ -123,6 +124,8 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,
     probabilities = predict_probabilities(model, dataset.x_test, max(config.batch_size, 128))
     mapping = None if classes.get("fine_to_coarse") is None else np.asarray(classes["fine_to_coarse"])
     metrics = detailed_metrics(probabilities, dataset.y_test, dataset.class_names, mapping, dataset.coarse_names)
+    if Path(dataset.path).resolve() != Path(config.data_dir).resolve():
+        return metrics
     np.savez_compressed(run_dir / "test_predictions.npz", probabilities=probabilities.astype(np.float16),
                         labels=dataset.y_test)
     results_path = run_dir / "results.json"

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from cifar100 import tflogs
-from cifar100.config import Config, make_config
+from cifar100.config import Config, make_config, validate
 from cifar100.errors import RunError, UserError
 
 # The parameters cell's names, and the Config setting each one fills.
@@ -39,7 +39,7 @@ def show_user_errors(shell=None) -> None:
     """Show a UserError as `error: <message>` and an interrupt as one line, both without a traceback."""
     shell = shell or _ipython()
     if shell is not None:
-        shell.set_custom_exc((UserError, KeyboardInterrupt), _one_line_error)
+        shell.set_custom_exc((UserError, OSError, KeyboardInterrupt), _one_line_error)
 
 
 def _ipython():
@@ -97,6 +97,7 @@ class Parameters:
         self.namespace = namespace  # the notebook's globals, read again by check()
         self.values = {name: copy.deepcopy(namespace[name]) for name in PARAMETERS}
         self.config = config_from(self.values)
+        validate(self.config, check_data=not self.values["DOWNLOAD"])  # before anything is read or built
         self.figures: dict | None = None  # the run's figures, once the first figures cell made them
 
     def changed(self) -> list[str]:

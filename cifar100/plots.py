@@ -36,8 +36,18 @@ def save(figure: Figure, run_dir: str | Path, name: str) -> Path:
     return path
 
 
-def _note(synthetic: bool) -> str:
-    return SYNTHETIC_NOTE if synthetic else ""
+UNVERIFIED_NOTE = " (data not verified as the official files)"
+
+
+def data_note(synthetic: bool, official: bool | None = True) -> bool | str:
+    """The `synthetic` argument of the figures for a dataset: True (synthetic), or the note that real-looking
+    data are not the verified official files, or False."""
+    return True if synthetic else (UNVERIFIED_NOTE if official is False else False)
+
+
+def _note(synthetic: bool | str) -> str:
+    """The caption for titles: `synthetic` is True, False, or a note of its own (see data_note)."""
+    return synthetic if isinstance(synthetic, str) else (SYNTHETIC_NOTE if synthetic else "")
 
 
 def read_history(run_dir: str | Path) -> dict[str, np.ndarray]:
@@ -231,7 +241,8 @@ def run_figures(run_dir: str | Path, dataset) -> dict[str, Figure]:
     run_dir = Path(run_dir)
     results = run_folder.read_json(run_dir / "results.json")
     state = run_folder.read_state(run_dir)
-    synthetic = bool(results.get("data", {}).get("synthetic"))
+    info = results.get("data", {})
+    synthetic = data_note(bool(info.get("synthetic")), info.get("official"))
     names = dataset.class_names
     predictions = np.load(run_dir / "test_predictions.npz")
     labels, predicted = predictions["labels"], predictions["probabilities"].argmax(1)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -185,40 +186,55 @@ def finished(run_dir: Path) -> bool:
 
 # --- committing epochs ---------------------------------------------------------------------------------
 
-def _readable_backup(weights: Path, metadata: Path) -> bool:
-    """Both files of one complete backup: readable, and the epoch written after the weights."""
-    import h5py
+COMMITTED = "committed.json"  # {"epoch": n, "md5": of latest.weights.h5}: written last, it makes an epoch count
 
-    if not (weights.exists() and metadata.exists()):
-        return False
-    if weights.stat().st_mtime_ns > metadata.stat().st_mtime_ns:
-        return False  # killed between writing the weights and the epoch: the pair does not match
+
+def _backup_files(backup_dir: Path, suffix: str = "") -> tuple[Path, Path]:
+    return backup_dir / f"latest.weights.h5{suffix}", backup_dir / f"training_metadata.json{suffix}"
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def mark_committed(backup_dir: Path) -> None:
+    """After BackupAndRestore wrote its backup: record which weights and epoch it holds (atomically)."""
+    weights, metadata = _backup_files(Path(backup_dir))
+    write_json(Path(backup_dir) / COMMITTED, {"epoch": int(json.loads(metadata.read_text())["epoch"]),
+                                              "md5": _md5(weights)})
+
+
+def _is_committed(weights: Path, metadata: Path, committed: dict) -> bool:
     try:
-        with h5py.File(weights, "r"):
-            int(json.loads(metadata.read_text())["epoch"])
-        return True
+        return (int(json.loads(metadata.read_text())["epoch"]) == committed.get("epoch")
+                and _md5(weights) == committed.get("md5"))
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
 def repair_backup(backup_dir: Path) -> str:
-    """Make BackupAndRestore's folder safe to restore from after a kill.
+    """Make BackupAndRestore's folder hold exactly the last committed epoch, after a kill.
 
-    Keras writes the backup in place (weights, then the epoch), so a kill during a save can leave a
-    truncated weights file, or weights without their epoch. Then the previous backup (double_checkpoint)
-    is put back, or, without one, the folder is removed so the phase restarts cleanly.
+    Keras writes its backup in place (it copies the previous one to *.bkp, then writes the weights, then
+    the epoch), so a kill can leave a truncated weights file, or new weights beside the old epoch. The backup
+    that matches committed.json (written after Keras' save) is kept: the latest, or else the previous one;
+    with neither (nothing committed yet in this phase) the folder is removed and the phase starts afresh.
     Returns what was done: "ok", "previous", "removed" or "none".
     """
     backup_dir = Path(backup_dir)
-    weights, metadata = backup_dir / "latest.weights.h5", backup_dir / "training_metadata.json"
     if not backup_dir.exists():
         return "none"
-    if _readable_backup(weights, metadata):
+    marker = backup_dir / COMMITTED
+    committed = read_json(marker) if marker.exists() else {}
+    if _is_committed(*_backup_files(backup_dir), committed):
         return "ok"
-    previous_weights, previous_metadata = Path(f"{weights}.bkp"), Path(f"{metadata}.bkp")
-    if _readable_backup(previous_weights, previous_metadata):
-        shutil.copyfile(previous_weights, weights)
-        shutil.copyfile(previous_metadata, metadata)
+    if _is_committed(*_backup_files(backup_dir, ".bkp"), committed):
+        for latest, previous in zip(_backup_files(backup_dir), _backup_files(backup_dir, ".bkp"), strict=True):
+            shutil.copyfile(previous, latest)
         return "previous"
     shutil.rmtree(backup_dir)
     return "removed"
@@ -283,9 +299,4 @@ def load_callback_state(backup_dir: Path, epochs_done: int) -> dict | None:
 
 
 def _read_callback_state(path: Path) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    return read_json(path, "callback state") if path.exists() else None

@@ -90,7 +90,9 @@ class TrainBatches(keras.utils.PyDataset):
 
 
 class EpochOrder(keras.callbacks.Callback):
-    """Draws the sampler's order for each epoch as Keras begins it."""
+    """Draws the sampler's order for each epoch as Keras begins it, and restarts the model's random streams
+    (augmentation layers, dropout) from (epoch, layer): a model's weights file does not hold those streams,
+    so this is what lets a resumed run draw the same augmentations as an uninterrupted one."""
 
     def __init__(self, sampler: TrainBatches):
         super().__init__()
@@ -98,3 +100,6 @@ class EpochOrder(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.sampler.set_epoch(epoch)
+        states = [v for v in self.model.variables if v.path.endswith("seed_generator_state")]
+        for index, state in enumerate(states):  # a distinct stream for each layer
+            state.assign(np.array([epoch + 1, self.sampler.seed * 1_000_003 + index], dtype=state.dtype))

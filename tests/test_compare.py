@@ -24,6 +24,7 @@ def fake_run(runs_dir, data_path, synthetic, top1, seconds=60.0, finished=True, 
                "train_seconds_total": seconds, "train_images_per_second": 1000.0 / seconds}
     if finished:
         results["test"] = {"top1": top1, "top5": min(1.0, top1 + 0.2)}
+        (folder / "state.json").write_text('{"finished": true}')
     (folder / "results.json").write_text(json.dumps(results))
     return folder
 
@@ -88,6 +89,10 @@ def test_no_runs(tmp_path):
 def test_a_damaged_run_folder_is_named_and_the_others_are_still_compared(runs, capsys):
     damaged = fake_run(runs, "/data/syn", True, 0.3, seed=7)
     (damaged / "results.json").write_text('{"run": ')
+    no_numbers = fake_run(runs, "/data/syn", True, 0.3, seed=8)
+    (no_numbers / "results.json").write_text('{"test": {"top1": "hi"}}')
     found = compare.find_runs(runs)
-    assert damaged not in [run.folder for run in found] and len(found) >= 6
-    assert f"skipped: {damaged / 'results.json'}: damaged results.json" in capsys.readouterr().err
+    assert not {damaged, no_numbers} & {run.folder for run in found} and len(found) >= 6
+    err = capsys.readouterr().err
+    assert f"skipped: {damaged / 'results.json'}: damaged results.json" in err
+    assert f"skipped: {no_numbers / 'results.json'}: damaged results.json: no numeric test top1" in err

@@ -9,7 +9,7 @@ from cifar100.config import make_config
 from cifar100.errors import ConfigError, RunError
 
 PARAMETERS = {"PRESET": "smoke", "BACKBONE": None, "IMAGE_SIZE": None, "HEAD_EPOCHS": None, "FINETUNE_EPOCHS": None,
-              "HARD_EXAMPLE_MINING": True, "WEIGHTS": "preset", "DATA_DIR": "d", "DOWNLOAD": False, "RUN_NAME": "",
+              "HARD_EXAMPLE_MINING": True, "WEIGHTS": "preset", "DATA_DIR": "d", "DOWNLOAD": True, "RUN_NAME": "",
               "RUNS_DIR": "runs", "SETTINGS": {}, "VERBOSE": 1}
 
 
@@ -82,3 +82,15 @@ def test_a_user_error_shows_as_one_line_without_a_traceback():
     assert len(shell.shown) == 1 and "error: setting 'x': bad" in shell.shown[0]
     shell.handler(shell, KeyboardInterrupt, KeyboardInterrupt(), None)
     assert "run the training cell again to resume" in shell.shown[0]
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"reduce_lr_factor": 1.5}, "setting 'reduce_lr_factor' must be > 0 and < 1"),
+    ({"dropout": 1.5}, "setting 'dropout' must be >= 0 and < 1"),
+    ({"head_learning_rate": float("nan")}, "must be a finite number"),
+])
+def test_a_bad_setting_is_refused_at_the_settings_cell_before_data_or_model(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        notebook.Parameters({**copy.deepcopy(PARAMETERS), "SETTINGS": settings})
+    with pytest.raises(ConfigError, match="setting 'data_dir': d: dataset folder not found"):
+        notebook.Parameters({**copy.deepcopy(PARAMETERS), "DOWNLOAD": False})

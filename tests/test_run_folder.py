@@ -4,6 +4,7 @@ rewrites, and a run killed at any point that resumes to exactly the run it would
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -127,12 +128,11 @@ def test_a_damaged_history_is_named_and_left_as_it_is(tmp_path):
 def test_a_restarted_phase_keeps_only_what_committed_epochs_wrote(tmp_path):
     """Backup says 2 epochs are done. Epoch 1's checkpoint was written but not published (killed after the
     commit); epoch 2 wrote a history row and a better checkpoint but was never committed (a ghost)."""
-    import keras
 
     backup = tmp_path / "backup" / "head"
     backup.mkdir(parents=True)
-    keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save_weights(backup / "latest.weights.h5")
-    (backup / "training_metadata.json").write_text('{"epoch": 2, "batch": 0}')
+    keras_backup(backup, 2)
+    run_folder.mark_committed(backup)
     (tmp_path / "history.csv").write_text("epoch,val_accuracy\n0,0.5\n1,0.6\n2,0.9\n")
     checkpoints = tmp_path / run_folder.CHECKPOINTS
     checkpoints.mkdir()
@@ -144,6 +144,53 @@ def test_a_restarted_phase_keeps_only_what_committed_epochs_wrote(tmp_path):
     assert (tmp_path / "history.csv").read_text() == "epoch,val_accuracy\n0,0.5\n1,0.6\n"
     assert (tmp_path / "best.keras").read_text() == "epoch 1" and list(checkpoints.iterdir()) == []
     assert run_folder.best_val_accuracy(tmp_path) == 0.6  # the next checkpoint must beat epoch 1, not the ghost
+
+
+def keras_backup(folder, epoch, steps=("bkp", "weights", "epoch")):
+    """The steps of BackupAndRestore(double_checkpoint=True) at an epoch's end: the previous backup copied to
+    *.bkp, then the new weights, then the new epoch number. A kill is a shorter `steps`."""
+    import keras
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if "bkp" in steps:
+        for name in ("latest.weights.h5", "training_metadata.json"):
+            if (folder / name).exists():
+                shutil.copyfile(folder / name, folder / f"{name}.bkp")
+    if "weights" in steps:
+        init = keras.initializers.Constant(float(epoch))
+        keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, kernel_initializer=init)]).save_weights(
+            folder / "latest.weights.h5")
+    if "epoch" in steps:
+        (folder / "training_metadata.json").write_text(json.dumps({"epoch": epoch, "batch": 0}))
+
+
+@pytest.mark.parametrize("steps,expected", [
+    (("bkp", "weights", "epoch"), "previous"),  # backup written, killed before it was marked committed
+    (("bkp", "weights"), "previous"),  # new weights beside the old epoch number
+    (("bkp",), "ok"),  # killed before the new weights: the latest backup is still the committed one
+    ((), "ok"),
+])
+def test_a_backup_is_restored_to_the_last_committed_epoch(tmp_path, steps, expected):
+    folder = tmp_path / "backup"
+    keras_backup(folder, 1)
+    run_folder.mark_committed(folder)
+    keras_backup(folder, 2)
+    run_folder.mark_committed(folder)
+    keras_backup(folder, 3, steps)
+    assert run_folder.repair_backup(folder) == expected
+    assert run_folder.committed_epochs(folder, 0) == 2
+
+
+def test_a_truncated_backup_falls_back_and_one_never_committed_is_removed(tmp_path):
+    folder = tmp_path / "backup"
+    keras_backup(folder, 1)
+    run_folder.mark_committed(folder)
+    keras_backup(folder, 2, ("bkp",))
+    (folder / "latest.weights.h5").write_bytes((folder / "latest.weights.h5").read_bytes()[:96])  # mid-write
+    assert run_folder.repair_backup(folder) == "previous" and run_folder.committed_epochs(folder, 0) == 1
+    fresh = tmp_path / "fresh"
+    keras_backup(fresh, 1)  # the phase's first backup, killed before it was marked committed
+    assert run_folder.repair_backup(fresh) == "removed" and not fresh.exists()
 
 
 def test_a_rewrite_killed_before_its_rename_leaves_the_old_file(tmp_path, monkeypatch):
@@ -199,8 +246,10 @@ KILLER = textwrap.dedent("""
 
     if point == "before_commit":  # history row and checkpoint written, the epoch's backup not
         before(keras.callbacks.BackupAndRestore, "on_epoch_end", lambda self, e, logs=None: e == epoch)
-    elif point == "after_commit":  # the epoch's backup written, its checkpoint not yet published
-        before(callbacks.PublishCheckpoint, "on_epoch_end", lambda self, e, logs=None: e == epoch)
+    elif point == "after_backup":  # the epoch's backup written, not yet marked committed
+        before(callbacks.CommitEpoch, "on_epoch_end", lambda self, e, logs=None: e == epoch)
+    elif point == "after_commit":  # the epoch committed, its checkpoint not yet published
+        before(callbacks.run_folder, "publish_checkpoint", lambda run_dir, n: n == epoch + 1)
     elif point == "after_phase":  # a phase's fit() returned, nothing after it done
         original_fit = train.fit_phase
         def fit_phase(*args, **kwargs):
@@ -224,20 +273,23 @@ def metric_rows(run_dir):
 @pytest.fixture(scope="module")
 def uninterrupted(small_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("whole") / "run"
-    train.run(smoke(small_data, run_dir, head_epochs=2, finetune_epochs=4), verbose=0)
+    train.run(smoke(small_data, run_dir, **RANDOM_RUN), verbose=0)
     return run_dir
 
 
 # One run, killed five times where a kill could do harm, each time resumed from the folder the kill left:
 # before an epoch's backup (its history row and checkpoint already written), after it (checkpoint not yet
 # published), between the phases, and during the final evaluation. Epochs 0-1 are the head phase, 2-5 fine-tuning.
-KILLS = [("before_commit", 1), ("after_phase", 0), ("after_commit", 3), ("before_commit", 4), ("during_finish", 0)]
+# Random augmentation and dropout: their random streams must resume too.
+RANDOM_RUN = dict(head_epochs=2, finetune_epochs=4, augment="basic", dropout=0.2)
+KILLS = [("before_commit", 1), ("after_phase", 0), ("after_backup", 2), ("after_commit", 3), ("before_commit", 4),
+         ("during_finish", 0)]
 
 
 @pytest.mark.slow
 def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run(small_data, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
-    config = smoke(small_data, run_dir, head_epochs=2, finetune_epochs=4)
+    config = smoke(small_data, run_dir, **RANDOM_RUN)
     config.save(tmp_path / "config.json")
     for point, epoch in KILLS:
         killed = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path / "config.json"), point, str(epoch)],

@@ -1,11 +1,9 @@
-import time
-
 import keras
 import numpy as np
 import pytest
 
 from cifar100.callbacks import HardExampleMining, mining_probabilities, per_example_cross_entropy
-from cifar100.run_folder import repair_backup, trim_history
+from cifar100.run_folder import trim_history
 from cifar100.sampling import TrainBatches
 
 
@@ -124,41 +122,3 @@ def test_trim_history_drops_rows_from_the_restart_epoch(tmp_path):
     assert path.read_text() == "epoch,loss\n0,1.0\n1,0.9\n"
     trim_history(path, 0)
     assert path.read_text() == ""  # CSVLogger writes the header again
-
-
-def save_backup(folder, epoch, suffix=""):
-    folder.mkdir(parents=True, exist_ok=True)
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    model.save_weights(folder / "latest.weights.h5")
-    (folder / "training_metadata.json").write_text(f'{{"epoch": {epoch}, "batch": 0}}')
-    if suffix:
-        for name in ("latest.weights.h5", "training_metadata.json"):
-            (folder / name).rename(folder / (name + suffix))
-
-
-def test_repair_backup_removes_a_backup_killed_while_being_written(tmp_path):
-    folder = tmp_path / "backup"
-    save_backup(folder, 3)
-    assert repair_backup(folder) == "ok"
-    raw = (folder / "latest.weights.h5").read_bytes()
-    (folder / "latest.weights.h5").write_bytes(raw[:96])  # truncated mid-write
-    assert repair_backup(folder) == "removed" and not folder.exists()
-
-
-def test_repair_backup_falls_back_to_the_previous_backup(tmp_path):
-    folder = tmp_path / "backup"
-    save_backup(folder, 2, suffix=".bkp")
-    save_backup(folder, 3)
-    (folder / "training_metadata.json").unlink()  # killed between the weights and the epoch
-    assert repair_backup(folder) == "previous"
-    assert (folder / "training_metadata.json").read_text() == '{"epoch": 2, "batch": 0}'
-
-
-def test_repair_backup_refuses_weights_newer_than_their_epoch(tmp_path):
-    """Killed after the new weights but before the new epoch number: the pair belongs to two epochs."""
-    folder = tmp_path / "backup"
-    save_backup(folder, 2, suffix=".bkp")
-    save_backup(folder, 2)
-    time.sleep(0.01)
-    keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save_weights(folder / "latest.weights.h5")
-    assert repair_backup(folder) == "previous"
