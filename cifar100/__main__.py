@@ -78,6 +78,10 @@ def _predict(args) -> int:
     from cifar100 import evaluate
 
     status = 0
+    classes = Path(args.run_dir) / "classes.json"
+    if classes.is_file() and run_folder.read_json(classes).get("synthetic"):
+        print(f"note: {args.run_dir} was trained on SYNTHETIC data, not CIFAR-100: its predictions mean nothing "
+              "for real images")
     for path, top in zip(args.images, evaluate.predict_files(args.run_dir, args.images), strict=True):
         if isinstance(top, UserError):
             print(f"error: {top}", file=sys.stderr)

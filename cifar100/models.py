@@ -114,6 +114,12 @@ def build_backbone(config: Config) -> keras.Model:
             raise ConfigError(f"setting 'weights': {config.weights} does not fit backbone '{config.backbone}' "
                               f"(is it another architecture's file?): {str(exc).splitlines()[0]}") from None
         raise
+    except Exception as exc:  # keras.utils.get_file raises a bare Exception("URL fetch failure ...")
+        if config.weights == "imagenet" and "fetch failure" in str(exc):
+            raise ConfigError(f"setting 'weights': could not download {config.backbone}'s ImageNet weights (no "
+                              f"network?): {str(exc).splitlines()[0][:300]}. Use a local file (weights=PATH to a "
+                              ".weights.h5 file) or weights=None (random)") from None
+        raise
     return model
 
 

@@ -105,3 +105,17 @@ def test_batchnorm_stays_in_inference_mode_while_fine_tuning():
     model.compile(optimizer="adam", loss="categorical_crossentropy")
     model.fit(BATCH, np.eye(10, dtype="float32")[[1, 2]], epochs=1, verbose=0)
     np.testing.assert_array_equal(batch_norms[3].moving_mean.numpy(), moving_mean)
+
+
+def test_imagenet_weights_that_cannot_be_downloaded_are_one_clear_error(monkeypatch):
+    from keras.src.utils import file_utils
+
+    from cifar100.config import make_config
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://example.invalid/w.h5: None -- [Errno -2] Name not known")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    with pytest.raises(ConfigError, match=r"setting 'weights': could not download mobilenetv3small's ImageNet "
+                                          r"weights \(no network\?\): URL fetch failure .* weights=None"):
+        models.build_backbone(make_config("cpu-small", {"image_size": 32}))
