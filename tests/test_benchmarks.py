@@ -8,6 +8,8 @@ import pytest
 
 from .conftest import ROOT
 
+pytestmark = pytest.mark.slow  # each runs a benchmark script in a subprocess
+
 
 def table_of(script: str, *args: str) -> tuple[list[str], list[list[str]]]:
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", *args],

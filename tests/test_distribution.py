@@ -47,6 +47,7 @@ def train_on_cpus(settings: dict, devices: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_mirrored_over_two_logical_cpus_matches_one_device(dist_data, tmp_path):
     common = {"data_dir": str(dist_data), "runs_dir": str(tmp_path), "augment": "none"}
     one = train_on_cpus({**common, "name": "one", "distribution": "none"}, devices=2)
@@ -77,6 +78,7 @@ def worker_command(dist_data, run_dir, *extra):
             "--verbose", "2", *extra]
 
 
+@pytest.mark.slow
 def test_two_workers_on_loopback_complete_and_only_the_chief_writes(dist_data, tmp_path):
     run_dir = tmp_path / "runs" / "two-workers"
     scratch = tmp_path / "scratch"
@@ -140,6 +142,7 @@ def epochs_in(history) -> list[int]:
     return [int(line.split(",", 1)[0]) for line in lines]
 
 
+@pytest.mark.slow
 def test_a_multi_worker_run_resumes_after_a_worker_is_restarted(dist_data, tmp_path):
     run_dir = tmp_path / "runs" / "restart"
     ports = free_ports(2)

@@ -43,6 +43,7 @@ def cell_text(cell) -> str:
     return "".join(parts)
 
 
+@pytest.mark.slow
 def test_notebook_runs_headless_and_leaves_figures_and_results(executed):
     _, run_dir = executed
     results = json.loads((run_dir / "results.json").read_text())
@@ -52,6 +53,7 @@ def test_notebook_runs_headless_and_leaves_figures_and_results(executed):
             "comparison"} <= figures
 
 
+@pytest.mark.slow
 def test_executed_notebook_says_the_data_is_synthetic_near_the_top_and_beside_accuracies(executed):
     notebook, _ = executed
     code_cells = [c for c in notebook.cells if c.cell_type == "code"]
@@ -62,6 +64,7 @@ def test_executed_notebook_says_the_data_is_synthetic_near_the_top_and_beside_ac
     assert lines and all("SYNTHETIC" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_executed_notebook_shows_each_figure_once_and_no_tensorflow_log_line(executed):
     notebook, run_dir = executed
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
