@@ -58,12 +58,15 @@ def _evaluate(args) -> None:
     from cifar100 import evaluate
 
     run_dir = Path(args.run_dir)
+    other = data.load(args.data) if args.data else None
     with run_folder.RunLock(run_dir):  # not while a training run writes the folder
-        metrics = evaluate.evaluate_run(run_dir, args.data)
-    own_data = Path(evaluate.Config.load(run_dir / "config.json").data_dir).resolve()
-    if args.data and Path(args.data).resolve() != own_data:
-        print(f"{run_dir} on {args.data}: test top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f} on "
-              f"{metrics['images']} images (not the run's own data: its results.json is left as it is)")
+        metrics = evaluate.evaluate_run(run_dir, dataset=other)
+    if other is not None and Path(other.path).resolve() != Path(evaluate.Config.load(run_dir / "config.json")
+                                                                 .data_dir).resolve():
+        note = (" (SYNTHETIC data)" if other.synthetic else
+                " (not verified as the official files: md5 not checked)" if not other.official else "")
+        print(f"{run_dir} on {other.path}: test top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f} on "
+              f"{metrics['images']} images{note}; not the run's own data: its results.json is left as it is")
     else:
         _print_results(run_dir)
     if "superclass_accuracy" in metrics:
@@ -81,7 +84,7 @@ def _predict(args) -> int:
     classes = Path(args.run_dir) / "classes.json"
     if classes.is_file() and run_folder.read_json(classes).get("synthetic"):
         print(f"note: {args.run_dir} was trained on SYNTHETIC data, not CIFAR-100: its predictions mean nothing "
-              "for real images")
+              "for real images", file=sys.stderr)
     for path, top in zip(args.images, evaluate.predict_files(args.run_dir, args.images), strict=True):
         if isinstance(top, UserError):
             print(f"error: {top}", file=sys.stderr)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from cifar100 import data, models, train
 from cifar100.__main__ import main
-from cifar100.config import make_config
+from cifar100.config import Config, make_config
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,8 @@ def test_predict_names_each_bad_file_and_predicts_the_others(run_dir, tmp_path, 
     assert out.startswith(f"{good}: ") and len(out.splitlines()) == 1
     assert f"{bomb}: cannot read as an image (DecompressionBombError" in err
     assert f"{text}: cannot read as an image" in err and f"{fifo}: not a regular file" in err
-    assert len(err.splitlines()) == 3 and "Traceback" not in err
+    assert err.startswith(f"note: {run_dir} was trained on SYNTHETIC data, not CIFAR-100")  # synthetic_cifar100
+    assert len(err.splitlines()) == 4 and "Traceback" not in err
 
 
 def test_evaluate_says_when_the_data_is_not_the_official_files(run_dir, tmp_path, capsys):
@@ -77,6 +78,13 @@ def test_evaluate_says_when_the_data_is_not_the_official_files(run_dir, tmp_path
     evaluated = tmp_path / "run"
     shutil.copytree(run_dir, evaluated)
     assert main(["evaluate", str(evaluated), "--data", str(mine)]) == 0
+    out = capsys.readouterr().out
+    assert f"{evaluated} on {mine}: test top-1" in out and "(not verified as the official files: md5 not" in out
+    assert "its results.json is left as it is" in out and not (evaluated / "results.json").exists()
+
+    config = Config.load(evaluated / "config.json").replace(data_dir=str(mine))  # now it is the run's own data
+    config.save(evaluated / "config.json")
+    assert main(["evaluate", str(evaluated)]) == 0
     assert "(not verified as the official files: md5 not checked)" in capsys.readouterr().out
     results = json.loads((evaluated / "results.json").read_text())
     assert results["data"] == {"synthetic": False, "official": False}
