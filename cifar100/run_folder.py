@@ -262,9 +262,8 @@ def settle_phase(run_dir: Path, backup_dir: Path, start_epoch: int) -> int:
         done = [p for p in found if int(p.stem.split("-")[1]) <= committed]
         if done:
             os.replace(done[-1], run_dir / "best.keras")
-        for leftover in checkpoints.iterdir():
-            if leftover.exists() and leftover != run_dir / "best.keras":
-                leftover.unlink()
+        for leftover in checkpoints.iterdir():  # checkpoints of epochs that were never committed
+            leftover.unlink()
     return committed
 
 
