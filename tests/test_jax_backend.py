@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from cifar100 import data
 
 from .conftest import ROOT
@@ -30,6 +32,7 @@ print(json.dumps({"backend": keras.backend.backend(), "top1": results["test"]["t
 """
 
 
+@pytest.mark.slow
 def test_smoke_run_trains_on_the_jax_backend(tmp_path):
     dataset = data.write_synthetic(tmp_path / "cifar-10", kind="cifar10", n_train=1000, n_test=500)
     settings = {"data_dir": str(dataset), "runs_dir": str(tmp_path), "name": "jax"}
