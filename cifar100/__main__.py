@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from cifar100 import data, run_folder, tflogs
-from cifar100.config import PRESETS, make_config
+from cifar100.config import PRESETS, Config, make_config
 from cifar100.errors import UserError
 
 
@@ -61,8 +61,8 @@ def _evaluate(args) -> None:
     other = data.load(args.data) if args.data else None
     with run_folder.RunLock(run_dir):  # not while a training run writes the folder
         metrics = evaluate.evaluate_run(run_dir, dataset=other)
-    if other is not None and Path(other.path).resolve() != Path(evaluate.Config.load(run_dir / "config.json")
-                                                                 .data_dir).resolve():
+    own_data = Path(Config.load(run_dir / "config.json").data_dir).resolve()
+    if other is not None and Path(other.path).resolve() != own_data:
         note = (" (SYNTHETIC data)" if other.synthetic else
                 " (not verified as the official files: md5 not checked)" if not other.official else "")
         print(f"{run_dir} on {other.path}: test top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f} on "

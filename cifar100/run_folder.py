@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -21,7 +20,8 @@ import time
 from pathlib import Path
 
 from cifar100.config import Config
-from cifar100.errors import ConfigError, RunError
+from cifar100.data import md5sum
+from cifar100.errors import ConfigError, DatasetError, RunError
 
 HISTORY = "history.csv"
 CHECKPOINTS = ".checkpoints"  # ModelCheckpoint's files, one per improving epoch, until the epoch is committed
@@ -193,26 +193,18 @@ def _backup_files(backup_dir: Path, suffix: str = "") -> tuple[Path, Path]:
     return backup_dir / f"latest.weights.h5{suffix}", backup_dir / f"training_metadata.json{suffix}"
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def mark_committed(backup_dir: Path) -> None:
     """After BackupAndRestore wrote its backup: record which weights and epoch it holds (atomically)."""
     weights, metadata = _backup_files(Path(backup_dir))
     write_json(Path(backup_dir) / COMMITTED, {"epoch": int(json.loads(metadata.read_text())["epoch"]),
-                                              "md5": _md5(weights)})
+                                              "md5": md5sum(weights)})
 
 
 def _is_committed(weights: Path, metadata: Path, committed: dict) -> bool:
     try:
         return (int(json.loads(metadata.read_text())["epoch"]) == committed.get("epoch")
-                and _md5(weights) == committed.get("md5"))
-    except (OSError, ValueError, KeyError, TypeError):
+                and md5sum(weights) == committed.get("md5"))
+    except (OSError, ValueError, KeyError, TypeError, DatasetError):
         return False
 
 
