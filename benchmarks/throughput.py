@@ -24,11 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine, run_isolated, table  # noqa: E402
 
-COLUMNS = ["backend", "device", "backbone", "image size", "phase", "precision", "XLA", "inter-op threads",
+COLUMNS = ["backend", "device", "backbone", "image size", "phase", "precision", "XLA asked", "XLA in force",
+           "inter-op threads",
            "batch", "warm-up s", "images/s"]
 
 
-def measure(backbone: str, size: int, phase: str, precision: str, xla: bool, inter_op: int, batch_size: int,
+def measure(backbone: str, size: int, phase: str, precision: str, xla: str, inter_op: int, batch_size: int,
             steps: int) -> dict:
     import keras
     import numpy as np
@@ -45,7 +46,9 @@ def measure(backbone: str, size: int, phase: str, precision: str, xla: bool, int
     config = Config(backbone=backbone, image_size=size, weights=None)
     model = models.build_model(config, 100)
     models.set_phase(model, "head" if phase == "frozen" else "finetune")
-    model.compile(optimizer="adam", loss="categorical_crossentropy", jit_compile=xla)
+    # "auto" lets Keras decide, as training does; the table reports what was in force (model.jit_compile)
+    model.compile(optimizer="adam", loss="categorical_crossentropy",
+                  jit_compile={"auto": "auto", "on": True, "off": False}[xla])
     rng = np.random.default_rng(0)
 
     def batches(count):
@@ -62,7 +65,7 @@ def measure(backbone: str, size: int, phase: str, precision: str, xla: bool, int
     gpus = train.gpu_names()
     return {"backend": keras.backend.backend(), "device": ", ".join(gpus) or f"CPU x{os.cpu_count()}",
             "backbone": backbone, "image size": size, "phase": phase, "precision": precision,
-            "XLA": "on" if xla else "off", "inter-op threads": inter_op or "default", "batch": batch_size,
+            "XLA asked": xla, "XLA in force": "on" if model.jit_compile else "off", "inter-op threads": inter_op or "default", "batch": batch_size,
             "warm-up s": warm_up, "images/s": steps * batch_size / seconds}
 
 
@@ -74,7 +77,8 @@ def main(argv=None) -> int:
     parser.add_argument("--phases", nargs="+", default=["frozen", "finetune"], choices=["frozen", "finetune"])
     parser.add_argument("--precisions", nargs="+", default=["float32"],
                         choices=["float32", "mixed_float16", "mixed_bfloat16"])
-    parser.add_argument("--xla", nargs="+", default=["off"], choices=["off", "on"])
+    parser.add_argument("--xla", nargs="+", default=["auto"], choices=["auto", "off", "on"],
+                        help="jit_compile asked of Keras; the table also shows what Keras put in force")
     parser.add_argument("--inter-op", nargs="+", type=int, default=[0], help="0 is TensorFlow's default")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=8)
@@ -90,11 +94,11 @@ def main(argv=None) -> int:
     for pair, phase, precision, xla, inter_op in itertools.product(args.models, args.phases, args.precisions,
                                                                    args.xla, args.inter_op):
         backbone, size = pair.split("@")
-        spec = dict(backbone=backbone, size=int(size), phase=phase, precision=precision, xla=xla == "on",
+        spec = dict(backbone=backbone, size=int(size), phase=phase, precision=precision, xla=xla,
                     inter_op=inter_op, batch_size=args.batch_size, steps=args.steps)
         rows.append(run_isolated(__file__, ["--spec", json.dumps(spec)]))
         print(f"  measured {pair} {phase} {precision} XLA {xla} inter-op {inter_op or 'default'}: "
-              f"{rows[-1]['images/s']:.1f} images/s", file=sys.stderr)
+              f"{rows[-1]['images/s']:.1f} images/s (XLA in force: {rows[-1]['XLA in force']})", file=sys.stderr)
     print(f"# Training throughput (machine: {machine()}; {args.steps} timed batches after a warm-up)\n")
     print(table(rows, COLUMNS))
     return 0

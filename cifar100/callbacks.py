@@ -88,8 +88,10 @@ class HardExampleMining(keras.callbacks.Callback):
 
 
 class EpochTimer(keras.callbacks.Callback):
-    """Adds to the logs `epoch_seconds` (the whole epoch, validation included), `train_images_per_second`
-    (training steps only) and the `learning_rate` the epoch ran with."""
+    """Adds to the logs where an epoch's time went: `epoch_seconds` (all of it, validation included),
+    `train_seconds` (the training steps), `val_seconds` (the validation pass), `other_seconds` (the rest:
+    the data pipeline's start, callbacks), and `train_images_per_second` (over the training steps only) and
+    the `learning_rate` the epoch ended with."""
 
     def __init__(self, batch_size: int):
         super().__init__()
@@ -97,7 +99,7 @@ class EpochTimer(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_started = time.perf_counter()
-        self._train_seconds, self._batches = 0.0, 0
+        self._train_seconds, self._val_seconds, self._batches = 0.0, 0.0, 0
 
     def on_train_batch_begin(self, batch, logs=None):
         self._batch_started = time.perf_counter()
@@ -106,9 +108,20 @@ class EpochTimer(keras.callbacks.Callback):
         self._train_seconds += time.perf_counter() - self._batch_started
         self._batches += 1
 
+    def on_test_begin(self, logs=None):
+        self._val_started = time.perf_counter()
+
+    def on_test_end(self, logs=None):
+        if hasattr(self, "_epoch_started"):
+            self._val_seconds += time.perf_counter() - self._val_started
+
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
-            logs["epoch_seconds"] = time.perf_counter() - self._epoch_started
+            total = time.perf_counter() - self._epoch_started
+            logs["epoch_seconds"] = total
+            logs["train_seconds"] = self._train_seconds
+            logs["val_seconds"] = self._val_seconds
+            logs["other_seconds"] = max(0.0, total - self._train_seconds - self._val_seconds)
             logs["train_images_per_second"] = self._batches * self.batch_size / max(self._train_seconds, 1e-9)
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
@@ -127,13 +140,15 @@ class ResumeState(keras.callbacks.Callback):
         if not self.restored:
             return
         for callback, key in ((self.reduce_lr, "reduce_lr"), (self.early_stopping, "early_stopping")):
-            for name, value in self.restored[key].items():
-                setattr(callback, name, value)
+            for name, value in (self.restored.get(key) or {}).items():
+                if callback is not None:
+                    setattr(callback, name, value)
 
     def on_epoch_end(self, epoch, logs=None):
         state = {
-            "reduce_lr": {"wait": self.reduce_lr.wait, "best": _number(self.reduce_lr.best),
-                          "cooldown_counter": self.reduce_lr.cooldown_counter},
+            "reduce_lr": None if self.reduce_lr is None else {
+                "wait": self.reduce_lr.wait, "best": _number(self.reduce_lr.best),
+                "cooldown_counter": self.reduce_lr.cooldown_counter},
             "early_stopping": {"wait": self.early_stopping.wait, "best": _number(self.early_stopping.best),
                                "best_epoch": self.early_stopping.best_epoch,
                                "stopped_epoch": self.early_stopping.stopped_epoch},
@@ -168,6 +183,14 @@ def make_mining(config: Config, sampler: TrainBatches) -> HardExampleMining | No
                              seed=config.seed, batch_size=max(config.batch_size, 128))
 
 
+def reduce_lr_on_plateau(config: Config) -> keras.callbacks.ReduceLROnPlateau | None:
+    """The plateau schedule's callback; None under the cosine schedule, which sets the rate itself."""
+    if config.lr_schedule == "cosine":
+        return None
+    return keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=config.reduce_lr_factor,
+                                             patience=config.reduce_lr_patience, min_lr=1e-6, verbose=1)
+
+
 def callback_set(config: Config, run_dir: Path, phase: str, sampler: TrainBatches, mining: HardExampleMining | None,
                  best_so_far: float | None, restored: dict | None) -> list[keras.callbacks.Callback]:
     """The callbacks of one phase, in the order they must run at the end of an epoch.
@@ -179,8 +202,7 @@ def callback_set(config: Config, run_dir: Path, phase: str, sampler: TrainBatche
     backup = run_dir / "backup" / phase
     checkpoints = run_dir / run_folder.CHECKPOINTS
     checkpoints.mkdir(exist_ok=True)
-    reduce_lr = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=config.reduce_lr_factor,
-                                                  patience=config.reduce_lr_patience, min_lr=1e-6, verbose=1)
+    reduce_lr = reduce_lr_on_plateau(config)
     early_stopping = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max",
                                                    patience=config.early_stopping_patience, verbose=1)
     callbacks: list[keras.callbacks.Callback] = [EpochOrder(sampler), EpochTimer(config.batch_size)]
@@ -191,7 +213,7 @@ def callback_set(config: Config, run_dir: Path, phase: str, sampler: TrainBatche
         keras.callbacks.ModelCheckpoint(checkpoints / run_folder.CHECKPOINT_PATTERN, monitor="val_accuracy",
                                         mode="max", save_best_only=True, initial_value_threshold=best_so_far,
                                         verbose=0),
-        reduce_lr,
+        *([reduce_lr] if reduce_lr is not None else []),
         early_stopping,
         keras.callbacks.CSVLogger(run_dir / run_folder.HISTORY, append=True),
         ResumeState(backup, reduce_lr, early_stopping, mining, restored),

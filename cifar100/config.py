@@ -18,8 +18,12 @@ INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos
 AUTO_FLAGS = ("auto", "true", "false")
 PRECISIONS = AUTO_FLAGS + ("bfloat16",)
 DISTRIBUTIONS = ("auto", "mirrored", "multi-worker", "none")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("plateau", "cosine")
+HEAD_FEATURES = ("live", "cached")
 CHOICES = {"augment": AUGMENTATIONS, "interpolation": INTERPOLATIONS, "distribution": DISTRIBUTIONS,
-           "mixed_precision": PRECISIONS, "jit_compile": AUTO_FLAGS}
+           "mixed_precision": PRECISIONS, "jit_compile": AUTO_FLAGS, "optimizer": OPTIMIZERS,
+           "lr_schedule": SCHEDULES, "head_features": HEAD_FEATURES}
 # Settings that do not change what a run learns: left out of its identity (the hash in its folder name).
 NOT_IDENTITY = ("name", "preset", "runs_dir", "distribution_timeout")
 # Also left out of the readable part of a run's folder name (still in its hash): usually a long path.
@@ -40,16 +44,27 @@ class Config:
     data_dir: str = "cifar-100-python"
     runs_dir: str = "models"
     val_fraction: float = 0.1  # carved from the training set, stratified; the test set is never used
-    max_train_images: int | None = None  # stratified cap on training images; validation shrinks in proportion
+    max_train_images: int | None = None  # stratified cap on the training images (validation is not capped)
     seed: int = 0
     batch_size: int = 64
     # phase 1: backbone frozen, the head learns
     head_epochs: int = 2
     head_learning_rate: float = 1e-3
+    # "cached": the frozen backbone's features are computed once (images and their mirror images) and the
+    # head trains on them, instead of running the backbone every epoch; "live": every epoch, augmented
+    head_features: str = "live"
     # phase 2: fine-tuning (BatchNorm layers stay in inference mode)
     finetune_epochs: int = 3
     finetune_learning_rate: float = 1e-4
     finetune_fraction: float = 1.0  # fraction of the backbone's layers, from the top, that fine-tune
+    # the optimiser of both phases and the learning-rate schedule of fine-tuning: "plateau" keeps the rate
+    # until ReduceLROnPlateau lowers it; "cosine" warms up linearly for `warmup_epochs`, then decays it
+    # along a cosine to 0 at the last epoch (ReduceLROnPlateau is then left out: the schedule sets the rate)
+    optimizer: str = "adam"  # adam | adamw | sgd (Nesterov momentum 0.9)
+    weight_decay: float = 0.0  # decoupled weight decay (adamw, sgd)
+    clipnorm: float | None = None  # clip each gradient to this norm
+    lr_schedule: str = "plateau"  # plateau | cosine
+    warmup_epochs: int = 0
     dropout: float = 0.2
     label_smoothing: float = 0.0
     augment: str = "basic"  # none | basic (flip + translate) | randaugment | mixup | cutmix (+ basic)
@@ -70,7 +85,9 @@ class Config:
     jit_compile: str = "auto"  # auto (on with a GPU) | true | false
     # distribution (cifar100/distribution.py): batch_size is the global batch
     distribution: str = "auto"  # auto | mirrored | multi-worker | none
-    reference_batch_size: int | None = None  # the learning rates are for this batch (linear scaling rule)
+    # on request only: the learning rates were chosen for this batch size; a batch_size k times larger
+    # scales them k times (the linear scaling rule). None: the rates are used as they are
+    reference_batch_size: int | None = None
     distribution_timeout: float = 300.0  # seconds to wait for the other workers of a multi-worker run
 
     def __post_init__(self):
@@ -87,10 +104,6 @@ class Config:
             self.weights = None
         elif isinstance(self.weights, str) and self.weights.strip().lower() == "imagenet":
             self.weights = "imagenet"
-
-    @property
-    def epochs(self) -> int:
-        return self.head_epochs + self.finetune_epochs
 
     def run_name(self) -> str:
         """The run folder's name: `name` when set, else the preset plus what differs from it plus a hash.
@@ -186,9 +199,12 @@ PRESETS: dict[str, dict] = {
     # The original 32 px baseline: same backbone, no upsampling.
     "no-upsampling": dict(backbone="resnet50", image_size=32, batch_size=128, head_epochs=3, finetune_epochs=20,
                           finetune_learning_rate=1e-4),
-    # Sized for a 2-core CPU: ~30 minutes on 10,000 training images.
-    "cpu-small": dict(backbone="mobilenetv3small", image_size=96, batch_size=64, max_train_images=10000,
-                      head_epochs=3, finetune_epochs=8, finetune_learning_rate=3e-4, hem_fraction=0.2),
+    # Sized for a 2-core CPU, measured on real images (docs/benchmarks.md, "cpu-small on real images"):
+    # phase 1 on cached features, then a warm-up + cosine fine-tuning. On CIFAR-100 it trains on a
+    # stratified 10,000 of the 45,000 training images (100 a class); validation keeps its 5,000.
+    "cpu-small": dict(backbone="mobilenetv3small", image_size=128, batch_size=64, max_train_images=10000,
+                      head_features="cached", head_epochs=10, finetune_epochs=8, finetune_learning_rate=3e-4,
+                      lr_schedule="cosine", warmup_epochs=1, label_smoothing=0.1, hem=False),
     # Seconds, for tests and a first look: a tiny CNN from random weights at 32 px.
     "smoke": dict(backbone="tinycnn", image_size=32, weights=None, batch_size=32, max_train_images=1000,
                   head_epochs=1, head_learning_rate=3e-3, finetune_epochs=4, finetune_learning_rate=3e-3,
@@ -243,9 +259,6 @@ def make_config(preset: str | None = None, overrides: dict | list[str] | None = 
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"preset '{preset}' is unknown: choose one of {sorted(PRESETS)}")
     config = Config(**PRESETS.get(preset, {}), preset=preset)
-    if config.reference_batch_size is None:
-        # the learning rates were chosen for the preset's batch: a larger --set batch_size scales them
-        config = config.replace(reference_batch_size=config.batch_size)
     names = {f.name for f in fields(Config)}
     if isinstance(overrides, list):
         pairs = {}
@@ -269,6 +282,7 @@ _INT, _FLOAT = "integer", "number"
 RANGES: dict[str, tuple] = {
     "image_size": (_INT, 1, None), "batch_size": (_INT, 1, None), "seed": (_INT, 0, None),
     "head_epochs": (_INT, 1, None), "finetune_epochs": (_INT, 1, None), "max_train_images": (_INT, 1, None),
+    "warmup_epochs": (_INT, 0, None), "weight_decay": (_FLOAT, ">= 0", None), "clipnorm": (_FLOAT, "> 0", None),
     "reduce_lr_patience": (_INT, 0, None), "early_stopping_patience": (_INT, 0, None),
     "hem_every": (_INT, 1, None), "hem_keep": (_INT, 1, None), "reference_batch_size": (_INT, 1, None),
     "head_learning_rate": (_FLOAT, "> 0", None), "finetune_learning_rate": (_FLOAT, "> 0", None),

@@ -124,6 +124,10 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,
     probabilities = predict_probabilities(model, dataset.x_test, max(config.batch_size, 128))
     mapping = None if classes.get("fine_to_coarse") is None else np.asarray(classes["fine_to_coarse"])
     metrics = detailed_metrics(probabilities, dataset.y_test, dataset.class_names, mapping, dataset.coarse_names)
+    # test-time augmentation, reported beside (never instead of) the plain numbers: each image and its
+    # mirror image, their probabilities averaged
+    mirrored = predict_probabilities(model, dataset.x_test[:, :, ::-1], max(config.batch_size, 128))
+    metrics["flip_tta"] = summary_metrics((probabilities + mirrored) / 2, dataset.y_test, dataset.num_classes)
     if Path(dataset.path).resolve() != Path(config.data_dir).resolve():
         return metrics
     np.savez_compressed(run_dir / "test_predictions.npz", probabilities=probabilities.astype(np.float16),

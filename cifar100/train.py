@@ -7,6 +7,7 @@ resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
@@ -18,8 +19,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from cifar100 import data, distribution, models, run_folder
-from cifar100.callbacks import HardExampleMining, callback_set, make_mining
+from cifar100 import data, distribution, head, models, run_folder
+from cifar100.callbacks import EpochTimer, HardExampleMining, callback_set, make_mining, reduce_lr_on_plateau
 from cifar100.config import Config, validate
 from cifar100.sampling import TrainBatches
 
@@ -33,6 +34,7 @@ class Splits:
     dataset: data.Dataset
     train_indices: np.ndarray
     val_indices: np.ndarray
+    config_key: tuple = ()  # the settings the splits were made for (_splits_key)
 
     @property
     def x_train(self):
@@ -51,16 +53,27 @@ class Splits:
         return self.dataset.y_train[self.val_indices]
 
 
-def prepare_data(config: Config) -> Splits:
-    """Load the dataset, carve the stratified validation split, and apply the cap on training images."""
-    dataset = data.load(config.data_dir)
+def prepare_data(config: Config, dataset: data.Dataset | None = None) -> Splits:
+    """Load the dataset (unless given), carve the stratified validation split, and apply the cap on training
+    images. The cap leaves validation whole: the callbacks need a steady signal more than it saves time."""
+    dataset = dataset if dataset is not None else data.load(config.data_dir)
     train_idx, val_idx = data.split(dataset.y_train, config.val_fraction, config.seed)
     cap = config.max_train_images
     if cap is not None and cap < len(train_idx):
         train_idx = train_idx[data.stratified_subset(dataset.y_train[train_idx], cap, config.seed)]
-        val_size = max(dataset.num_classes, int(round(cap * config.val_fraction / (1 - config.val_fraction))))
-        val_idx = val_idx[data.stratified_subset(dataset.y_train[val_idx], val_size, config.seed)]
-    return Splits(dataset, train_idx, val_idx)
+    return Splits(dataset, train_idx, val_idx, _splits_key(config))
+
+
+def _splits_key(config: Config) -> tuple:
+    """The settings that decide the splits: splits made for other settings are not reused."""
+    return (os.path.normpath(config.data_dir), config.val_fraction, config.max_train_images, config.seed)
+
+
+def jit_setting(value: str):
+    """The `jit_compile` argument for Keras: 'auto' lets Keras decide (XLA when every layer supports it, not
+    on a CPU-only TensorFlow machine, not under tf.distribute); 'true'/'false' force it."""
+    value = str(value).lower()
+    return "auto" if value == "auto" else value == "true"
 
 
 def resolve_flag(value: str) -> bool:
@@ -94,12 +107,39 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return np.eye(num_classes, dtype=np.float32)[labels]
 
 
-def compile_model(model: keras.Model, learning_rate: float, config: Config) -> None:
+def learning_rate_for(learning_rate: float, config: Config, epochs: int, steps_per_epoch: int):
+    """A phase's learning rate: the number itself ('plateau'), or warm-up plus cosine decay ('cosine') over the
+    phase's steps. Scaled by batch_size / reference_batch_size only when reference_batch_size is set."""
+    if config.reference_batch_size:
+        learning_rate = distribution.scaled_learning_rate(learning_rate, config.batch_size,
+                                                          config.reference_batch_size)
+    if config.lr_schedule != "cosine":
+        return learning_rate
+    total = max(1, epochs * steps_per_epoch)
+    warmup = min(config.warmup_epochs * steps_per_epoch, total - 1)
+    if warmup == 0:
+        return keras.optimizers.schedules.CosineDecay(learning_rate, total)
+    return keras.optimizers.schedules.CosineDecay(0.0, total - warmup, warmup_target=learning_rate,
+                                                  warmup_steps=warmup)
+
+
+def make_optimizer(learning_rate, config: Config) -> keras.optimizers.Optimizer:
+    clip = {"clipnorm": config.clipnorm} if config.clipnorm else {}
+    if config.optimizer == "adamw":
+        return keras.optimizers.AdamW(learning_rate, weight_decay=config.weight_decay, **clip)
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True,
+                                    weight_decay=config.weight_decay or None, **clip)
+    return keras.optimizers.Adam(learning_rate, **clip)
+
+
+def compile_model(model: keras.Model, learning_rate, config: Config) -> None:
+    """`learning_rate`: a number or a Keras schedule (see learning_rate_for)."""
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=make_optimizer(learning_rate, config),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=["accuracy", keras.metrics.TopKCategoricalAccuracy(5, name="top5")],
-        jit_compile=resolve_flag(config.jit_compile),
+        jit_compile=jit_setting(config.jit_compile),
     )
 
 
@@ -131,9 +171,26 @@ def fit_phase(model: keras.Model, config: Config, run_dir: Path, phase: str, sam
               callbacks=callbacks + list(extra_callbacks), verbose=verbose)
 
 
-def run(config: Config, verbose: int | str = "auto", callbacks: list | None = None) -> Path:
+def new_model(config: Config, num_classes: int, strategy=None) -> keras.Model:
+    """The run's model as training starts it: the precision policy set, the seed set (the head's initial
+    weights), built under `strategy`'s scope. Its initial weights are kept (`model.initial_weights`), so that
+    a phase 1 that starts again (a killed run, an interrupted notebook cell) starts from them."""
+    keras.mixed_precision.set_global_policy(precision_policy(config.mixed_precision))
+    keras.utils.set_random_seed(config.seed)
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    with scope:
+        model = models.build_model(config, num_classes)  # a weights file that does not fit fails here
+    model.initial_weights = model.get_weights()
+    model.built_for = config.identity()
+    return model
+
+
+def run(config: Config, verbose: int | str = "auto", callbacks: list | None = None, splits: Splits | None = None,
+        model: keras.Model | None = None) -> Path:
     """Train (or resume) the run described by `config`; returns its run folder.
 
+    `splits` (prepare_data) and `model` (new_model), when the caller already has them for these settings,
+    are used instead of loading the data and building the model again (the notebook does this).
     Progress is recorded in the run folder (state.json, the phase-1 weights, BackupAndRestore's backup),
     so that a process killed at any point resumes where it stopped. `callbacks` are added to Keras' fit.
     Under a multi-worker distribution only the chief writes the run folder; every other worker works in
@@ -144,24 +201,22 @@ def run(config: Config, verbose: int | str = "auto", callbacks: list | None = No
             Config.load(config.run_dir() / "config.json").identity() == config.identity():
         print(f"finished run found: {config.run_dir()} holds these settings' results; nothing to train")
         return config.run_dir()
-    splits = prepare_data(config)
+    if splits is None or splits.config_key != _splits_key(config):
+        splits = prepare_data(config)
     strategy, cluster = distribution.make_strategy(config.distribution, config.distribution_timeout)
+    if model is None or getattr(model, "built_for", None) != config.identity() or strategy.num_replicas_in_sync > 1:
+        model = new_model(config, splits.dataset.num_classes, strategy)
     if cluster is None or cluster.is_chief:
-        return _run(config, config.run_dir(), splits, strategy, verbose, callbacks)
+        return _run(config, config.run_dir(), splits, strategy, model, verbose, callbacks)
     worker_dir = distribution.worker_folder(config.run_dir(), cluster.index)
     try:
-        _run(config, worker_dir, splits, strategy, verbose, callbacks)
+        _run(config, worker_dir, splits, strategy, model, verbose, callbacks)
     finally:
         shutil.rmtree(worker_dir, ignore_errors=True)
     return config.run_dir()
 
 
-def _run(config: Config, run_dir: Path, splits: Splits, strategy, verbose, callbacks) -> Path:
-    keras.mixed_precision.set_global_policy(precision_policy(config.mixed_precision))
-    keras.utils.set_random_seed(config.seed)
-    num_classes = splits.dataset.num_classes
-    with strategy.scope():
-        model = models.build_model(config, num_classes)  # a weights file that does not fit fails here
+def _run(config: Config, run_dir: Path, splits: Splits, strategy, model, verbose, callbacks) -> Path:
     with run_folder.RunLock(run_dir):
         resuming = run_folder.claim(config, run_dir)
         if run_folder.finished(run_dir):
@@ -185,10 +240,13 @@ def _train(config: Config, run_dir: Path, splits: Splits, strategy, model, resum
     started = time.perf_counter()
     extra = list(callbacks or [])
 
-    def compile_for(learning_rate: float) -> None:
+    def compile_for(target: keras.Model, phase: str, epochs: int, steps_per_epoch: int) -> None:
+        base = config.head_learning_rate if phase == "head" else config.finetune_learning_rate
         with strategy.scope():
-            rate = distribution.scaled_learning_rate(learning_rate, config.batch_size, config.reference_batch_size)
-            compile_model(model, rate, config)
+            compile_model(target, learning_rate_for(base, config, epochs, steps_per_epoch), config)
+        run_folder.write_state(run_dir, **{f"{phase}_compiled": {
+            "optimizer": config.optimizer, "learning_rate": _initial_rate(target, base, config),
+            "schedule": config.lr_schedule, "jit_compile": bool(getattr(target, "jit_compile", False))}})
 
     phase1 = run_dir / PHASE1_WEIGHTS
     models.set_phase(model, "head")
@@ -196,8 +254,15 @@ def _train(config: Config, run_dir: Path, splits: Splits, strategy, model, resum
         model.load_weights(phase1)
         _restore_mining(mining, run_dir, "finetune" if run_folder.read_state(run_dir).get("finetune_done") else "head")
     else:
-        compile_for(config.head_learning_rate)
-        fit_phase(model, config, run_dir, "head", sampler, validation, 0, config.head_epochs, mining, verbose, extra)
+        model.set_weights(model.initial_weights)  # phase 1 (re)starts from the initial weights
+        keras.mixed_precision.set_global_policy(precision_policy(config.mixed_precision))
+        keras.utils.set_random_seed(config.seed)
+        if config.head_features == "cached":
+            head_on_features(model, config, run_dir, splits, mining is not None, verbose, compile_for)
+        else:
+            compile_for(model, "head", config.head_epochs, len(sampler))
+            fit_phase(model, config, run_dir, "head", sampler, validation, 0, config.head_epochs, mining, verbose,
+                      extra)
         tmp = run_dir / f".{PHASE1_WEIGHTS}"
         model.save_weights(tmp)
         os.replace(tmp, phase1)
@@ -206,7 +271,7 @@ def _train(config: Config, run_dir: Path, splits: Splits, strategy, model, resum
 
     if not run_folder.read_state(run_dir).get("finetune_done"):
         models.set_phase(model, "finetune", config.finetune_fraction)
-        compile_for(config.finetune_learning_rate)
+        compile_for(model, "finetune", config.finetune_epochs, len(sampler))
         fit_phase(model, config, run_dir, "finetune", sampler, validation, head_epochs_done,
                   head_epochs_done + config.finetune_epochs, mining, verbose, extra)
         run_folder.write_state(run_dir, finetune_done=True)
@@ -214,6 +279,42 @@ def _train(config: Config, run_dir: Path, splits: Splits, strategy, model, resum
     run_folder.write_state(run_dir, finished=True)
     shutil.rmtree(run_dir / "backup", ignore_errors=True)
     shutil.rmtree(run_dir / run_folder.CHECKPOINTS, ignore_errors=True)
+
+
+def _initial_rate(model: keras.Model, base: float, config: Config) -> float:
+    """The learning rate the optimiser reaches (after warm-up), as a number, for the record."""
+    rate = model.optimizer._learning_rate if hasattr(model.optimizer, "_learning_rate") else base
+    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        peak = rate.warmup_target if getattr(rate, "warmup_target", None) is not None else rate.initial_learning_rate
+        return float(peak)
+    return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+
+
+def head_on_features(model: keras.Model, config: Config, run_dir: Path, splits: Splits, with_mining: bool,
+                     verbose, compile_for) -> None:
+    """Phase 1 on cached backbone features (see cifar100/head.py); best.keras is the best epoch's model."""
+    num_classes = splits.dataset.num_classes
+    features = head.cached_features(model, splits.x_train, splits.y_train, splits.x_val, config.batch_size)
+    print(f"phase 1 on cached features: the backbone ran once over {len(features['train'])} training images "
+          f"(and mirror images) and {len(features['val'])} validation images in {features['seconds']:.0f} s")
+    batches = head.FeatureBatches(features["train"], features["train_labels"], num_classes, config.batch_size,
+                                  config.seed)
+    small = head.head_model(model)
+    compile_for(small, "head", config.head_epochs, len(batches))
+    (run_dir / run_folder.HISTORY).unlink(missing_ok=True)  # a killed attempt's rows: this phase starts afresh
+    filler = [keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: logs.update(hem_seconds=0.0))]
+    reduce_lr = reduce_lr_on_plateau(config)
+    small.fit(batches, validation_data=(features["val"], one_hot(splits.y_val, num_classes)),
+              epochs=config.head_epochs, shuffle=False, verbose=verbose, callbacks=[
+                  head.DrawOrder(batches), EpochTimer(config.batch_size), *(filler if with_mining else []),
+                  keras.callbacks.TerminateOnNaN(), *([reduce_lr] if reduce_lr is not None else []),
+                  keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", restore_best_weights=True,
+                                                patience=config.early_stopping_patience, verbose=1),
+                  keras.callbacks.CSVLogger(run_dir / run_folder.HISTORY, append=True)])
+    tmp = run_dir / ".best.keras"
+    model.save(tmp)  # the best epoch's head on the frozen backbone: the run's best model so far
+    os.replace(tmp, run_dir / "best.keras")
+    run_folder.write_state(run_dir, head_feature_seconds=round(features["seconds"], 1))
 
 
 def _restore_mining(mining: HardExampleMining | None, run_dir: Path, phase: str) -> None:
@@ -231,7 +332,11 @@ def finish(config: Config, run_dir: Path, splits: Splits, mining: HardExampleMin
     val = evaluate.basic_metrics(best, splits.x_val, splits.y_val, splits.dataset.num_classes,
                                  max(config.batch_size, 128))
     rows = run_folder.history_rows(run_dir)
-    speeds = [float(r["train_images_per_second"]) for r in rows if r.get("train_images_per_second")]
+    state = run_folder.read_state(run_dir)
+    # the speed of training on images (phase 1 on cached features trains on features, not images)
+    image_rows = rows[state.get("head_epochs_done", 0):] if config.head_features == "cached" else rows
+    speeds = [float(r["train_images_per_second"]) for r in image_rows if r.get("train_images_per_second")]
+    feature_seconds = float(state.get("head_feature_seconds") or 0)
     results = {
         "run": config.run_name(),
         "backbone": config.backbone,
@@ -244,7 +349,12 @@ def finish(config: Config, run_dir: Path, splits: Splits, mining: HardExampleMin
         "epochs_run": len(rows),
         "best_epoch": int(np.argmax([float(r["val_accuracy"]) for r in rows])) if rows else None,
         "wall_seconds_this_process": round(seconds, 1),
-        "train_seconds_total": round(sum(float(r["epoch_seconds"]) for r in rows if r.get("epoch_seconds")), 1),
+        "train_seconds_total": round(feature_seconds + sum(float(r["epoch_seconds"]) for r in rows
+                                                           if r.get("epoch_seconds")), 1),
+        "head_feature_seconds": feature_seconds or None,
+        "seconds_outside_steps_per_epoch": _mean(r.get("other_seconds") for r in image_rows),
+        # what each phase's optimiser was given (after any scaling asked with reference_batch_size)
+        "optimization": {phase: state.get(f"{phase}_compiled") for phase in ("head", "finetune")},
         "train_images_per_second": round(float(np.median(speeds)), 1) if speeds else None,
         "hem_seconds_total": round(sum(float(r.get("hem_seconds") or 0) for r in rows), 2),
         "environment": environment(),
@@ -258,6 +368,11 @@ def finish(config: Config, run_dir: Path, splits: Splits, mining: HardExampleMin
     run_folder.write_json(run_dir / "results.json", results)
     results["test"] = evaluate.evaluate_run(run_dir, dataset=splits.dataset)  # the test set, once, at the end
     return results
+
+
+def _mean(values) -> float | None:
+    numbers = [float(v) for v in values if v not in (None, "")]
+    return round(float(np.mean(numbers)), 2) if numbers else None
 
 
 def environment() -> dict:

@@ -3,13 +3,13 @@ import json
 import pytest
 
 from cifar100.config import PRESETS, Config, ConfigError, make_config
-from cifar100.train import precision_policy, resolve_flag
+from cifar100.train import jit_setting, precision_policy, resolve_flag
 
 
-def test_presets_fill_the_config_and_set_the_learning_rate_reference():
+def test_presets_fill_the_config_and_leave_the_learning_rates_unscaled():
     config = make_config("seed-resnet50")
     assert (config.backbone, config.image_size, config.weights) == ("resnet50", 224, "imagenet")
-    assert config.reference_batch_size == config.batch_size == 64
+    assert config.reference_batch_size is None  # the linear scaling rule applies on request only
     assert make_config("seed-xception").image_size == 299 and make_config("no-upsampling").image_size == 32
     assert make_config("cpu-small").max_train_images == 10000
     assert set(PRESETS) == {"seed-resnet50", "seed-xception", "no-upsampling", "cpu-small", "smoke"}
@@ -20,7 +20,7 @@ def test_set_strings_are_read_as_the_settings_types():
                                    "max_train_images=none", "backbone=mobilenetv2", "batch_size=256"])
     assert config.image_size == 128 and config.weights is None and config.hem is False
     assert config.val_fraction == 0.2 and config.max_train_images is None and config.backbone == "mobilenetv2"
-    assert config.batch_size == 256 and config.reference_batch_size == 32  # the preset's: rates scale 8x
+    assert config.batch_size == 256 and config.reference_batch_size is None
 
 
 @pytest.mark.parametrize("args,message", [
@@ -45,3 +45,7 @@ def test_precision_and_xla_are_off_on_a_cpu_unless_asked():
     assert resolve_flag("auto") is False  # no GPU on the test machines
     assert precision_policy("auto") == "float32" and precision_policy("false") == "float32"
     assert precision_policy("true") == "mixed_float16" and precision_policy("bfloat16") == "mixed_bfloat16"
+
+
+def test_xla_auto_is_left_to_keras():
+    assert jit_setting("auto") == "auto" and jit_setting("true") is True and jit_setting("false") is False

@@ -1,0 +1,65 @@
+"""`cpu-small` on real images: accuracy and wall time of the preset and of each lever changed alone.
+
+Each variant is the `cpu-small` preset plus the settings named, trained with the command line in a fresh
+process on the CIFAR-10 dev subset (`../shared/data/cifar10-dev/`: 8,000 training and 2,000 test real
+photographs; NOT CIFAR-100) with the ImageNet weights in `../shared/weights/`. The wall time is the whole
+command (imports, data, model, both phases, test evaluation). A finished run folder is reused. Choose on
+the validation column; flip TTA (each test image and its mirror image, averaged) is reported apart.
+
+    python benchmarks/real_images.py                                  # every variant below (hours on a CPU)
+    python benchmarks/real_images.py --variants cpu-small "head live"
+    python benchmarks/real_images.py --quick                          # a 1 + 1 epoch check on 400 images
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import ROOT, RUN_COLUMNS, dev_data, machine, run_row, table, train_run  # noqa: E402
+
+# each lever of the preset undone (or pushed) alone; the first row is the preset as it ships
+VARIANTS: dict[str, dict] = {
+    "cpu-small": {},
+    "before #11": dict(image_size=96, head_features="live", head_epochs=3, lr_schedule="plateau", warmup_epochs=0,
+                       label_smoothing=0.0, hem=True, hem_fraction=0.2),
+    "head live": dict(head_features="live", head_epochs=3),
+    "plateau schedule": dict(lr_schedule="plateau", warmup_epochs=0),
+    "no label smoothing": dict(label_smoothing=0.0),
+    "mining on": dict(hem=True, hem_fraction=0.2),
+    "96 px": dict(image_size=96),
+    "160 px": dict(image_size=160),
+    "12 fine-tuning epochs": dict(finetune_epochs=12),
+    "adamw 0.05": dict(optimizer="adamw", weight_decay=0.05),
+    "mobilenetv2": dict(backbone="mobilenetv2"),
+    "bfloat16": dict(mixed_precision="bfloat16"),
+}
+QUICK = {"max_train_images": 400, "head_epochs": 1, "finetune_epochs": 1}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--data", type=Path, default=ROOT / "benchmarks" / "data" / "cifar10-dev")
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "benchmarks" / "data" / "runs")
+    parser.add_argument("--quick", action="store_true", help="cpu-small and 'head live', 400 images, 1 + 1 epochs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.variants = ["cpu-small", "head live"]
+    data_dir = dev_data(args.data)
+    rows = []
+    for name in args.variants:
+        settings = {**VARIANTS[name], **(QUICK if args.quick else {})}
+        rows.append(run_row(name, train_run("cpu-small", data_dir, args.runs_dir, settings)))
+        print(f"  {name}: test top-1 {rows[-1]['test top-1']}, {rows[-1]['wall min']:.1f} min", file=sys.stderr)
+    print(f"# cpu-small variants{' (--quick: 400 images, 1 + 1 epochs)' if args.quick else ''}, CIFAR-10 dev "
+          f"subset (8,000 / 2,000 real images, not CIFAR-100) (machine: {machine()})\n")
+    print(table(rows, RUN_COLUMNS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

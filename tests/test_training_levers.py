@@ -1,0 +1,126 @@
+"""The training levers of issue 11: what the optimiser is given, the splits, the XLA-friendly shift, the
+cached-feature head phase, and what a run records."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from cifar100 import head, models, train
+from cifar100.config import Config, make_config
+
+
+def rate_given(config: Config, phase_rate: float = 1e-3, epochs: int = 4, steps: int = 10):
+    """The learning rate the compiled optimiser holds at each step of the phase."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    train.compile_model(model, train.learning_rate_for(phase_rate, config, epochs, steps), config)
+    rate = model.optimizer._learning_rate
+    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        return [float(rate(step)) for step in range(epochs * steps + 1)]
+    return [float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))]
+
+
+def test_the_optimizer_gets_the_configured_rate_whatever_the_batch_size():
+    config = make_config("seed-resnet50", {"batch_size": 16})
+    assert rate_given(config) == [pytest.approx(1e-3)]  # not quartered: no scaling unless asked
+    asked = config.replace(reference_batch_size=64)
+    assert rate_given(asked) == [pytest.approx(2.5e-4)]
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    rates = rate_given(Config(lr_schedule="cosine", warmup_epochs=1), epochs=4, steps=10)
+    assert rates[0] == pytest.approx(0.0) and rates[5] == pytest.approx(5e-4, rel=1e-3)
+    assert rates[10] == pytest.approx(1e-3, rel=1e-3) and max(rates) == pytest.approx(1e-3, rel=1e-3)
+    assert np.all(np.diff(rates[10:]) <= 1e-9) and rates[-1] == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("name,kind,decay", [("adam", keras.optimizers.Adam, None),
+                                             ("adamw", keras.optimizers.AdamW, 0.05),
+                                             ("sgd", keras.optimizers.SGD, 0.05)])
+def test_optimizer_choice(name, kind, decay):
+    optimizer = train.make_optimizer(1e-3, Config(optimizer=name, weight_decay=0.05, clipnorm=1.0))
+    assert type(optimizer) is kind and optimizer.clipnorm == 1.0
+    assert optimizer.weight_decay == decay
+    if name == "sgd":
+        assert optimizer.nesterov and optimizer.momentum == 0.9
+
+
+def test_the_cap_shrinks_training_not_validation(synthetic_cifar100):
+    from cifar100 import data
+
+    dataset = data.load(synthetic_cifar100)
+    full = train.prepare_data(Config(data_dir=str(synthetic_cifar100)), dataset)
+    capped = train.prepare_data(Config(data_dir=str(synthetic_cifar100), max_train_images=100), dataset)
+    assert len(capped.train_indices) == 100 and np.array_equal(capped.val_indices, full.val_indices)
+    assert not set(capped.train_indices) & set(capped.val_indices)
+    counts = np.bincount(dataset.y_train[capped.train_indices], minlength=dataset.num_classes)
+    assert counts.max() - counts.min() <= 1  # stratified
+
+
+def test_random_shift_moves_each_image_by_whole_pixels_and_compiles_with_xla():
+    layer = models.RandomShift(3, seed=1)
+    images = np.arange(8 * 10 * 10 * 3, dtype="float32").reshape(8, 10, 10, 3)
+    shifted = keras.ops.convert_to_numpy(layer(images, training=True))
+    padded = np.pad(images, [(0, 0), (3, 3), (3, 3), (0, 0)], mode="reflect")
+    offsets = []
+    for index in range(8):
+        found = [(r, c) for r in range(7) for c in range(7) if np.array_equal(padded[index, r:r + 10, c:c + 10],
+                                                                                 shifted[index])]
+        assert found, f"image {index} is not a shifted copy"
+        offsets.append(found[0])
+    assert len(set(offsets)) > 1  # each image its own shift
+    assert np.array_equal(keras.ops.convert_to_numpy(layer(images)), images)  # inference: unchanged
+    model = models.build_model(Config(backbone="tinycnn", weights=None, image_size=32), 10)
+    model.compile(optimizer="adam", loss="categorical_crossentropy", jit_compile=True)
+    assert model.jit_compile is True  # every layer supports XLA, so Keras keeps it on
+
+
+def test_augmentation_layers_draw_apart():
+    layers = models.augmentation_layers(Config(augment="randaugment", seed=3))
+    assert len({layer.seed for layer in layers}) == len(layers)
+
+
+def test_head_model_shares_the_classifier_and_the_features_are_the_backbones():
+    config = Config(backbone="tinycnn", weights=None, image_size=32)
+    model = models.build_model(config, 10)
+    small = head.head_model(model)
+    assert small.get_layer("classifier") is model.get_layer("classifier")
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    features = head.feature_extractor(model).predict(images, verbose=0)
+    np.testing.assert_allclose(small.predict(features, verbose=0), model.predict(images, verbose=0), rtol=1e-5,
+                               atol=1e-6)
+    batches = head.FeatureBatches(features, np.arange(6) % 10, 10, 4, seed=0)
+    batches.set_epoch(1)
+    first = batches.order.copy()
+    batches.set_epoch(2)
+    assert sorted(first) == list(range(6)) and not np.array_equal(first, batches.order)
+    batches.set_epoch(1)
+    assert np.array_equal(first, batches.order)
+
+
+def test_cached_head_run_records_what_it_did(synthetic_cifar100, tmp_path):
+    config = make_config("smoke", {"data_dir": str(synthetic_cifar100), "runs_dir": str(tmp_path), "head_epochs": 3,
+                                   "finetune_epochs": 1, "head_features": "cached", "lr_schedule": "cosine",
+                                   "warmup_epochs": 1, "optimizer": "adamw", "weight_decay": 0.01})
+    run_dir = train.run(config, verbose=0)
+    results = json.loads((run_dir / "results.json").read_text())
+    rows = train.run_folder.history_rows(run_dir)
+    state = train.run_folder.read_state(run_dir)
+    assert len(rows) == state["head_epochs_done"] + 1 and 1 <= state["head_epochs_done"] <= 3
+    assert results["optimization"]["finetune"] == {"optimizer": "adamw", "learning_rate": pytest.approx(3e-3),
+                                                   "schedule": "cosine", "jit_compile": False}
+    assert results["head_feature_seconds"] > 0
+    assert {"train_seconds", "val_seconds", "other_seconds"} <= set(rows[0]) and set(rows[0]) == set(rows[-1])
+    for row in rows:
+        parts = float(row["train_seconds"]) + float(row["val_seconds"]) + float(row["other_seconds"])
+        assert parts == pytest.approx(float(row["epoch_seconds"]), rel=1e-3)
+    # best.keras is the best validation epoch's model
+    best = keras.saving.load_model(run_dir / "best.keras")
+    from cifar100 import data, evaluate
+
+    splits = train.prepare_data(config, data.load(synthetic_cifar100))
+    val = evaluate.basic_metrics(best, splits.x_val, splits.y_val, 100)
+    assert val["top1"] == pytest.approx(max(float(r["val_accuracy"]) for r in rows), abs=1e-6)
+    tta = results["test"]["flip_tta"]
+    assert 0 <= tta["top1"] <= 1 and tta["images"] == results["data"]["test_images"]
