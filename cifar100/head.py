@@ -15,6 +15,8 @@ import time
 import keras
 import numpy as np
 
+from cifar100.sampling import one_hot
+
 
 
 def feature_extractor(model: keras.Model) -> keras.Model:
@@ -47,7 +49,7 @@ class FeatureBatches(keras.utils.PyDataset):
 
     def __getitem__(self, index: int):
         chosen = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-        return self.features[chosen], np.eye(self.num_classes, dtype=np.float32)[self.labels[chosen]]
+        return self.features[chosen], one_hot(self.labels[chosen], self.num_classes)
 
 
 class DrawOrder(keras.callbacks.Callback):

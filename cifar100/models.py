@@ -23,8 +23,7 @@ class Backbone:
     """What the project needs to know about one backbone."""
 
     constructor: Callable[..., keras.Model]
-    preprocessing: str  # mode of the ImagenetPreprocessing layer: caffe | tf | torch | none
-    native_size: int
+    preprocessing: str  # mode of the ImagenetPreprocessing layer: caffe | tf | none
     min_size: int
     has_imagenet: bool = True
 
@@ -34,16 +33,14 @@ class ImagenetPreprocessing(layers.Layer):
     """The backbone's input scaling, from 0..255 RGB, as a layer so that a saved model carries it.
 
     caffe: RGB -> BGR and ImageNet mean subtracted (ResNet50); tf: scaled to [-1, 1] (Xception,
-    MobileNetV2); torch: [0, 1] then ImageNet mean/std; none: the backbone rescales itself.
+    MobileNetV2); none: the backbone rescales itself (MobileNetV3, EfficientNetV2, ConvNeXt).
     """
 
-    MEAN = (0.485, 0.456, 0.406)
-    STD = (0.229, 0.224, 0.225)
     CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
     def __init__(self, mode: str = "tf", **kwargs):
         super().__init__(**kwargs)
-        if mode not in ("caffe", "tf", "torch", "none"):
+        if mode not in ("caffe", "tf", "none"):
             raise ValueError(f"unknown preprocessing mode {mode!r}")
         self.mode = mode
 
@@ -51,8 +48,6 @@ class ImagenetPreprocessing(layers.Layer):
         x = ops.cast(x, self.compute_dtype)
         if self.mode == "tf":
             return x / 127.5 - 1.0
-        if self.mode == "torch":
-            return (x / 255.0 - ops.array(self.MEAN, self.compute_dtype)) / ops.array(self.STD, self.compute_dtype)
         if self.mode == "caffe":
             return ops.flip(x, axis=-1) - ops.array(self.CAFFE_MEAN_BGR, self.compute_dtype)
         return x
@@ -114,13 +109,13 @@ def tiny_cnn(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="
 
 apps = keras.applications
 BACKBONES: dict[str, Backbone] = {
-    "resnet50": Backbone(apps.ResNet50, "caffe", native_size=224, min_size=32),
-    "xception": Backbone(apps.Xception, "tf", native_size=299, min_size=71),
-    "efficientnetv2b0": Backbone(apps.EfficientNetV2B0, "none", native_size=224, min_size=32),
-    "convnext_tiny": Backbone(apps.ConvNeXtTiny, "none", native_size=224, min_size=32),
-    "mobilenetv2": Backbone(apps.MobileNetV2, "tf", native_size=224, min_size=32),
-    "mobilenetv3small": Backbone(apps.MobileNetV3Small, "none", native_size=224, min_size=32),
-    "tinycnn": Backbone(tiny_cnn, "tf", native_size=32, min_size=8, has_imagenet=False),
+    "resnet50": Backbone(apps.ResNet50, "caffe", min_size=32),
+    "xception": Backbone(apps.Xception, "tf", min_size=71),
+    "efficientnetv2b0": Backbone(apps.EfficientNetV2B0, "none", min_size=32),
+    "convnext_tiny": Backbone(apps.ConvNeXtTiny, "none", min_size=32),
+    "mobilenetv2": Backbone(apps.MobileNetV2, "tf", min_size=32),
+    "mobilenetv3small": Backbone(apps.MobileNetV3Small, "none", min_size=32),
+    "tinycnn": Backbone(tiny_cnn, "tf", min_size=8, has_imagenet=False),
 }
 
 

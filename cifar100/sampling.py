@@ -17,6 +17,11 @@ import keras
 import numpy as np
 
 
+def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Integer labels -> float32 one-hot rows, as the categorical cross-entropy takes them."""
+    return np.eye(num_classes, dtype=np.float32)[labels]
+
+
 class TrainBatches(keras.utils.PyDataset):
     """Batches of (uint8 images (B, 32, 32, 3), one-hot float32 labels (B, C)).
 
@@ -68,7 +73,7 @@ class TrainBatches(keras.utils.PyDataset):
     def __getitem__(self, index: int):
         chosen = self.order[index * self.batch_size:(index + 1) * self.batch_size]
         images = self.images[chosen]
-        labels = np.eye(self.num_classes, dtype=np.float32)[self.labels[chosen]]
+        labels = one_hot(self.labels[chosen], self.num_classes)
         if self.mix:
             images, labels = self._mix(images, labels, np.random.default_rng([self.seed, self.epoch, index]))
         return images, labels

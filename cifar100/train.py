@@ -22,7 +22,7 @@ import numpy as np
 from cifar100 import data, distribution, head, models, run_folder
 from cifar100.callbacks import EpochTimer, HardExampleMining, callback_set, make_mining, reduce_lr_on_plateau
 from cifar100.config import Config, validate
-from cifar100.sampling import TrainBatches
+from cifar100.sampling import TrainBatches, one_hot
 
 PHASE1_WEIGHTS = "phase1.weights.h5"
 
@@ -101,10 +101,6 @@ def gpu_names() -> list[str]:
 
         return [str(d) for d in jax.devices() if d.platform == "gpu"]
     return []
-
-
-def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    return np.eye(num_classes, dtype=np.float32)[labels]
 
 
 def learning_rate_for(learning_rate: float, config: Config, epochs: int, steps_per_epoch: int):

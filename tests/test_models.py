@@ -45,10 +45,13 @@ def test_preprocessing_matches_the_backbone_convention(mode, expected):
     np.testing.assert_allclose(models.ImagenetPreprocessing(mode)(x).numpy(), expected(x), rtol=1e-5, atol=1e-4)
 
 
-def test_resnet50_preprocessing_equals_keras_own():
+@pytest.mark.parametrize("backbone,keras_module", [("resnet50", "resnet50"), ("xception", "xception"),
+                                                    ("mobilenetv2", "mobilenet_v2")])
+def test_preprocessing_equals_keras_own(backbone, keras_module):
     x = BATCH.astype(np.float32)
-    ours = models.ImagenetPreprocessing(models.BACKBONES["resnet50"].preprocessing)(x).numpy()
-    np.testing.assert_allclose(ours, keras.applications.resnet50.preprocess_input(x.copy()), atol=1e-4)
+    ours = models.ImagenetPreprocessing(models.BACKBONES[backbone].preprocessing)(x).numpy()
+    theirs = getattr(keras.applications, keras_module).preprocess_input(x.copy())
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
 def first_conv_kernel(backbone):
