@@ -79,6 +79,7 @@ def main(argv=None) -> int:
         results = train_run("cpu-small", data_dir, args.runs_dir, {**settings, "image_size": size})
         rows.append(run_row(f"{size} px", results))
         print(f"  {size} px: test top-1 {rows[-1]['test top-1']}, {rows[-1]['wall min']:.1f} min", file=sys.stderr)
+    rows.sort(key=lambda row: row["image size"])
     changes = " ".join(f"{key}={value}" for key, value in settings.items())
     print(f"# Image size, cpu-small recipe{' with ' + changes if changes else ''}, CIFAR-10 dev subset "
           f"(8,000 / 2,000 real images, not CIFAR-100) (machine: {machine()})\n")

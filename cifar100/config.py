@@ -202,7 +202,7 @@ PRESETS: dict[str, dict] = {
     # Sized for a 2-core CPU, measured on real images (docs/benchmarks.md, "cpu-small on real images"):
     # phase 1 on cached features, then a warm-up + cosine fine-tuning. On CIFAR-100 it trains on a
     # stratified 10,000 of the 45,000 training images (100 a class); validation keeps its 5,000.
-    "cpu-small": dict(backbone="mobilenetv3small", image_size=128, batch_size=64, max_train_images=10000,
+    "cpu-small": dict(backbone="mobilenetv3small", image_size=160, batch_size=64, max_train_images=10000,
                       head_features="cached", head_epochs=10, finetune_epochs=8, finetune_learning_rate=3e-4,
                       lr_schedule="cosine", warmup_epochs=1, label_smoothing=0.1, hem=False),
     # Seconds, for tests and a first look: a tiny CNN from random weights at 32 px.

@@ -8,7 +8,7 @@ import pytest
 
 from .conftest import ROOT
 
-pytestmark = pytest.mark.slow  # each runs a benchmark script in a subprocess
+slow = pytest.mark.slow  # each quick-table test runs a benchmark script in a subprocess
 
 
 def table_of(script: str, *args: str) -> tuple[list[str], list[list[str]]]:
@@ -22,6 +22,7 @@ def table_of(script: str, *args: str) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+@slow
 def test_upsampling_memory_quick_table():
     from benchmarks.upsampling_memory import COLUMNS
 
@@ -31,6 +32,7 @@ def test_upsampling_memory_quick_table():
     assert all(float(row[5]) >= float(row[4]) > 0 for row in rows)
 
 
+@slow
 def test_throughput_quick_table():
     from benchmarks.throughput import COLUMNS
 
@@ -38,8 +40,11 @@ def test_throughput_quick_table():
     assert header == COLUMNS
     assert [(row[2], row[3], row[4]) for row in rows] == [("mobilenetv3small", "32", "frozen"),
                                                           ("mobilenetv3small", "32", "finetune")]
+    asked, in_force = header.index("XLA asked"), header.index("XLA in force")
+    assert all(row[asked] == "auto" and row[in_force] in ("on", "off") for row in rows)
 
 
+@slow
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
                     reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
 def test_hard_examples_quick_table(tmp_path):
@@ -49,3 +54,25 @@ def test_hard_examples_quick_table(tmp_path):
     assert header == COLUMNS
     assert [row[0] for row in rows] == ["uniform", "hem"]
     assert (tmp_path / "fashion" / "DATASET.json").exists()
+
+
+def fake_results(size: int, top1: float, tta: float, seconds: float) -> dict:
+    return {"backbone": "mobilenetv3small", "image_size": size, "epochs_run": 18, "validation": {"top1": top1 - 0.01},
+            "test": {"top1": top1, "flip_tta": {"top1": tta}}, "wall_seconds": seconds,
+            "train_images_per_second": 60.0, "seconds_outside_steps_per_epoch": 3.5, "head_feature_seconds": 70.0}
+
+
+def test_run_rows_and_the_image_size_figure(tmp_path):
+    from benchmarks.common import RUN_COLUMNS, run_row
+    from benchmarks.image_size import draw
+
+    rows = [run_row(f"{size} px", fake_results(size, top1, top1 + 0.005, 60 * minutes))
+            for size, top1, minutes in ((32, 0.70, 4), (64, 0.80, 7), (128, 0.88, 18))]
+    assert set(RUN_COLUMNS) <= set(rows[0])
+    assert (rows[2]["test top-1"], rows[2]["test top-1 flip TTA"], rows[2]["val top-1"]) == ("88.0%", "88.5%", "87.0%")
+    assert rows[1]["wall min"] == 7
+    draw(rows, tmp_path / "curve.png", "title")
+    import matplotlib.image
+
+    image = matplotlib.image.imread(tmp_path / "curve.png")
+    assert image.shape[0] > 300 and image.shape[1] > 600
