@@ -127,7 +127,7 @@ def test_change_rerun_compare_reuse_and_resume_in_a_live_kernel(kernel, tmp_path
         kernel.run(training)
     error = [o for o in kernel.notebook.cells[training].outputs if o.output_type == "error"]
     assert len(error) == 1 and len(error[0].traceback) == 1
-    assert "error: the parameters changed since the settings were built (HARD_EXAMPLE_MINING: True -> False)" \
+    assert "error: the parameters changed since the settings were built (HARD_EXAMPLE_MINING: None -> False)" \
         in error[0].traceback[0] and "run the settings cell" in error[0].traceback[0]
     assert run_folders(runs) == first
 
