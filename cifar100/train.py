@@ -240,8 +240,9 @@ def _train(config: Config, run_dir: Path, splits: Splits, strategy, model, resum
         base = config.head_learning_rate if phase == "head" else config.finetune_learning_rate
         with strategy.scope():
             compile_model(target, learning_rate_for(base, config, epochs, steps_per_epoch), config)
-        run_folder.write_state(run_dir, **{f"{phase}_compiled": {
-            "optimizer": config.optimizer, "learning_rate": _initial_rate(target, base, config),
+        peak = learning_rate_for(base, config.replace(lr_schedule="plateau"), epochs, steps_per_epoch)
+        run_folder.write_state(run_dir, **{f"{phase}_compiled": {  # peak: after warm-up, before any decay
+            "optimizer": config.optimizer, "learning_rate": float(peak),
             "schedule": config.lr_schedule, "jit_compile": bool(getattr(target, "jit_compile", False))}})
 
     phase1 = run_dir / PHASE1_WEIGHTS
@@ -275,15 +276,6 @@ def _train(config: Config, run_dir: Path, splits: Splits, strategy, model, resum
     run_folder.write_state(run_dir, finished=True)
     shutil.rmtree(run_dir / "backup", ignore_errors=True)
     shutil.rmtree(run_dir / run_folder.CHECKPOINTS, ignore_errors=True)
-
-
-def _initial_rate(model: keras.Model, base: float, config: Config) -> float:
-    """The learning rate the optimiser reaches (after warm-up), as a number, for the record."""
-    rate = model.optimizer._learning_rate if hasattr(model.optimizer, "_learning_rate") else base
-    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
-        peak = rate.warmup_target if getattr(rate, "warmup_target", None) is not None else rate.initial_learning_rate
-        return float(peak)
-    return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
 
 
 def head_on_features(model: keras.Model, config: Config, run_dir: Path, splits: Splits, with_mining: bool,
