@@ -47,13 +47,15 @@ def test_optimizer_choice(name, kind, decay):
         assert optimizer.nesterov and optimizer.momentum == 0.9
 
 
-def test_the_cap_shrinks_training_not_validation(synthetic_cifar100):
+def test_the_cap_shrinks_training_not_validation(tmp_path):
     from cifar100 import data
 
-    dataset = data.load(synthetic_cifar100)
-    full = train.prepare_data(Config(data_dir=str(synthetic_cifar100)), dataset)
-    capped = train.prepare_data(Config(data_dir=str(synthetic_cifar100), max_train_images=100), dataset)
-    assert len(capped.train_indices) == 100 and np.array_equal(capped.val_indices, full.val_indices)
+    folder = data.write_synthetic(tmp_path / "c10", kind="cifar10", n_train=1000, n_test=100)
+    dataset = data.load(folder)
+    full = train.prepare_data(Config(data_dir=str(folder)), dataset)
+    capped = train.prepare_data(Config(data_dir=str(folder), max_train_images=200), dataset)
+    assert len(full.val_indices) == 100  # 10%, stratified: 10 a class
+    assert len(capped.train_indices) == 200 and np.array_equal(capped.val_indices, full.val_indices)
     assert not set(capped.train_indices) & set(capped.val_indices)
     counts = np.bincount(dataset.y_train[capped.train_indices], minlength=dataset.num_classes)
     assert counts.max() - counts.min() <= 1  # stratified
