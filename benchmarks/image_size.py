@@ -58,6 +58,7 @@ def draw(rows: list[dict], path: Path, title: str) -> None:
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def main(argv=None) -> int:
