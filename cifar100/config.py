@@ -57,9 +57,9 @@ class Config:
     finetune_epochs: int = 3
     finetune_learning_rate: float = 1e-4
     finetune_fraction: float = 1.0  # fraction of the backbone's layers, from the top, that fine-tune
-    # the optimiser of both phases and the learning-rate schedule of fine-tuning: "plateau" keeps the rate
-    # until ReduceLROnPlateau lowers it; "cosine" warms up linearly for `warmup_epochs`, then decays it
-    # along a cosine to 0 at the last epoch (ReduceLROnPlateau is then left out: the schedule sets the rate)
+    # the optimiser and the learning-rate schedule of both phases: "plateau" keeps the rate until
+    # ReduceLROnPlateau lowers it; "cosine" warms up linearly for `warmup_epochs` of the phase, then decays it
+    # along a cosine to 0 at the phase's last step (ReduceLROnPlateau is then left out: the schedule sets it)
     optimizer: str = "adam"  # adam | adamw | sgd (Nesterov momentum 0.9)
     weight_decay: float = 0.0  # decoupled weight decay (adamw, sgd)
     clipnorm: float | None = None  # clip each gradient to this norm

@@ -62,14 +62,16 @@ class DrawOrder(keras.callbacks.Callback):
 
 
 def cached_features(model: keras.Model, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
-                    batch_size: int) -> dict:
-    """Features of the training images and their mirror images, and of the validation images."""
+                    batch_size: int, mirror: bool = True) -> dict:
+    """Features of the training images (and, with `mirror`, of their mirror images) and of the validation
+    images."""
     started = time.perf_counter()
     extractor = feature_extractor(model)
 
     def features(images):  # in inference mode: no augmentation
         return np.asarray(extractor.predict(images, batch_size=max(batch_size, 128), verbose=0), dtype=np.float32)
 
-    train = np.concatenate([features(x_train), features(x_train[:, :, ::-1])])
-    return {"train": train, "train_labels": np.concatenate([y_train, y_train]), "val": features(x_val),
+    train = np.concatenate([features(x_train), features(x_train[:, :, ::-1])]) if mirror else features(x_train)
+    labels = np.concatenate([y_train, y_train]) if mirror else y_train
+    return {"train": train, "train_labels": labels, "val": features(x_val),
             "seconds": time.perf_counter() - started}

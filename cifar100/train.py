@@ -200,8 +200,8 @@ def run(config: Config, verbose: int | str = "auto", callbacks: list | None = No
     if splits is None or splits.config_key != _splits_key(config):
         splits = prepare_data(config)
     strategy, cluster = distribution.make_strategy(config.distribution, config.distribution_timeout)
-    if model is None or getattr(model, "built_for", None) != config.identity() or strategy.num_replicas_in_sync > 1:
-        model = new_model(config, splits.dataset.num_classes, strategy)
+    if model is None or getattr(model, "built_for", None) != config.identity() or _distributed(strategy):
+        model = new_model(config, splits.dataset.num_classes, strategy)  # a given model is reused on one device
     if cluster is None or cluster.is_chief:
         return _run(config, config.run_dir(), splits, strategy, model, verbose, callbacks)
     worker_dir = distribution.worker_folder(config.run_dir(), cluster.index)
@@ -210,6 +210,11 @@ def run(config: Config, verbose: int | str = "auto", callbacks: list | None = No
     finally:
         shutil.rmtree(worker_dir, ignore_errors=True)
     return config.run_dir()
+
+
+def _distributed(strategy) -> bool:
+    """True for a tf.distribute strategy (even of one replica): its model must be built inside its scope."""
+    return type(strategy).__name__ not in ("_DefaultDistributionStrategy", "_NoStrategy")
 
 
 def _run(config: Config, run_dir: Path, splits: Splits, strategy, model, verbose, callbacks) -> Path:
@@ -255,7 +260,8 @@ def _train(config: Config, run_dir: Path, splits: Splits, strategy, model, resum
         keras.mixed_precision.set_global_policy(precision_policy(config.mixed_precision))
         keras.utils.set_random_seed(config.seed)
         if config.head_features == "cached":
-            head_on_features(model, config, run_dir, splits, mining is not None, verbose, compile_for)
+            head_on_features(model, config, run_dir, splits, strategy, mining is not None, verbose, compile_for,
+                             extra)
         else:
             compile_for(model, "head", config.head_epochs, len(sampler))
             fit_phase(model, config, run_dir, "head", sampler, validation, 0, config.head_epochs, mining, verbose,
@@ -278,16 +284,19 @@ def _train(config: Config, run_dir: Path, splits: Splits, strategy, model, resum
     shutil.rmtree(run_dir / run_folder.CHECKPOINTS, ignore_errors=True)
 
 
-def head_on_features(model: keras.Model, config: Config, run_dir: Path, splits: Splits, with_mining: bool,
-                     verbose, compile_for) -> None:
+def head_on_features(model: keras.Model, config: Config, run_dir: Path, splits: Splits, strategy,
+                     with_mining: bool, verbose, compile_for, extra_callbacks=()) -> None:
     """Phase 1 on cached backbone features (see cifar100/head.py); best.keras is the best epoch's model."""
     num_classes = splits.dataset.num_classes
-    features = head.cached_features(model, splits.x_train, splits.y_train, splits.x_val, config.batch_size)
+    features = head.cached_features(model, splits.x_train, splits.y_train, splits.x_val, config.batch_size,
+                                    mirror=config.augment != "none")
     print(f"phase 1 on cached features: the backbone ran once over {len(features['train'])} training images "
-          f"(and mirror images) and {len(features['val'])} validation images in {features['seconds']:.0f} s")
+          f"({'with' if config.augment != 'none' else 'without'} mirror images) and {len(features['val'])} "
+          f"validation images in {features['seconds']:.0f} s")
     batches = head.FeatureBatches(features["train"], features["train_labels"], num_classes, config.batch_size,
                                   config.seed)
-    small = head.head_model(model)
+    with strategy.scope():
+        small = head.head_model(model)
     compile_for(small, "head", config.head_epochs, len(batches))
     (run_dir / run_folder.HISTORY).unlink(missing_ok=True)  # a killed attempt's rows: this phase starts afresh
     filler = [keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: logs.update(hem_seconds=0.0))]
@@ -298,7 +307,7 @@ def head_on_features(model: keras.Model, config: Config, run_dir: Path, splits: 
                   keras.callbacks.TerminateOnNaN(), *([reduce_lr] if reduce_lr is not None else []),
                   keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", restore_best_weights=True,
                                                 patience=config.early_stopping_patience, verbose=1),
-                  keras.callbacks.CSVLogger(run_dir / run_folder.HISTORY, append=True)])
+                  keras.callbacks.CSVLogger(run_dir / run_folder.HISTORY, append=True), *extra_callbacks])
     tmp = run_dir / ".best.keras"
     model.save(tmp)  # the best epoch's head on the frozen backbone: the run's best model so far
     os.replace(tmp, run_dir / "best.keras")
