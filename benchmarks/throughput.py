@@ -65,7 +65,8 @@ def measure(backbone: str, size: int, phase: str, precision: str, xla: str, inte
     gpus = train.gpu_names()
     return {"backend": keras.backend.backend(), "device": ", ".join(gpus) or f"CPU x{os.cpu_count()}",
             "backbone": backbone, "image size": size, "phase": phase, "precision": precision,
-            "XLA asked": xla, "XLA in force": "on" if model.jit_compile else "off", "inter-op threads": inter_op or "default", "batch": batch_size,
+            "XLA asked": xla, "XLA in force": "on" if model.jit_compile else "off",
+            "inter-op threads": inter_op or "default", "batch": batch_size,
             "warm-up s": warm_up, "images/s": steps * batch_size / seconds}
 
 

@@ -18,7 +18,6 @@ import numpy as np
 from cifar100.sampling import one_hot
 
 
-
 def feature_extractor(model: keras.Model) -> keras.Model:
     """uint8 32x32 images -> the backbone's pooled features (the input of the head), weights shared."""
     return keras.Model(model.inputs, model.get_layer("dropout").input, name="features")
