@@ -1,38 +1,54 @@
-"""Hard-example mining against plain uniform sampling, on real data: Fashion-MNIST.
+"""Hard-example mining against uniform sampling, on real images: accuracy against wall time.
 
-Fashion-MNIST comes from Debian's `dataset-fashion-mnist` package (apt-get install dataset-fashion-mnist);
-its 28x28 grey images are padded to 32x32, repeated to 3 channels and written in the official CIFAR-10
-file format, so the project's own reader and training loop run unchanged. Each arm trains the same model
-with the same budget (epochs, images per epoch) for every seed; the test accuracy is recorded after every
-epoch (for this comparison only: nothing is selected on it) together with the cumulative training time,
-hard-example mining's scoring time included.
+Arms: `uniform` (no mining), `reweight` (a scoring pass after each epoch weights each example's loss by its
+hardness), `selective:S` (Selective-Backprop: each step backpropagates about a fraction S of the batch,
+the examples whose loss ranks high). Each arm trains with the project's command line in a fresh process
+(a finished run folder is reused), with the same data, budget and seeds; the curve is the validation
+accuracy after each epoch against the cumulative training time (epochs, validation and mining's own
+scoring included; the one-off feature caching of phase 1 too). Nothing is selected on the test set: the
+best checkpoint's test accuracy is reported once per run.
 
-    python benchmarks/hard_examples.py                       # 10,000 training images, 3 seeds, 1 + 7 epochs
-    python benchmarks/hard_examples.py --quick               # 2,000 images, 1 seed, 1 + 1 epochs
-    python benchmarks/hard_examples.py --arms uniform hem:strength=2,fraction=0.5
+Two datasets:
+- `cifar10-dev`: the CIFAR-10 dev subset (`../shared/data/cifar10-dev/`: 8,000 training and 2,000 test real
+  photographs, NOT CIFAR-100), the `cpu-small` recipe (MobileNetV3Small with ImageNet weights from
+  `../shared/weights/`, phase 1 on cached features, then warm-up + cosine fine-tuning) at a smaller image
+  size and training set so that 3 seeds of 4 arms fit in an hour on a 2-core CPU;
+- `fashion-mnist`: Debian's `dataset-fashion-mnist` (apt-get install dataset-fashion-mnist), 28x28 grey
+  images padded to 32x32x3 and written in the CIFAR-10 format; the `smoke` preset's tiny CNN from random
+  weights (no head phase), Adam 1e-3.
+
+    python benchmarks/hard_examples.py --figure docs/figures/hard_examples.png     # both datasets, 3 seeds
+    python benchmarks/hard_examples.py --datasets fashion-mnist --arms uniform selective:0.5
+    python benchmarks/hard_examples.py --quick                # fashion-mnist, 1 seed, 2,000 images, 2 epochs
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import gzip
 import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, machine, table  # noqa: E402
+from benchmarks.common import ROOT, dev_data, machine, table, train_run  # noqa: E402
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_NAMES = ["T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                  "ankle boot"]
-COLUMNS = ["arm", "seeds", "epochs", "test top-1 at equal epochs", "test top-1 at equal wall time",
-           "best-checkpoint test top-1", "train s/epoch", "mining s/epoch", "mining cost"]
+ARMS = ["uniform", "reweight", "selective:0.5", "selective:0.33"]
+COLUMNS = ["arm", "seeds", "final val top-1", "best-checkpoint test top-1", "train min", "backprop fraction",
+           "time to uniform's final val top-1", "vs uniform's time"]
+SETUPS = {  # dataset -> (preset, settings)
+    "cifar10-dev": ("cpu-small", {"image_size": 64, "max_train_images": 4000, "finetune_epochs": 6}),
+    "fashion-mnist": ("smoke", {"weights": None, "max_train_images": 10000, "finetune_epochs": 8,
+                                "finetune_learning_rate": 1e-3, "batch_size": 64}),
+}
+QUICK = {"max_train_images": 2000, "finetune_epochs": 2}
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -64,139 +80,125 @@ def write_fashion_mnist(target: Path) -> Path:
                                class_names=FASHION_NAMES)
 
 
-def parse_arm(text: str) -> tuple[str, dict]:
-    """'uniform' or 'hem:key=value,...' -> (label, config overrides)."""
-    if text == "uniform":
-        return text, {"hem": False}
-    if not text.startswith("hem"):
-        raise SystemExit(f"arm {text!r}: expected 'uniform' or 'hem[:key=value,...]'")
-    settings = {"hem": True}
-    for item in filter(None, text.partition(":")[2].split(",")):
-        key, value = item.split("=")
-        settings[f"hem_{key}"] = int(value) if key in ("every", "keep") else float(value)
-    return text, settings
+def arm_settings(arm: str) -> dict:
+    """'uniform', 'reweight[:key=value,...]' or 'selective:S' -> the settings of the arm."""
+    name, _, rest = arm.partition(":")
+    if name == "uniform" and not rest:
+        return {"hem": False}
+    if name == "selective":
+        return {"hem": True, "hem_mode": "selective", "hem_selectivity": float(rest or 0.5)}
+    if name == "reweight":
+        settings = {"hem": True, "hem_mode": "reweight"}
+        for item in filter(None, rest.split(",")):
+            key, value = item.split("=")
+            settings[f"hem_{key}"] = int(value) if key == "every" else float(value)
+        return settings
+    raise SystemExit(f"arm {arm!r}: expected uniform, reweight[:key=value,...] or selective:S")
 
 
-def test_curve_callback(x_test, y_test):
-    import keras
-
-    class TestCurve(keras.callbacks.Callback):
-        """Test accuracy after every epoch, for this benchmark's comparison only."""
-
-        def __init__(self):
-            super().__init__()
-            self.accuracy = []
-
-        def on_epoch_end(self, epoch, logs=None):
-            predicted = self.model.predict(x_test, batch_size=512, verbose=0).argmax(1)
-            self.accuracy.append(float(np.mean(predicted == y_test)))
-
-    return TestCurve()
+def curve(run_dir: Path, results: dict) -> dict:
+    """Validation accuracy after each epoch against the cumulative training time."""
+    with open(Path(run_dir) / "history.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    outside = (results.get("mining") or {}).get("mode") == "reweight"  # its scoring runs after the epoch's timer
+    seconds = [float(r["epoch_seconds"]) + (float(r.get("forward_seconds") or 0) if outside else 0) for r in rows]
+    wall = float(results.get("head_feature_seconds") or 0) + np.cumsum(seconds)
+    trained = [float(r.get("examples_backprop") or 0) for r in rows]  # 0 on phase 1's cached features
+    seen = results["data"]["train_images"] * max(1, sum(n > 0 for n in trained))
+    backprop = sum(trained) if results.get("mining") else seen
+    return {"wall": wall.tolist(), "val": [float(r["val_accuracy"]) for r in rows],
+            "test": results["test"]["top1"], "backprop_fraction": backprop / seen}
 
 
-def run_arm(label, overrides, seed, data_dir, runs_dir, args) -> dict:
-    from cifar100 import data, train
-    from cifar100.config import Config, make_config
-    from cifar100.run_folder import history_rows
-
-    defaults = Config()  # the project's mining defaults, not the smoke preset's
-    mining_defaults = {name: getattr(defaults, name) for name in ("hem_every", "hem_fraction", "hem_strength",
-                                                                   "hem_floor")}
-    config = make_config("smoke", {**mining_defaults,
-        "data_dir": str(data_dir), "runs_dir": str(runs_dir), "name": f"{label.replace(':', '_')}-seed{seed}",
-        "seed": seed, "max_train_images": args.images, "head_epochs": 1, "finetune_epochs": args.epochs - 1,
-        "finetune_learning_rate": 1e-3, "early_stopping_patience": 1000, "reduce_lr_patience": 1000,
-        "batch_size": 64, **overrides})
-    dataset = data.load(data_dir)
-    curve = test_curve_callback(dataset.x_test[: args.test_images], dataset.y_test[: args.test_images])
-    run_dir = train.run(config, verbose=0, callbacks=[curve])
-    rows = history_rows(run_dir)
-    train_seconds = np.array([float(r["epoch_seconds"]) for r in rows])
-    mining_seconds = np.array([float(r.get("hem_seconds") or 0) for r in rows])
-    results = json.loads((run_dir / "results.json").read_text())
-    return {"arm": label, "seed": seed, "test_curve": curve.accuracy,
-            "wall": np.cumsum(train_seconds + mining_seconds).tolist(),
-            "train_seconds": train_seconds.tolist(), "mining_seconds": mining_seconds.tolist(),
-            "best_test": results["test"]["top1"]}
-
-
-def accuracy_at(run: dict, seconds: float) -> float:
-    """Test accuracy of the last epoch finished within `seconds` of training time (0 if none)."""
-    finished = [acc for acc, t in zip(run["test_curve"], run["wall"], strict=True) if t <= seconds + 1e-9]
-    return finished[-1] if finished else 0.0
+def time_to(run: dict, target: float) -> float | None:
+    """Training time until the validation accuracy first reaches `target` (None if it never does)."""
+    return next((t for t, v in zip(run["wall"], run["val"], strict=True) if v >= target - 1e-9), None)
 
 
 def summarise(runs: list[dict], arms: list[str]) -> list[dict]:
-    baseline_time = {r["seed"]: r["wall"][-1] for r in runs if r["arm"] == arms[0]}
+    """One row per arm. The time to reach uniform's final validation accuracy is per seed (each seed carves
+    its own validation split), then averaged over the seeds that reach it."""
+    uniform = {r["seed"]: r for r in runs if r["arm"] == arms[0]}
     rows = []
     for arm in arms:
         mine = [r for r in runs if r["arm"] == arm]
-        final = np.array([r["test_curve"][-1] for r in mine])
-        at_time = np.array([accuracy_at(r, baseline_time[r["seed"]]) for r in mine])
-        train_s = np.mean([np.mean(r["train_seconds"]) for r in mine])
-        mining_s = np.mean([np.mean(r["mining_seconds"]) for r in mine])
-        rows.append({"arm": arm, "seeds": len(mine), "epochs": len(mine[0]["test_curve"]),
-                     "test top-1 at equal epochs": f"{final.mean():.4f} ± {final.std():.4f}",
-                     "test top-1 at equal wall time": f"{at_time.mean():.4f} ± {at_time.std():.4f}",
-                     "best-checkpoint test top-1": f"{np.mean([r['best_test'] for r in mine]):.4f}",
-                     "train s/epoch": train_s, "mining s/epoch": mining_s,
-                     "mining cost": f"{100 * mining_s / train_s:.1f}%"})
+        final = np.array([r["val"][-1] for r in mine])
+        test = np.array([r["test"] for r in mine])
+        reached = [(time_to(r, uniform[r["seed"]]["val"][-1]), uniform[r["seed"]]["wall"][-1]) for r in mine
+                   if r["seed"] in uniform]
+        times = [(t, base) for t, base in reached if t is not None]
+        rows.append({
+            "arm": arm, "seeds": len(mine), "final val top-1": f"{final.mean():.4f} ± {final.std():.4f}",
+            "best-checkpoint test top-1": f"{test.mean():.4f} ± {test.std():.4f}",
+            "train min": np.mean([r["wall"][-1] for r in mine]) / 60,
+            "backprop fraction": np.mean([r["backprop_fraction"] for r in mine]),
+            "time to uniform's final val top-1":
+                f"{np.mean([t for t, _ in times]) / 60:.2f} min ({len(times)}/{len(reached)} seeds reach it)"
+                if times else f"not reached (0/{len(reached)} seeds)",
+            "vs uniform's time": f"{np.mean([t / base for t, base in times]):.2f}x" if times else "",
+        })
     return rows
 
 
-def figure(runs: list[dict], arms: list[str], path: Path) -> None:
+def figure(runs: list[dict], arms: list[str], datasets: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for index, arm in enumerate(arms):
-        color = f"C{index}"
-        for number, run in enumerate(r for r in runs if r["arm"] == arm):
-            ax.plot(run["wall"], run["test_curve"], "o-", color=color, alpha=0.7, markersize=3,
-                    label=arm if number == 0 else None)
-    ax.set_xlabel("cumulative training time, mining included (s)")
-    ax.set_ylabel("Fashion-MNIST test top-1 accuracy")
-    ax.set_title("Hard-example mining vs uniform sampling (one line per seed)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.5), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        for index, arm in enumerate(arms):
+            for number, run in enumerate(r for r in runs if r["arm"] == arm and r["dataset"] == dataset):
+                ax.plot(np.array(run["wall"]) / 60, run["val"], "o-", color=f"C{index}", alpha=0.7, markersize=3,
+                        label=arm if number == 0 else None)
+        ax.set_xlabel("cumulative training time (min), mining included")
+        ax.set_ylabel("validation top-1 accuracy")
+        ax.set_title(f"{dataset} (one line per seed)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Hard-example mining against uniform sampling, real images")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2,000 images, 1 seed, 2 epochs")
-    parser.add_argument("--arms", nargs="+", default=["uniform", "hem"], help="first arm is the baseline")
+    parser.add_argument("--datasets", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--arms", nargs="+", default=ARMS, help="the first arm is the baseline")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--images", type=int, default=10000, help="training images (stratified cap)")
-    parser.add_argument("--test-images", type=int, default=10000)
-    parser.add_argument("--epochs", type=int, default=8, help="1 frozen + the rest fine-tuning")
-    parser.add_argument("--data-dir", type=Path, default=ROOT / "benchmarks" / "data" / "fashion-mnist")
+    parser.add_argument("--quick", action="store_true", help="fashion-mnist, 1 seed, 2,000 images, 2 epochs")
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "benchmarks" / "data",
+                        help="where the datasets are written (fashion-mnist/, cifar10-dev/)")
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "benchmarks" / "data" / "runs")
     parser.add_argument("--figure", type=Path, default=None, help="PNG of accuracy against wall time")
-    parser.add_argument("--json", type=Path, default=None, help="write every run's curves here")
+    parser.add_argument("--json", type=Path, default=None, help="write every run's curve here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seeds, args.images, args.test_images, args.epochs = 1, 2000, 2000, 2
-    data_dir = write_fashion_mnist(args.data_dir)
-    arms = [parse_arm(a) for a in args.arms]
+        args.datasets, args.seeds = ["fashion-mnist"], 1
     runs = []
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as runs_dir:
+    for dataset in args.datasets:
+        folder = args.data_dir / dataset
+        data_dir = write_fashion_mnist(folder) if dataset == "fashion-mnist" else dev_data(folder)
+        preset, settings = SETUPS[dataset]
         for seed in range(args.seeds):
-            for label, overrides in arms:
-                runs.append(run_arm(label, overrides, seed, data_dir, Path(runs_dir), args))
-                print(f"  {label} seed {seed}: test {runs[-1]['test_curve'][-1]:.4f}", file=sys.stderr)
-    labels = [label for label, _ in arms]
+            for arm in args.arms:
+                chosen = {**settings, **(QUICK if args.quick else {}), **arm_settings(arm), "seed": seed}
+                results = train_run(preset, data_dir, args.runs_dir, chosen)
+                runs.append({"dataset": dataset, "arm": arm, "seed": seed,
+                             **curve(Path(results["run_dir"]), results)})
+                print(f"  {dataset} {arm} seed {seed}: val {runs[-1]['val'][-1]:.4f}, "
+                      f"{runs[-1]['wall'][-1] / 60:.1f} min", file=sys.stderr)
     if args.figure:
-        figure(runs, labels, args.figure)
+        figure(runs, args.arms, args.datasets, args.figure)
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1))
-    print(f"# Hard-example mining on Fashion-MNIST (machine: {machine()}; tinycnn at 32 px from random weights, "
-          f"{args.images} training images, batch 64, Adam 3e-3 then 1e-3; {time.perf_counter() - started:.0f} s "
-          "in all)\n")
-    print(table(summarise(runs, labels), COLUMNS))
+    for dataset in args.datasets:
+        preset, settings = SETUPS[dataset]
+        shown = {**settings, **(QUICK if args.quick else {})}
+        print(f"# {dataset}: preset {preset} with {shown}, {args.seeds} seed(s) (machine: {machine()})\n")
+        print(table(summarise([r for r in runs if r["dataset"] == dataset], args.arms), COLUMNS) + "\n")
     return 0
 
 

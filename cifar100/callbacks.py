@@ -1,4 +1,4 @@
-"""Hard-example mining and the callback set of a run. Every callback watches the validation split."""
+"""The callback set of a run, and the callbacks of its own it holds. Every callback watches the validation split."""
 
 from __future__ import annotations
 
@@ -6,85 +6,11 @@ import time
 from pathlib import Path
 
 import keras
-import numpy as np
 
 from cifar100 import run_folder
 from cifar100.config import Config
+from cifar100.mining import HardExampleMining, SelectiveBackprop
 from cifar100.sampling import EpochOrder, TrainBatches
-
-
-def per_example_cross_entropy(model: keras.Model, images: np.ndarray, labels: np.ndarray,
-                              batch_size: int = 256) -> np.ndarray:
-    """Categorical cross-entropy of each example, in inference mode (no augmentation, no dropout)."""
-    probabilities = model.predict(images, batch_size=batch_size, verbose=0)
-    return -np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0))
-
-
-def mining_probabilities(losses: np.ndarray, strength: float, floor: float) -> np.ndarray:
-    """Draw probabilities from per-example losses: (loss / mean) ** strength, mixed with a uniform floor.
-
-    Every example keeps at least floor / N; the rest of the mass goes to the high-loss examples.
-    """
-    n = len(losses)
-    weights = (np.maximum(losses, 0) / max(float(np.mean(losses)), 1e-12)) ** strength
-    if not np.isfinite(weights).all() or weights.sum() <= 0:
-        weights = np.ones(n)
-    return floor / n + (1 - floor) * weights / weights.sum()
-
-
-class HardExampleMining(keras.callbacks.Callback):
-    """Every `every` epochs, scores (a `fraction` of) the training examples by their cross-entropy and makes
-    the sampler draw the hardest more often. Logs its cost as `hem_seconds`; keeps the hardest examples."""
-
-    def __init__(self, sampler: TrainBatches, every: int = 1, fraction: float = 1.0, strength: float = 1.0,
-                 floor: float = 0.5, keep: int = 64, seed: int = 0, batch_size: int = 256):
-        super().__init__()
-        self.sampler, self.every, self.fraction = sampler, every, fraction
-        self.strength, self.floor, self.keep, self.batch_size = strength, floor, keep, batch_size
-        self.seed = seed
-        self.losses = np.full(len(sampler.images), np.nan)  # latest known loss of each example
-        self.hardest_indices = np.array([], dtype=np.int64)
-        self.hardest_losses = np.array([], dtype=np.float64)
-
-    def score(self, epoch: int = 0) -> float:
-        """Score a sample of the training set and update the sampler. Returns the seconds it took."""
-        started = time.perf_counter()
-        n = len(self.sampler.images)
-        count = max(1, int(round(self.fraction * n)))
-        rng = np.random.default_rng([self.seed, epoch])
-        chosen = np.arange(n) if count >= n else np.sort(rng.choice(n, size=count, replace=False))
-        self.losses[chosen] = per_example_cross_entropy(self.model, self.sampler.images[chosen],
-                                                        self.sampler.labels[chosen], self.batch_size)
-        order = chosen[np.argsort(-self.losses[chosen])][: self.keep]
-        self.hardest_indices, self.hardest_losses = order, self.losses[order]
-        self._update_sampler()
-        return time.perf_counter() - started
-
-    def _update_sampler(self) -> None:
-        if np.isnan(self.losses).all():
-            self.sampler.set_probabilities(None)
-            return
-        known = np.where(np.isnan(self.losses), np.nanmean(self.losses), self.losses)
-        self.sampler.set_probabilities(mining_probabilities(known, self.strength, self.floor))
-
-    def on_epoch_end(self, epoch, logs=None):
-        seconds = self.score(epoch) if (epoch + 1) % self.every == 0 else 0.0
-        if logs is not None:
-            logs["hem_seconds"] = seconds
-
-    def get_state(self) -> dict:
-        """What a resumed run needs to continue exactly: the known losses and the hardest examples."""
-        return {"losses": [None if np.isnan(v) else float(v) for v in self.losses],
-                "hardest_indices": self.hardest_indices.tolist(), "hardest_losses": self.hardest_losses.tolist()}
-
-    def set_state(self, state: dict) -> None:
-        losses = np.array([np.nan if v is None else v for v in state["losses"]], dtype=np.float64)
-        if losses.shape != self.losses.shape:
-            return  # another training set: start afresh
-        self.losses = losses
-        self.hardest_indices = np.asarray(state["hardest_indices"], dtype=np.int64)
-        self.hardest_losses = np.asarray(state["hardest_losses"], dtype=np.float64)
-        self._update_sampler()
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -175,14 +101,6 @@ class CommitEpoch(keras.callbacks.Callback):
         run_folder.publish_checkpoint(self.run_dir, epoch + 1)
 
 
-def make_mining(config: Config, sampler: TrainBatches) -> HardExampleMining | None:
-    if not config.hem:
-        return None
-    return HardExampleMining(sampler, every=config.hem_every, fraction=config.hem_fraction,
-                             strength=config.hem_strength, floor=config.hem_floor, keep=config.hem_keep,
-                             seed=config.seed, batch_size=max(config.batch_size, 128))
-
-
 def reduce_lr_on_plateau(config: Config) -> keras.callbacks.ReduceLROnPlateau | None:
     """The plateau schedule's callback; None under the cosine schedule, which sets the rate itself."""
     if config.lr_schedule == "cosine":
@@ -191,7 +109,8 @@ def reduce_lr_on_plateau(config: Config) -> keras.callbacks.ReduceLROnPlateau | 
                                              patience=config.reduce_lr_patience, min_lr=1e-6, verbose=1)
 
 
-def callback_set(config: Config, run_dir: Path, phase: str, sampler: TrainBatches, mining: HardExampleMining | None,
+def callback_set(config: Config, run_dir: Path, phase: str, sampler: TrainBatches,
+                 mining: HardExampleMining | SelectiveBackprop | None,
                  best_so_far: float | None, restored: dict | None) -> list[keras.callbacks.Callback]:
     """The callbacks of one phase, in the order they must run at the end of an epoch.
 

@@ -21,9 +21,11 @@ DISTRIBUTIONS = ("auto", "mirrored", "multi-worker", "none")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("plateau", "cosine")
 HEAD_FEATURES = ("live", "cached")
+HEM_MODES = ("reweight", "selective")
 CHOICES = {"augment": AUGMENTATIONS, "interpolation": INTERPOLATIONS, "distribution": DISTRIBUTIONS,
            "mixed_precision": PRECISIONS, "jit_compile": AUTO_FLAGS, "optimizer": OPTIMIZERS,
-           "lr_schedule": SCHEDULES, "head_features": HEAD_FEATURES}
+           "lr_schedule": SCHEDULES, "head_features": HEAD_FEATURES,
+           "hem_mode": HEM_MODES}
 # Settings that do not change what a run learns: left out of its identity (the hash in its folder name).
 NOT_IDENTITY = ("name", "preset", "runs_dir", "distribution_timeout")
 # Also left out of the readable part of a run's folder name (still in its hash): usually a long path.
@@ -73,13 +75,18 @@ class Config:
     reduce_lr_patience: int = 2
     reduce_lr_factor: float = 0.3
     early_stopping_patience: int = 4
-    # hard-example mining
-    hem: bool = True
-    hem_every: int = 1  # score the training examples every k epochs
-    hem_fraction: float = 0.2  # fraction of the training examples scored each time (bounds the cost)
-    hem_strength: float = 1.0  # draw weight = (loss / mean loss) ** strength
-    hem_floor: float = 0.5  # every example keeps at least floor / N probability
-    hem_keep: int = 64  # how many of the hardest examples are kept to be shown
+    # hard-example mining (cifar100/mining.py): off by default, as measured (docs/benchmarks.md)
+    hem: bool = False
+    # "reweight": a scoring pass weights each example's loss; "selective": each step backpropagates only
+    # the examples whose loss ranks high (Selective-Backprop)
+    hem_mode: str = "reweight"
+    hem_every: int = 1  # reweight: score the training examples every k epochs
+    hem_fraction: float = 0.2  # reweight: fraction of the training examples scored each time (bounds the cost)
+    hem_strength: float = 1.0  # reweight: loss weight = (loss / mean loss) ** strength
+    hem_floor: float = 0.5  # reweight: every example keeps a loss weight of at least this (mean weight 1)
+    hem_selectivity: float = 0.5  # selective: the fraction of examples backpropagated, on average
+    hem_window: int = 1024  # selective: a loss is ranked against this many recent losses
+    hem_keep: int = 64  # how many of the hardest training examples results.json keeps (to be shown)
     # speed
     mixed_precision: str = "auto"  # auto (float16 with a GPU) | true (float16) | bfloat16 | false
     jit_compile: str = "auto"  # auto (on with a GPU) | true | false
@@ -108,7 +115,7 @@ class Config:
     def run_name(self) -> str:
         """The run folder's name: `name` when set, else the preset plus what differs from it plus a hash.
 
-        `cpu-small` is the preset as it is; `cpu-small-hem=False-head_learning_rate=0.003-1a2b3c` changes
+        `cpu-small` is the preset as it is; `cpu-small-hem=True-head_learning_rate=0.003-1a2b3c` changes
         two settings. The 6-hex-digit hash covers every setting that defines training (not the data
         folder's name in the readable part, nor where the run is saved), so other settings never share
         a folder and the same settings always find theirs.
@@ -204,10 +211,11 @@ PRESETS: dict[str, dict] = {
     # stratified 10,000 of the 45,000 training images (100 a class); validation keeps its 5,000.
     "cpu-small": dict(backbone="mobilenetv3small", image_size=160, batch_size=64, max_train_images=10000,
                       head_features="cached", head_epochs=10, finetune_epochs=8, finetune_learning_rate=3e-4,
-                      lr_schedule="cosine", warmup_epochs=1, label_smoothing=0.1, hem=False),
+                      lr_schedule="cosine", warmup_epochs=1, label_smoothing=0.1),
     # Seconds, for tests and a first look: a tiny CNN from random weights at 32 px.
+    # Random weights: no head phase (nothing pretrained to keep frozen), every layer trains from the start.
     "smoke": dict(backbone="tinycnn", image_size=32, weights=None, batch_size=32, max_train_images=1000,
-                  head_epochs=1, head_learning_rate=3e-3, finetune_epochs=4, finetune_learning_rate=3e-3,
+                  head_epochs=1, head_learning_rate=3e-3, finetune_epochs=5, finetune_learning_rate=3e-3,
                   augment="none", dropout=0.0, hem_fraction=0.5),
 }
 
@@ -290,6 +298,7 @@ RANGES: dict[str, tuple] = {
     "dropout": (_FLOAT, ">= 0", "< 1"), "label_smoothing": (_FLOAT, ">= 0", "< 1"),
     "reduce_lr_factor": (_FLOAT, "> 0", "< 1"), "hem_fraction": (_FLOAT, "> 0", "<= 1"),
     "hem_strength": (_FLOAT, ">= 0", None), "hem_floor": (_FLOAT, ">= 0", "<= 1"),
+    "hem_selectivity": (_FLOAT, "> 0", "<= 1"), "hem_window": (_INT, 1, None),
     "distribution_timeout": (_FLOAT, "> 0", None),
 }
 

@@ -96,7 +96,7 @@ def tiny_cnn(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="
     x = inputs
     for width in (32, 64):
         x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
-        x = layers.BatchNormalization()(x)
+        x = layers.BatchNormalization(momentum=0.9)(x)  # short runs: statistics that keep up with training
         x = layers.ReLU()(x)
         x = layers.MaxPooling2D()(x)
     x = layers.Conv2D(128, 3, padding="same", activation="relu")(x)
@@ -167,7 +167,7 @@ def build_model(config: Config, num_classes: int = 100, backbone: keras.Model | 
     if backbone is None:
         backbone = build_backbone(config)
     backbone.name = BACKBONE_LAYER
-    x = backbone(x)  # its BatchNorm layers are frozen, so they run in inference mode (see set_phase)
+    x = backbone(x)  # pretrained: its BatchNorm layers are frozen, so they run in inference mode (set_phase)
     x = layers.Dropout(config.dropout, name="dropout")(x)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="classifier")(x)
     return keras.Model(inputs, outputs, name=f"{config.backbone}_{config.image_size}px")
@@ -177,12 +177,14 @@ def backbone_of(model: keras.Model) -> keras.Model:
     return model.get_layer(BACKBONE_LAYER)
 
 
-def set_phase(model: keras.Model, phase: str, finetune_fraction: float = 1.0) -> None:
+def set_phase(model: keras.Model, phase: str, finetune_fraction: float = 1.0, pretrained: bool = True) -> None:
     """'head': the backbone frozen. 'finetune': the top `finetune_fraction` of the backbone's layers train.
 
-    BatchNormalization layers stay frozen in both phases, which in Keras 3 also keeps them in inference
-    mode (moving statistics used, never updated). Passing `training=False` when calling the backbone is
-    not enough in Keras 3: a functional model passes fit()'s `training=True` down to every nested layer.
+    With pretrained weights, BatchNormalization layers stay frozen in both phases, which in Keras 3 also
+    keeps them in inference mode (the pretrained moving statistics used, never updated). Passing
+    `training=False` when calling the backbone is not enough in Keras 3: a functional model passes fit()'s
+    `training=True` down to every nested layer. Without pretrained weights (`pretrained=False`) there are
+    no statistics to keep: BatchNorm trains and normalises with batch statistics like any other layer.
     """
     backbone = backbone_of(model)
     if phase == "head":
@@ -193,7 +195,7 @@ def set_phase(model: keras.Model, phase: str, finetune_fraction: float = 1.0) ->
     backbone.trainable = True
     frozen = int(round(len(backbone.layers) * (1 - finetune_fraction)))
     for index, layer in enumerate(backbone.layers):
-        if index < frozen or isinstance(layer, layers.BatchNormalization):
+        if index < frozen or (pretrained and isinstance(layer, layers.BatchNormalization)):
             layer.trainable = False
 
 

@@ -1,9 +1,10 @@
 """Training batches for `fit`: uint8 32x32 images in an order drawn afresh each epoch.
 
-Hard-example mining acts here: it sets per-example draw probabilities, and the next epoch draws the hard
-examples more often. Images are never upsampled here; that happens inside the model.
+Every example is seen once per epoch. Hard-example mining's "reweight" mode acts here: it sets per-example
+loss weights, which the batches carry from the next epoch on. Images are never upsampled here; that happens
+inside the model.
 
-Each epoch's order is a function of (seed, epoch, probabilities) alone, drawn when Keras begins the epoch
+Each epoch's order is a function of (seed, epoch) alone, drawn when Keras begins the epoch
 (`EpochOrder`, a callback: Keras tells callbacks the epoch number before the epoch's first batch is read).
 Keras also peeks at batches to learn their shapes and reads ahead, so nothing here depends on which
 batches were read before: a run resumed at epoch e draws exactly the batches an uninterrupted run draws.
@@ -23,14 +24,15 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 class TrainBatches(keras.utils.PyDataset):
-    """Batches of (uint8 images (B, 32, 32, 3), one-hot float32 labels (B, C)).
+    """Batches of (uint8 images (B, 32, 32, 3), one-hot float32 labels (B, C)), in a new shuffle each epoch.
 
-    Uniform probabilities give a plain shuffle (each example once per epoch); other probabilities give
-    N draws with replacement. `mix` is "mixup" or "cutmix" to blend pairs of images and their labels.
+    `weighted`: the batches also carry per-example loss weights (B,), all 1 until `set_weights` (a batch's
+    structure cannot change between epochs, so this is decided up front). `mix` is "mixup" or "cutmix" to
+    blend pairs of images and their labels.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int,
-                 seed: int = 0, mix: str | None = None, mix_alpha: float = 0.2):
+                 seed: int = 0, mix: str | None = None, mix_alpha: float = 0.2, weighted: bool = False):
         super().__init__()
         if images.dtype != np.uint8 or images.shape[1:] != (32, 32, 3):
             raise ValueError(f"images must be uint8 (N, 32, 32, 3), got {images.dtype} {images.shape}")
@@ -39,7 +41,8 @@ class TrainBatches(keras.utils.PyDataset):
         self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
         self.num_classes, self.batch_size, self.seed = num_classes, batch_size, seed
         self.mix, self.mix_alpha = mix, mix_alpha
-        self.probabilities: np.ndarray | None = None  # None means uniform
+        self.weighted = weighted
+        self.weights: np.ndarray | None = None  # None means all 1
         self.epoch = 0  # the epoch whose order is in use
         self.order = self._draw_order(0)
 
@@ -47,28 +50,19 @@ class TrainBatches(keras.utils.PyDataset):
         return math.ceil(len(self.images) / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        """Draw the order of `epoch` (counted from the run's start), with the probabilities now in force."""
+        """Draw the order of `epoch` (counted from the run's start)."""
         self.epoch, self.order = epoch, self._draw_order(epoch)
 
-    def set_probabilities(self, probabilities: np.ndarray | None) -> None:
-        """Per-example draw probabilities for the next epochs (None: uniform). Takes effect at the next epoch."""
-        if probabilities is not None:
-            probabilities = np.asarray(probabilities, dtype=np.float64)
-            if probabilities.shape != (len(self.images),) or np.any(probabilities < 0):
-                raise ValueError("probabilities must be non-negative, one per training example")
-            probabilities = probabilities / probabilities.sum()
-        self.probabilities = probabilities
-
-    def draw_probabilities(self) -> np.ndarray:
-        n = len(self.images)
-        return np.full(n, 1.0 / n) if self.probabilities is None else self.probabilities
+    def set_weights(self, weights: np.ndarray | None) -> None:
+        """Per-example loss weights for the batches read from now on (None: all 1)."""
+        if weights is not None:
+            weights = np.asarray(weights, dtype=np.float32)
+            if weights.shape != (len(self.images),) or not np.all(np.isfinite(weights)) or np.any(weights < 0):
+                raise ValueError("weights must be finite, non-negative, one per training example")
+        self.weights = weights
 
     def _draw_order(self, epoch: int) -> np.ndarray:
-        n = len(self.images)
-        rng = np.random.default_rng([self.seed, epoch])
-        if self.probabilities is None:
-            return rng.permutation(n)
-        return rng.choice(n, size=n, replace=True, p=self.probabilities)
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
 
     def __getitem__(self, index: int):
         chosen = self.order[index * self.batch_size:(index + 1) * self.batch_size]
@@ -76,6 +70,9 @@ class TrainBatches(keras.utils.PyDataset):
         labels = one_hot(self.labels[chosen], self.num_classes)
         if self.mix:
             images, labels = self._mix(images, labels, np.random.default_rng([self.seed, self.epoch, index]))
+        if self.weighted:
+            weights = np.ones(len(chosen), np.float32) if self.weights is None else self.weights[chosen]
+            return images, labels, weights
         return images, labels
 
     def _mix(self, images: np.ndarray, labels: np.ndarray, rng: np.random.Generator):

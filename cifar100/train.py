@@ -1,8 +1,9 @@
 """A training run: a Config in, a run folder out (models/<run>/).
 
 Two phases: the backbone frozen while the head learns, then fine-tuning at a lower learning rate with
-BatchNorm in inference mode. A run killed at any point and started again with the same run folder
-resumes where it stopped.
+BatchNorm in inference mode. Without pretrained weights there is nothing to keep frozen: phase 1 is skipped
+and every layer, BatchNorm included, trains from the start. A run killed at any point and started again
+with the same run folder resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import keras
 import numpy as np
 
 from cifar100 import data, distribution, head, models, run_folder
-from cifar100.callbacks import EpochTimer, HardExampleMining, callback_set, make_mining, reduce_lr_on_plateau
+from cifar100 import mining as hem
+from cifar100.callbacks import EpochTimer, callback_set, reduce_lr_on_plateau
 from cifar100.config import Config, validate
 from cifar100.sampling import TrainBatches, one_hot
 
@@ -147,7 +149,7 @@ def save_class_info(run_dir: Path, dataset: data.Dataset) -> None:
 
 
 def fit_phase(model: keras.Model, config: Config, run_dir: Path, phase: str, sampler: TrainBatches,
-              validation: tuple, start_epoch: int, end_epoch: int, mining: HardExampleMining | None,
+              validation: tuple, start_epoch: int, end_epoch: int, mining: keras.callbacks.Callback | None,
               verbose, extra_callbacks=()) -> None:
     """One phase of training, from `start_epoch` (or where a killed run of this phase stopped) to `end_epoch`."""
     backup = run_dir / "backup" / phase
@@ -235,9 +237,11 @@ def _train(config: Config, run_dir: Path, splits: Splits, strategy, model, resum
     print(splits.dataset.describe())
     save_class_info(run_dir, splits.dataset)
     mix = config.augment if config.augment in ("mixup", "cutmix") else None
-    sampler = TrainBatches(splits.x_train, splits.y_train, num_classes, config.batch_size, seed=config.seed, mix=mix)
+    sampler = TrainBatches(splits.x_train, splits.y_train, num_classes, config.batch_size, seed=config.seed, mix=mix,
+                           weighted=config.hem and config.hem_mode == "reweight")
     validation = (splits.x_val, one_hot(splits.y_val, num_classes))
-    mining = make_mining(config, sampler)
+    mining = hem.make_mining(config, sampler, model)
+    pretrained = config.weights is not None
     started = time.perf_counter()
     extra = list(callbacks or [])
 
@@ -259,7 +263,10 @@ def _train(config: Config, run_dir: Path, splits: Splits, strategy, model, resum
         model.set_weights(model.initial_weights)  # phase 1 (re)starts from the initial weights
         keras.mixed_precision.set_global_policy(precision_policy(config.mixed_precision))
         keras.utils.set_random_seed(config.seed)
-        if config.head_features == "cached":
+        if not pretrained:
+            print("no pretrained weights: phase 1 (a head on frozen random features) is skipped")
+            (run_dir / run_folder.HISTORY).unlink(missing_ok=True)
+        elif config.head_features == "cached":
             head_on_features(model, config, run_dir, splits, strategy, mining is not None, verbose, compile_for,
                              extra)
         else:
@@ -273,7 +280,7 @@ def _train(config: Config, run_dir: Path, splits: Splits, strategy, model, resum
     head_epochs_done = run_folder.read_state(run_dir)["head_epochs_done"]
 
     if not run_folder.read_state(run_dir).get("finetune_done"):
-        models.set_phase(model, "finetune", config.finetune_fraction)
+        models.set_phase(model, "finetune", config.finetune_fraction, pretrained)
         compile_for(model, "finetune", config.finetune_epochs, len(sampler))
         fit_phase(model, config, run_dir, "finetune", sampler, validation, head_epochs_done,
                   head_epochs_done + config.finetune_epochs, mining, verbose, extra)
@@ -299,7 +306,10 @@ def head_on_features(model: keras.Model, config: Config, run_dir: Path, splits: 
         small = head.head_model(model)
     compile_for(small, "head", config.head_epochs, len(batches))
     (run_dir / run_folder.HISTORY).unlink(missing_ok=True)  # a killed attempt's rows: this phase starts afresh
-    filler = [keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: logs.update(hem_seconds=0.0))]
+    # mining is not applied to the head on features (the backbone, whose cost it saves, does not run); its
+    # columns are filled so that history.csv keeps one set of columns across the phases
+    filler = [keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: logs.update(dict.fromkeys(hem.LOG_KEYS, 0)))]
     reduce_lr = reduce_lr_on_plateau(config)
     small.fit(batches, validation_data=(features["val"], one_hot(splits.y_val, num_classes)),
               epochs=config.head_epochs, shuffle=False, verbose=verbose, callbacks=[
@@ -314,14 +324,15 @@ def head_on_features(model: keras.Model, config: Config, run_dir: Path, splits: 
     run_folder.write_state(run_dir, head_feature_seconds=round(features["seconds"], 1))
 
 
-def _restore_mining(mining: HardExampleMining | None, run_dir: Path, phase: str) -> None:
+def _restore_mining(mining: keras.callbacks.Callback | None, run_dir: Path, phase: str) -> None:
     """A run resumed after a finished phase continues with the mining state that phase ended with."""
     state = run_folder.last_callback_state(run_dir / "backup" / phase)
     if mining is not None and state and state.get("mining"):
         mining.set_state(state["mining"])
 
 
-def finish(config: Config, run_dir: Path, splits: Splits, mining: HardExampleMining | None, seconds: float) -> dict:
+def finish(config: Config, run_dir: Path, splits: Splits, mining: keras.callbacks.Callback | None,
+           seconds: float) -> dict:
     """Evaluate the best checkpoint on validation and (once) on test; write results.json."""
     from cifar100 import evaluate
 
@@ -353,18 +364,26 @@ def finish(config: Config, run_dir: Path, splits: Splits, mining: HardExampleMin
         # what each phase's optimiser was given (after any scaling asked with reference_batch_size)
         "optimization": {phase: state.get(f"{phase}_compiled") for phase in ("head", "finetune")},
         "train_images_per_second": round(float(np.median(speeds)), 1) if speeds else None,
-        "hem_seconds_total": round(sum(float(r.get("hem_seconds") or 0) for r in rows), 2),
+        "mining": _mining_totals(config, rows),
         "environment": environment(),
     }
-    if mining is not None and len(mining.hardest_indices):
-        results["hardest_examples"] = {
-            "train_set_indices": splits.train_indices[mining.hardest_indices].tolist(),
-            "labels": splits.y_train[mining.hardest_indices].tolist(),
-            "losses": [round(float(v), 4) for v in mining.hardest_losses],
-        }
+    if mining is not None:  # the hardest training examples for the best model, to be shown
+        indices, losses = hem.hardest_examples(best, splits.x_train, splits.y_train, config.hem_fraction,
+                                               config.hem_keep, config.seed, max(config.batch_size, 128))
+        results["hardest_examples"] = {"train_set_indices": splits.train_indices[indices].tolist(),
+                                       "labels": splits.y_train[indices].tolist(),
+                                       "losses": [round(float(v), 4) for v in losses]}
     run_folder.write_json(run_dir / "results.json", results)
     results["test"] = evaluate.evaluate_run(run_dir, dataset=splits.dataset)  # the test set, once, at the end
     return results
+
+
+def _mining_totals(config: Config, rows: list[dict]) -> dict | None:
+    """What hard-example mining did over the run: examples and seconds of its scoring and training passes."""
+    if not config.hem:
+        return None
+    totals = {key: sum(float(r.get(key) or 0) for r in rows) for key in hem.LOG_KEYS}
+    return {"mode": config.hem_mode, **{k: round(v, 1) if k.endswith("seconds") else int(v) for k, v in totals.items()}}
 
 
 def _mean(values) -> float | None:

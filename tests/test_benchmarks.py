@@ -1,5 +1,6 @@
 """Each benchmark's quick mode runs and prints its table with the right columns (timings are not checked)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -48,12 +49,34 @@ def test_throughput_quick_table():
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
                     reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
 def test_hard_examples_quick_table(tmp_path):
-    from benchmarks.hard_examples import COLUMNS
+    from benchmarks.hard_examples import ARMS, COLUMNS
 
-    header, rows = table_of("hard_examples.py", "--data-dir", str(tmp_path / "fashion"))
+    header, rows = table_of("hard_examples.py", "--data-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs"),
+                            "--json", str(tmp_path / "runs.json"))
     assert header == COLUMNS
-    assert [row[0] for row in rows] == ["uniform", "hem"]
-    assert (tmp_path / "fashion" / "DATASET.json").exists()
+    assert [row[0] for row in rows] == ARMS
+    assert (tmp_path / "fashion-mnist" / "DATASET.json").exists()
+    runs = {run["arm"]: run for run in json.loads((tmp_path / "runs.json").read_text())}
+    assert runs["uniform"]["backprop_fraction"] == 1.0 and runs["reweight"]["backprop_fraction"] == 1.0
+    assert 0.2 < runs["selective:0.33"]["backprop_fraction"] < runs["selective:0.5"]["backprop_fraction"] < 0.7
+    assert all(len(run["val"]) == 2 and run["wall"][1] > run["wall"][0] > 0 for run in runs.values())
+
+
+def test_hard_examples_summary_times_each_arm_to_uniforms_final_accuracy():
+    from benchmarks.hard_examples import summarise, time_to
+
+    def run(arm, seed, val, wall):
+        return {"arm": arm, "seed": seed, "val": val, "wall": wall, "test": val[-1], "backprop_fraction": 1.0}
+
+    runs = [run("uniform", 0, [0.5, 0.7, 0.8], [10, 20, 30]), run("uniform", 1, [0.6, 0.7, 0.9], [10, 20, 30]),
+            run("fast", 0, [0.6, 0.8, 0.85], [6, 12, 18]), run("fast", 1, [0.7, 0.9, 0.9], [6, 12, 18]),
+            run("never", 0, [0.1, 0.2, 0.3], [5, 6, 7]), run("never", 1, [0.1, 0.2, 0.3], [5, 6, 7])]
+    assert time_to(runs[2], 0.8) == 12 and time_to(runs[4], 0.8) is None
+    rows = {row["arm"]: row for row in summarise(runs, ["uniform", "fast", "never"])}
+    assert rows["uniform"]["vs uniform's time"] == "1.00x"
+    assert rows["fast"]["vs uniform's time"] == "0.40x"  # 12 s of 30 on each seed
+    assert rows["fast"]["time to uniform's final val top-1"].startswith("0.20 min (2/2 seeds")
+    assert rows["never"]["time to uniform's final val top-1"] == "not reached (0/2 seeds)"
 
 
 def fake_results(size: int, top1: float, tta: float, seconds: float) -> dict:

@@ -33,7 +33,7 @@ def fake_run(runs_dir, data_path, synthetic, top1, seconds=60.0, finished=True, 
 def runs(tmp_path):
     for seed, top1 in ((0, 0.50), (1, 0.54), (2, 0.58)):
         fake_run(tmp_path, "/data/syn", True, top1, seed=seed)
-    fake_run(tmp_path, "/data/syn", True, 0.40, hem=False)
+    fake_run(tmp_path, "/data/syn", True, 0.40, hem=True)
     fake_run(tmp_path, "/data/syn", True, 0.45, head_learning_rate=0.01)
     fake_run(tmp_path, "/data/syn", True, 0.99, finished=False, batch_size=8)  # not finished: not shown
     fake_run(tmp_path, "/data/real", False, 0.30, seconds=600.0)
@@ -47,9 +47,9 @@ def test_runs_are_grouped_by_dataset_and_labelled_by_what_differs(runs):
     assert [row.label for row in real.rows] == [real.rows[0].runs[0].name]  # alone on its data: its folder name
     labels = sorted(row.label for row in synthetic.rows)
     assert labels == ["head_learning_rate=0.003, hem=False", "head_learning_rate=0.003, hem=True",
-                      "head_learning_rate=0.01, hem=True"]
+                      "head_learning_rate=0.01, hem=False"]
     seeds = next(row for row in synthetic.rows if len(row.runs) == 3)
-    assert seeds.label == "head_learning_rate=0.003, hem=True"
+    assert seeds.label == "head_learning_rate=0.003, hem=False"
     assert seeds.mean("top1") == pytest.approx(0.54) and seeds.std("top1") == pytest.approx(0.04)
     assert real.rows[0].mean("train_seconds_total") == 600.0
 
@@ -70,7 +70,7 @@ def test_the_figure_has_a_panel_per_dataset_error_bars_and_a_legend_that_hides_n
     real_ax, synthetic_ax = figure.axes[:2]
     assert "SYNTHETIC" in synthetic_ax.get_title() and "SYNTHETIC" not in real_ax.get_title()
     ticks = [t.get_text() for t in synthetic_ax.get_xticklabels()]
-    assert any("hem=False" in t for t in ticks) and any("mean of 3 seeds" in t for t in ticks)
+    assert any("hem=True" in t for t in ticks) and any("mean of 3 seeds" in t for t in ticks)
     assert any(t.get_fontweight() == "bold" for t in synthetic_ax.get_xticklabels())
     assert any(isinstance(c, ErrorbarContainer) for c in synthetic_ax.containers)  # the std over seeds
     assert not any(isinstance(c, ErrorbarContainer) for c in real_ax.containers)  # one seed: no error bar

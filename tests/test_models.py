@@ -94,7 +94,7 @@ def test_phases_freeze_and_unfreeze_the_backbone():
     assert head_only < top_part < everything
 
 
-def test_batchnorm_stays_in_inference_mode_while_fine_tuning():
+def test_batchnorm_stays_in_inference_mode_while_fine_tuning_pretrained_weights():
     """Shared MobileNet weights hold folded BatchNorm statistics: training-mode BN would destroy them."""
     config = Config(backbone="mobilenetv3small", image_size=32, weights=None, dropout=0.0, augment="none")
     model = models.build_model(config, 10)
@@ -122,3 +122,16 @@ def test_imagenet_weights_that_cannot_be_downloaded_are_one_clear_error(monkeypa
     with pytest.raises(ConfigError, match=r"setting 'weights': could not download mobilenetv3small's ImageNet "
                                           r"weights \(no network\?\): URL fetch failure .* weights=None"):
         models.build_backbone(make_config("cpu-small", {"image_size": 32}))
+
+
+def test_without_pretrained_weights_batchnorm_trains_and_updates_its_statistics():
+    config = Config(backbone="mobilenetv3small", image_size=32, weights=None, dropout=0.0, augment="none")
+    model = models.build_model(config, 10)
+    models.set_phase(model, "finetune", 1.0, pretrained=False)
+    batch_norms = [layer for layer in models.backbone_of(model).layers
+                   if isinstance(layer, keras.layers.BatchNormalization)]
+    assert batch_norms and all(layer.trainable for layer in batch_norms)
+    moving_variance = batch_norms[3].moving_variance.numpy().copy()
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    model.fit(BATCH, np.eye(10, dtype="float32")[[1, 2]], epochs=1, verbose=0)
+    assert np.abs(batch_norms[3].moving_variance.numpy() - moving_variance).min() > 1e-5  # frozen: exactly equal

@@ -28,7 +28,8 @@ def executed(tmp_path_factory):
     result = subprocess.run(
         [sys.executable, "-m", "papermill", str(ROOT / "main.ipynb"), str(output), "--cwd", str(ROOT),
          "-p", "PRESET", "smoke", "-p", "DATA_DIR", str(dataset), "-p", "RUN_NAME", "nbrun",
-         "-p", "RUNS_DIR", str(folder / "models"), "-p", "DOWNLOAD", "False", "-p", "FINETUNE_EPOCHS", "2"],
+         "-p", "RUNS_DIR", str(folder / "models"), "-p", "DOWNLOAD", "False", "-p", "FINETUNE_EPOCHS", "2",
+         "-p", "HARD_EXAMPLE_MINING", "True"],
         capture_output=True, text=True, timeout=900,
         env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"})  # the notebook's own default
     assert result.returncode == 0, result.stderr[-4000:]

@@ -18,10 +18,10 @@ def config_with(**changes):
 
 
 def test_the_parameters_fill_the_config():
-    config = config_with(IMAGE_SIZE=64, HARD_EXAMPLE_MINING=False, SETTINGS={"seed": 3})
-    assert (config.preset, config.image_size, config.hem, config.seed) == ("smoke", 64, False, 3)
+    config = config_with(IMAGE_SIZE=64, HARD_EXAMPLE_MINING=True, SETTINGS={"seed": 3})
+    assert (config.preset, config.image_size, config.hem, config.seed) == ("smoke", 64, True, 3)
     assert (config.data_dir, config.runs_dir, config.name) == ("d", "runs", "")
-    assert config.run_name().startswith("smoke-image_size=64-seed=3-hem=False-")
+    assert config.run_name().startswith("smoke-image_size=64-seed=3-hem=True-")
 
 
 def test_weights_none_and_none_as_text_both_mean_random_and_preset_keeps_the_presets():

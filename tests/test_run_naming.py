@@ -19,16 +19,16 @@ def test_the_preset_as_it_is_is_named_by_the_preset():
 
 
 def test_a_changed_setting_is_named_and_hashed():
-    name = name_of(hem=False, head_learning_rate=0.001)
-    assert re.fullmatch(r"smoke-head_learning_rate=0\.001-hem=False-[0-9a-f]{6}", name), name
-    assert name_of(hem=False) != name and name_of(hem=False).startswith("smoke-hem=False-")
+    name = name_of(hem=True, head_learning_rate=0.001)
+    assert re.fullmatch(r"smoke-head_learning_rate=0\.001-hem=True-[0-9a-f]{6}", name), name
+    assert name_of(hem=True) != name and name_of(hem=True).startswith("smoke-hem=True-")
 
 
 def test_the_same_settings_give_the_same_folder_and_other_settings_another():
-    assert name_of(hem=False, seed=3) == name_of(seed=3, hem=False)
+    assert name_of(hem=True, seed=3) == name_of(seed=3, hem=True)
     assert name_of(image_size=64) == name_of(image_size=64.0)  # 64 and 64.0 are the same setting
     assert name_of(head_learning_rate=3e-3) == "smoke"  # the preset's own value changes nothing
-    names = {name_of(seed=s) for s in range(20)} | {name_of(hem=False), name_of(batch_size=16)}
+    names = {name_of(seed=s) for s in range(20)} | {name_of(hem=True), name_of(batch_size=16)}
     assert len(names) == 22
 
 
@@ -48,21 +48,22 @@ def test_names_are_short_and_safe_on_any_filesystem():
 
 
 def test_an_explicit_name_wins():
-    assert make_config("smoke", {"name": "mine", "hem": False}).run_name() == "mine"
+    assert make_config("smoke", {"name": "mine", "hem": True}).run_name() == "mine"
 
 
 def test_a_new_setting_with_its_default_does_not_change_old_hashes():
     # Only settings that differ from the Config defaults enter the hash: pinned here so that a change of
-    # the hashing (which would orphan every finished run) is deliberate. (Changed once, deliberately: presets
-    # no longer set reference_batch_size, which the hash of every run had held.)
-    assert name_of(hem=False) == "smoke-hem=False-e94f77"
-    assert name_of(hem=False, warmup_epochs=0, optimizer="adam", head_features="live") == "smoke-hem=False-e94f77"
+    # the hashing (which would orphan every finished run) is deliberate. Changed twice, deliberately: when
+    # presets stopped setting reference_batch_size, and when mining's default became off.
+    assert name_of(hem=True) == "smoke-hem=True-3ddd43"
+    assert name_of(hem=True, warmup_epochs=0, optimizer="adam", head_features="live", hem_mode="reweight",
+                   hem_window=1024) == "smoke-hem=True-3ddd43"
 
 
 def test_differences_list_old_and_new_values_in_the_callers_words():
-    saved, new = make_config("smoke"), make_config("smoke", {"hem": False, "head_learning_rate": 0.01})
-    assert new.differences(saved) == ["head_learning_rate: 0.003 -> 0.01", "hem: True -> False"]
-    assert new.differences(saved, {"hem": "HARD_EXAMPLE_MINING"})[1] == "HARD_EXAMPLE_MINING: True -> False"
+    saved, new = make_config("smoke"), make_config("smoke", {"hem": True, "head_learning_rate": 0.01})
+    assert new.differences(saved) == ["head_learning_rate: 0.003 -> 0.01", "hem: False -> True"]
+    assert new.differences(saved, {"hem": "HARD_EXAMPLE_MINING"})[1] == "HARD_EXAMPLE_MINING: False -> True"
     assert saved.replace(image_size=32.0).differences(saved) == []
 
 
@@ -75,7 +76,7 @@ def test_a_config_saved_before_the_preset_was_recorded_still_loads(tmp_path):
 
 
 def test_the_same_settings_find_their_finished_run_without_training(synthetic_cifar100, tmp_path, capsys):
-    config = make_config("smoke", {"data_dir": str(synthetic_cifar100), "runs_dir": str(tmp_path), "hem": False})
+    config = make_config("smoke", {"data_dir": str(synthetic_cifar100), "runs_dir": str(tmp_path), "hem": True})
     run_dir = config.run_dir()
     run_dir.mkdir()
     config.save(run_dir / "config.json")

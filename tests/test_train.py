@@ -33,12 +33,15 @@ def test_smoke_preset_learns_the_synthetic_signal(tmp_path):
     # 10 classes: the seconds-long smoke run converges there; on 100 classes with 10 images per class its
     # test top-1 swings between about 0.08 and 0.25 from seed to seed.
     dataset = data.write_synthetic(tmp_path / "cifar-10", kind="cifar10", n_train=2000, n_test=500)
-    run_dir = train.run(smoke(dataset, tmp_path / "smoke"), verbose=0)
+    run_dir = train.run(smoke(dataset, tmp_path / "smoke", hem=True), verbose=0)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["data"]["synthetic"] is True
     assert results["test"]["top1"] > 0.6  # chance is 0.1
     assert results["test"]["top5"] >= results["test"]["top1"]
+    # random weights: no head phase, five fine-tuning epochs with every layer (BatchNorm too) training
     assert epochs_in(run_dir / "history.csv") == list(range(5))
+    assert results["optimization"]["head"] is None
+    assert results["mining"]["examples_forward"] == 5 * 500  # reweight scores half of the 1,000 each epoch
     for name in ("config.json", "best.keras", "history.csv", "results.json", "classes.json"):
         assert (run_dir / name).is_file(), name
     assert results["train_images_per_second"] > 0 and results["environment"]["keras"] == keras.__version__
@@ -81,7 +84,7 @@ def cli_run(train_data, tmp_path_factory):
 
 def test_cli_train_shows_progress_and_writes_the_run(cli_run):
     run_dir, result = cli_run
-    assert "Epoch 3/3" in result.stdout and "SYNTHETIC data, not CIFAR-100" in result.stdout
+    assert "Epoch 2/2" in result.stdout and "SYNTHETIC data, not CIFAR-100" in result.stdout
     assert json.loads((run_dir / "config.json").read_text())["finetune_epochs"] == 2
 
 

@@ -103,7 +103,10 @@ def test_head_model_shares_the_classifier_and_the_features_are_the_backbones():
 
 
 def test_cached_head_run_records_what_it_did(synthetic_cifar100, tmp_path):
+    weights = tmp_path / "tinycnn.weights.h5"  # given weights count as pretrained: phase 1 runs
+    models.tiny_cnn().save_weights(weights)
     config = make_config("smoke", {"data_dir": str(synthetic_cifar100), "runs_dir": str(tmp_path), "head_epochs": 3,
+                                   "weights": str(weights),
                                    "finetune_epochs": 1, "head_features": "cached", "lr_schedule": "cosine",
                                    "warmup_epochs": 1, "optimizer": "adamw", "weight_decay": 0.01})
     run_dir = train.run(config, verbose=0)

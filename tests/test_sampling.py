@@ -1,8 +1,6 @@
-import keras
 import numpy as np
 import pytest
 
-from cifar100.callbacks import HardExampleMining, mining_probabilities, per_example_cross_entropy
 from cifar100.run_folder import trim_history
 from cifar100.sampling import TrainBatches
 
@@ -54,15 +52,17 @@ def test_batches_are_raw_uint8_images_with_one_hot_labels():
     assert len(sampler) == 7 and len(sampler[6][0]) == 4
 
 
-def test_draws_follow_the_probabilities():
-    sampler = make_sampler(n=10)
-    probabilities = np.array([0.5] + [0.5 / 9] * 9)
-    sampler.set_probabilities(probabilities)
-    counts = np.zeros(10)
-    for epoch in range(400):
-        sampler.set_epoch(epoch)
-        counts += np.bincount(sampler.order, minlength=10)
-    np.testing.assert_allclose(counts / counts.sum(), probabilities, atol=0.02)
+def test_weighted_batches_carry_the_weights_and_still_show_every_example_once():
+    sampler = make_sampler(weighted=True)
+    images, labels, weights = sampler[0]
+    np.testing.assert_array_equal(weights, np.ones(16, np.float32))  # all 1 until mining sets them
+    sampler.set_weights(np.arange(100, dtype=np.float32) / 50)
+    sampler.set_epoch(3)
+    np.testing.assert_array_equal(np.sort(epoch_indices(sampler)), np.arange(100))
+    _, _, weights = sampler[2]
+    np.testing.assert_allclose(weights, sampler.order[32:48] / 50)
+    with pytest.raises(ValueError, match="one per training example"):
+        sampler.set_weights(np.ones(99))
 
 
 @pytest.mark.parametrize("mix", ["mixup", "cutmix"])
@@ -72,47 +72,6 @@ def test_mixing_blends_images_and_labels(mix):
     assert images.dtype == np.uint8
     np.testing.assert_allclose(labels.sum(1), 1.0, rtol=1e-5)
     assert (labels > 0).sum(1).max() <= 2
-
-
-def test_mining_probabilities_favour_high_loss_and_keep_the_floor():
-    losses = np.array([0.1, 0.5, 1.0, 4.0])
-    p = mining_probabilities(losses, strength=1.0, floor=0.5)
-    assert np.isclose(p.sum(), 1.0) and np.all(np.diff(p) > 0)
-    assert p.min() >= 0.5 / 4 - 1e-12
-    flat = mining_probabilities(losses, strength=0.0, floor=0.5)
-    np.testing.assert_allclose(flat, 0.25)
-
-
-def test_hard_example_mining_raises_the_hardest_examples_draw_probability():
-    keras.utils.set_random_seed(0)
-    sampler = make_sampler(n=200, classes=5)
-    model = keras.Sequential([keras.Input((32, 32, 3), dtype="uint8"), keras.layers.Rescaling(1 / 255),
-                              keras.layers.Flatten(), keras.layers.Dense(5, activation="softmax")])
-    mining = HardExampleMining(sampler, fraction=1.0, strength=2.0, floor=0.3, keep=10)
-    mining.set_model(model)
-    logs = {}
-    mining.on_epoch_end(0, logs)
-    losses = per_example_cross_entropy(model, sampler.images, sampler.labels)
-    p = sampler.draw_probabilities()
-    hardest, easiest = np.argsort(-losses)[:10], np.argsort(losses)[:10]
-    assert np.all(p[hardest] > 1 / 200) and np.all(p[hardest] > p[easiest].max())
-    assert p.min() >= 0.3 / 200 - 1e-12 and np.isclose(p.sum(), 1.0)
-    np.testing.assert_array_equal(mining.hardest_indices, hardest)
-    np.testing.assert_allclose(mining.hardest_losses, losses[hardest], rtol=1e-5)
-    assert logs["hem_seconds"] > 0
-
-
-def test_mining_scores_only_a_fraction_and_only_every_k_epochs():
-    sampler = make_sampler(n=200)
-    model = keras.Sequential([keras.Input((32, 32, 3), dtype="uint8"), keras.layers.Rescaling(1 / 255),
-                              keras.layers.Flatten(), keras.layers.Dense(5, activation="softmax")])
-    mining = HardExampleMining(sampler, every=2, fraction=0.25)
-    mining.set_model(model)
-    logs = {}
-    mining.on_epoch_end(0, logs)
-    assert logs["hem_seconds"] == 0 and sampler.probabilities is None
-    mining.on_epoch_end(1, logs)
-    assert np.sum(~np.isnan(mining.losses)) == 50 and sampler.probabilities is not None
 
 
 def test_trim_history_drops_rows_from_the_restart_epoch(tmp_path):

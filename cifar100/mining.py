@@ -1,0 +1,266 @@
+"""Hard-example mining: training emphasises the examples with the largest categorical cross-entropy.
+
+Two modes, each a Keras callback that a run switches on like the others (`hem=True`, `hem_mode=...`):
+
+- "reweight": every `hem_every` epochs, a forward pass in inference mode scores a `hem_fraction` of the
+  training set. Every example is still seen once per epoch; its loss is weighted by
+  (loss / mean loss) ** strength, mixed with a uniform floor (mean weight 1). In expectation this is the
+  gradient of drawing the hard examples more often, without skipping any example.
+- "selective" (Selective-Backprop, Jiang et al. 2019, arXiv:1910.00762): each training step runs a forward
+  pass in inference mode over the whole batch, ranks each example's loss against a window of recent losses
+  (its percentile p), keeps it with probability p ** beta, where beta = 1 / selectivity - 1 keeps a
+  `selectivity` fraction on average, and runs the forward-backward training pass on the kept examples only.
+  The backward pass is about two thirds of a step, so the saving is on the easy examples.
+
+The callback owns the schedule and the logs; in the selective mode, the training step does the selection
+(it replaces the model's `train_step` while `fit` runs). Both log, per epoch, in history.csv:
+`examples_forward` / `forward_seconds` (the scoring passes), `examples_backprop` / `backprop_seconds` (the
+training passes).
+"""
+
+from __future__ import annotations
+
+import time
+
+import keras
+import numpy as np
+
+from cifar100.config import Config
+from cifar100.sampling import TrainBatches
+
+LOG_KEYS = ("examples_forward", "forward_seconds", "examples_backprop", "backprop_seconds", "backprop_fraction")
+COUNTERS = LOG_KEYS[:4]
+
+
+def per_example_cross_entropy(model: keras.Model, images: np.ndarray, labels: np.ndarray,
+                              batch_size: int = 256) -> np.ndarray:
+    """Categorical cross-entropy of each example, in inference mode (no augmentation, no dropout)."""
+    probabilities = model.predict(images, batch_size=batch_size, verbose=0)
+    return -np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0))
+
+
+def mining_weights(losses: np.ndarray, strength: float, floor: float) -> np.ndarray:
+    """Per-example loss weights of mean 1: (loss / mean) ** strength, mixed with a uniform floor.
+
+    Every example keeps a weight of at least `floor`; the rest of the mass goes to the high-loss examples.
+    """
+    n = len(losses)
+    weights = (np.maximum(losses, 0) / max(float(np.mean(losses)), 1e-12)) ** strength
+    if not np.isfinite(weights).all() or weights.sum() <= 0:
+        weights = np.ones(n)
+    return floor + (1 - floor) * n * weights / weights.sum()
+
+
+def hardest_examples(model: keras.Model, images: np.ndarray, labels: np.ndarray, fraction: float, keep: int,
+                     seed: int, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """The `keep` highest-loss examples of a seeded `fraction` of the set: (indices, losses), hardest first."""
+    n = len(images)
+    count = max(1, int(round(fraction * n)))
+    chosen = np.arange(n) if count >= n else np.sort(np.random.default_rng(seed).choice(n, count, replace=False))
+    losses = per_example_cross_entropy(model, images[chosen], labels[chosen], batch_size)
+    order = np.argsort(-losses)[:keep]
+    return chosen[order], losses[order]
+
+
+class HardExampleMining(keras.callbacks.Callback):
+    """The "reweight" mode: every `every` epochs, scores a `fraction` of the training examples and makes the
+    sampler weight each example's loss by its hardness from the next epoch on."""
+
+    def __init__(self, sampler: TrainBatches, every: int = 1, fraction: float = 1.0, strength: float = 1.0,
+                 floor: float = 0.5, seed: int = 0, batch_size: int = 256):
+        super().__init__()
+        if not sampler.weighted:
+            raise ValueError("the reweight mode needs a sampler made with weighted=True")
+        self.sampler, self.every, self.fraction = sampler, every, fraction
+        self.strength, self.floor, self.seed, self.batch_size = strength, floor, seed, batch_size
+        self.losses = np.full(len(sampler.images), np.nan)  # latest known loss of each example
+
+    def score(self, epoch: int = 0) -> tuple[int, float]:
+        """Score a sample of the training set and update the sampler: (examples scored, seconds)."""
+        started = time.perf_counter()
+        n = len(self.sampler.images)
+        count = max(1, int(round(self.fraction * n)))
+        rng = np.random.default_rng([self.seed, epoch])
+        chosen = np.arange(n) if count >= n else np.sort(rng.choice(n, size=count, replace=False))
+        self.losses[chosen] = per_example_cross_entropy(self.model, self.sampler.images[chosen],
+                                                        self.sampler.labels[chosen], self.batch_size)
+        self._update_sampler()
+        return len(chosen), time.perf_counter() - started
+
+    def _update_sampler(self) -> None:
+        if np.isnan(self.losses).all():
+            self.sampler.set_weights(None)
+            return
+        known = np.where(np.isnan(self.losses), np.nanmean(self.losses), self.losses)
+        self.sampler.set_weights(mining_weights(known, self.strength, self.floor))
+
+    def on_epoch_end(self, epoch, logs=None):
+        scored, seconds = self.score(epoch) if (epoch + 1) % self.every == 0 else (0, 0.0)
+        if logs is not None:
+            logs.update(examples_forward=scored, forward_seconds=seconds, examples_backprop=len(self.sampler.images),
+                        backprop_seconds=logs.get("train_seconds", 0.0), backprop_fraction=1.0)
+
+    def get_state(self) -> dict:
+        """What a resumed run needs to continue exactly: the known losses."""
+        return {"losses": [None if np.isnan(v) else float(v) for v in self.losses]}
+
+    def set_state(self, state: dict) -> None:
+        losses = np.array([np.nan if v is None else v for v in state.get("losses", [])], dtype=np.float64)
+        if losses.shape == self.losses.shape:  # else another training set: start afresh
+            self.losses = losses
+            self._update_sampler()
+
+
+class SelectiveBackprop(keras.callbacks.Callback):
+    """The "selective" mode: while `fit` runs, the model's training step backpropagates only the examples
+    whose loss ranks high among the last `window` losses seen (see the module's docstring).
+
+    Needs the TensorFlow backend: the kept examples form a batch of varying size, which TensorFlow's graphs
+    allow and JAX's jit (static shapes) does not. XLA is turned off for the same reason. Works under a
+    tf.distribute strategy (each replica selects from its part of the batch; the window holds the first
+    replica's losses) and under mixed precision (the loss is scaled as Keras' own step scales it).
+    """
+
+    def __init__(self, selectivity: float = 0.5, window: int = 1024, seed: int = 0):
+        super().__init__()
+        if not 0 < selectivity <= 1:
+            raise ValueError(f"selectivity must be in (0, 1], got {selectivity}")
+        self.selectivity, self.window_size, self.seed = float(selectivity), int(window), int(seed)
+        self._state_for = None  # the model whose strategy the state variables were made under
+
+    def set_model(self, model):
+        super().set_model(model)
+        if keras.backend.backend() != "tensorflow":
+            raise RuntimeError("hem_mode='selective' needs Keras' TensorFlow backend: it backpropagates a batch "
+                               f"whose size varies from step to step, which {keras.backend.backend()}'s "
+                               "compiled steps do not allow; use hem_mode='reweight'")
+        if self._state_for is not model:
+            self._make_state(model)
+        if model.jit_compile:
+            model.jit_compile = False  # XLA needs static shapes
+        model.train_step = self._train_step  # an instance attribute: the class's step is untouched
+        model.train_function = None  # fit() builds its step function again, from this step
+
+    def on_train_end(self, logs=None):
+        if "train_step" in vars(self.model):
+            del self.model.train_step  # the class's own step again for a later fit()
+            self.model.train_function = None
+
+    def _make_state(self, model) -> None:
+        with model.distribute_strategy.scope():
+            self.window = keras.Variable(np.zeros(self.window_size, np.float32), trainable=False,
+                                         aggregation="only_first_replica", name="sb_window")
+            self.seen = keras.Variable(0, dtype="int64", trainable=False, aggregation="only_first_replica",
+                                       name="sb_seen")
+            self.counters = {key: keras.metrics.Sum(name=key) for key in COUNTERS}
+            self.loss_metric = keras.metrics.Mean(name="loss")
+        self._state_for = model
+
+    def _train_step(self, data):
+        import tensorflow as tf
+
+        model = self.model
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        started = tf.timestamp()
+        with tf.control_dependencies([started]):
+            scores = model(x, training=False)
+        # the mining definition: plain cross-entropy, in float32 whatever the precision policy
+        losses = tf.cast(keras.losses.categorical_crossentropy(y, scores), tf.float32)
+        with tf.control_dependencies([losses]):
+            scored = tf.timestamp()
+        keep = self._select(tf, losses, tf.cast(model.optimizer.iterations, tf.int32))
+        chosen = tf.where(keep)[:, 0]
+        x_kept, y_kept = tf.gather(x, chosen), tf.gather(y, chosen)
+        weight_kept = None if sample_weight is None else tf.gather(sample_weight, chosen)
+        with tf.GradientTape() as tape:
+            predictions = model(x_kept, training=True)
+            loss = model.compute_loss(x=x_kept, y=y_kept, y_pred=predictions, sample_weight=weight_kept,
+                                      training=True)
+            scaled = model.optimizer.scale_loss(loss)
+        variables = model.trainable_weights
+        gradients = tape.gradient(scaled, variables)
+        with tf.control_dependencies(gradients):
+            applied = model.optimizer.apply_gradients(zip(gradients, variables, strict=True))
+        with tf.control_dependencies([tf.identity(model.optimizer.iterations), *([applied] if applied is not None
+                                                                               else [])]):
+            trained = tf.timestamp()
+        self._remember(tf, losses)
+        batch = tf.cast(tf.shape(losses)[0], tf.float32)
+        self.counters["examples_forward"].update_state(batch)
+        self.counters["examples_backprop"].update_state(tf.cast(tf.size(chosen), tf.float32))
+        self.counters["forward_seconds"].update_state(tf.cast(scored - started, tf.float32))
+        self.counters["backprop_seconds"].update_state(tf.cast(trained - scored, tf.float32))
+        # loss and accuracy of the scoring pass, over every example of the batch
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        whole_loss = model.compute_loss(x=x, y=y, y_pred=scores, sample_weight=sample_weight, training=False)
+        self.loss_metric.update_state(whole_loss * replicas, sample_weight=batch)
+        logs = model.compute_metrics(x, y, scores, sample_weight=sample_weight)
+        logs["loss"] = self.loss_metric.result()
+        # a key that the model's metrics do not have: Keras then reports these logs, not its own loss tracker
+        logs["backprop_fraction"] = (self.counters["examples_backprop"].result()
+                                     / tf.maximum(self.counters["examples_forward"].result(), 1.0))
+        return logs
+
+    def _select(self, tf, losses, step):
+        """Keep each example with probability percentile ** beta; the batch's hardest is always kept."""
+        known = tf.minimum(self.seen.value, self.window_size)
+        recent = self.window.value[:tf.cast(known, tf.int32)]
+        below = tf.reduce_sum(tf.cast(recent[None, :] < losses[:, None], tf.float32), axis=1)
+        percentile = tf.where(known > 0, below / tf.maximum(tf.cast(known, tf.float32), 1.0), 1.0)
+        beta = 1.0 / self.selectivity - 1.0
+        draws = tf.random.stateless_uniform(tf.shape(losses), seed=tf.stack([step, self.seed]))
+        replica = tf.distribute.get_replica_context()
+        if replica is not None:  # another stream on each replica
+            draws = tf.random.stateless_uniform(tf.shape(losses), seed=tf.stack(
+                [step, self.seed * 1000 + tf.cast(replica.replica_id_in_sync_group, tf.int32)]))
+        keep = draws < tf.pow(percentile, beta)
+        return tf.logical_or(keep, tf.equal(tf.range(tf.shape(losses)[0]),
+                                            tf.cast(tf.argmax(losses), tf.int32)))
+
+    def _remember(self, tf, losses):
+        """Write the batch's losses into the ring buffer of recent losses."""
+        count = tf.shape(losses)[0]
+        start = tf.cast(self.seen.value % self.window_size, tf.int32)
+        positions = (start + tf.range(count)) % self.window_size
+        values = tf.tensor_scatter_nd_update(self.window.value, positions[:, None], tf.cast(losses, tf.float32))
+        self.window.assign(values)
+        self.seen.assign_add(tf.cast(count, tf.int64))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        for metric in [*self.counters.values(), self.loss_metric]:
+            metric.reset_state()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        replicas = self.model.distribute_strategy.num_replicas_in_sync
+        for key, metric in self.counters.items():
+            value = float(keras.ops.convert_to_numpy(metric.result()))
+            logs[key] = value / replicas if key.endswith("seconds") else int(round(value))
+        logs["backprop_fraction"] = logs["examples_backprop"] / max(logs["examples_forward"], 1)
+
+    def get_state(self) -> dict:
+        """The window of recent losses: a resumed run selects as the uninterrupted one would."""
+        return {"window": keras.ops.convert_to_numpy(self.window.value).tolist(),
+                "seen": int(keras.ops.convert_to_numpy(self.seen.value))}
+
+    def set_state(self, state: dict) -> None:
+        window = np.asarray(state.get("window", []), dtype=np.float32)
+        if window.shape == (self.window_size,):
+            self.window.assign(window)
+            self.seen.assign(int(state["seen"]))
+
+
+def make_mining(config: Config, sampler: TrainBatches, model: keras.Model | None = None):
+    """The run's mining callback, or None when `hem` is off. `model`: the one whose strategy the selective
+    mode's state is made under (it can also be made at the first fit)."""
+    if not config.hem:
+        return None
+    if config.hem_mode == "selective":
+        mining = SelectiveBackprop(config.hem_selectivity, config.hem_window, config.seed)
+        if model is not None:
+            mining._make_state(model)
+        return mining
+    return HardExampleMining(sampler, every=config.hem_every, fraction=config.hem_fraction,
+                             strength=config.hem_strength, floor=config.hem_floor, seed=config.seed,
+                             batch_size=max(config.batch_size, 128))

@@ -1,0 +1,177 @@
+"""Hard-example mining: the reweight mode (a scoring pass sets loss weights) and the selective mode
+(each step backpropagates only the high-loss examples), tested through Keras' own fit()."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from cifar100.mining import HardExampleMining, SelectiveBackprop, mining_weights, per_example_cross_entropy
+from cifar100.sampling import EpochOrder, TrainBatches
+
+from .conftest import ROOT
+
+CLASSES = 4
+
+
+def separable(n=256, seed=0):
+    """Images whose red channel tells the class (a linear model learns it), with noise elsewhere."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % CLASSES
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    images[..., 0] = (labels * 60)[:, None, None].astype(np.uint8)
+    return images, labels
+
+
+def linear_model():
+    model = keras.Sequential([keras.Input((32, 32, 3), dtype="uint8"), keras.layers.Rescaling(1 / 255),
+                              keras.layers.Flatten(), keras.layers.Dense(CLASSES, activation="softmax")])
+    model.compile("adam", "categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+class RecordingBatches(TrainBatches):
+    """Records the loss weights of every batch that Keras reads, by epoch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: dict[int, list] = {}
+
+    def __getitem__(self, index):
+        batch = super().__getitem__(index)
+        self.seen.setdefault(self.epoch, []).append(batch[2])
+        return batch
+
+
+def test_mining_weights_favour_high_loss_keep_the_floor_and_average_one():
+    losses = np.array([0.1, 0.5, 1.0, 4.0])
+    weights = mining_weights(losses, strength=1.0, floor=0.5)
+    assert np.isclose(weights.mean(), 1.0) and np.all(np.diff(weights) > 0)
+    assert weights.min() >= 0.5
+    np.testing.assert_allclose(mining_weights(losses, strength=0.0, floor=0.5), 1.0)
+
+
+def test_reweighting_takes_effect_in_the_very_next_epoch_through_fit():
+    """Keras reads an epoch's batches after the callbacks' on_epoch_end of the epoch before."""
+    keras.utils.set_random_seed(0)
+    images, labels = separable()
+    sampler = RecordingBatches(images, labels, CLASSES, 32, seed=0, weighted=True)
+    mining = HardExampleMining(sampler, fraction=1.0, strength=2.0, floor=0.2)
+    set_after = {}
+    remember = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: set_after.update({epoch: sampler.weights.copy()}))
+    model = linear_model()
+    history = model.fit(sampler, epochs=3, shuffle=False, verbose=0,
+                        callbacks=[EpochOrder(sampler), mining, remember])
+    assert all(np.all(w == 1) for w in sampler.seen[0])  # nothing scored before epoch 0
+    for epoch in (1, 2):
+        sampler.set_epoch(epoch)
+        expected = set_after[epoch - 1][sampler.order]  # what mining set at the end of the epoch before
+        np.testing.assert_allclose(np.concatenate(sampler.seen[epoch][-len(sampler):]), expected)
+    assert history.history["examples_forward"] == [256] * 3 and history.history["backprop_fraction"] == [1.0] * 3
+
+
+def test_reweighting_gives_the_hardest_examples_the_largest_weights():
+    keras.utils.set_random_seed(0)
+    images, labels = separable()
+    sampler = TrainBatches(images, labels, CLASSES, 32, weighted=True)
+    model = linear_model()
+    mining = HardExampleMining(sampler, every=2, fraction=0.5, strength=2.0, floor=0.3)
+    mining.set_model(model)
+    logs = {}
+    mining.on_epoch_end(0, logs)  # not a scoring epoch (every 2)
+    assert logs["examples_forward"] == 0 and sampler.weights is None
+    mining.on_epoch_end(1, logs)
+    assert logs["examples_forward"] == 128 and np.sum(~np.isnan(mining.losses)) == 128
+    scored = ~np.isnan(mining.losses)
+    losses = per_example_cross_entropy(model, images, labels)
+    hardest = np.argsort(-np.where(scored, losses, -1))[:10]
+    assert np.all(sampler.weights[hardest] > 1) and sampler.weights.min() >= 0.3
+    assert np.isclose(sampler.weights.mean(), 1.0, atol=1e-5)
+
+
+def test_selection_keeps_losses_above_the_recent_window_and_drops_those_below():
+    model = linear_model()
+    mining = SelectiveBackprop(selectivity=0.5, window=64)
+    mining._make_state(model)
+    mining.window.assign(np.linspace(1.0, 2.0, 64).astype("float32"))
+    mining.seen.assign(64)
+    import tensorflow as tf
+
+    losses = tf.constant([0.5, 0.9, 2.5, 3.0, 0.1], tf.float32)  # below, below, above, above, below
+    for step in range(20):
+        keep = mining._select(tf, losses, tf.constant(step)).numpy()
+        np.testing.assert_array_equal(keep, [False, False, True, True, False])
+    median = tf.fill([2000], 1.5)  # percentile 0.5, beta 1: kept half the time
+    kept = mining._select(tf, tf.concat([median, [9.0]], 0), tf.constant(0)).numpy()[:-1]
+    assert 0.45 < kept.mean() < 0.55
+
+
+def fit_selective(selectivity=0.3, epochs=3):
+    keras.utils.set_random_seed(0)
+    images, labels = separable(512)
+    sampler = TrainBatches(images, labels, CLASSES, 64, seed=0)
+    model = linear_model()
+    before = model.get_weights()
+    mining = SelectiveBackprop(selectivity, window=256)
+    history = model.fit(sampler, epochs=epochs, shuffle=False, verbose=0, callbacks=[EpochOrder(sampler), mining])
+    return model, before, history.history, mining
+
+
+def test_selective_backprop_trains_on_a_fraction_and_logs_what_it_did():
+    model, before, history, mining = fit_selective(selectivity=0.3)
+    assert history["examples_forward"] == [512] * 3
+    assert all(60 < n < 250 for n in history["examples_backprop"]), history["examples_backprop"]  # ~0.3 of 512
+    assert all(s > 0 for s in history["forward_seconds"] + history["backprop_seconds"])
+    assert all(np.isfinite(history["loss"])) and history["loss"][-1] < history["loss"][0]
+    assert history["accuracy"][-1] > 0.6  # chance is 0.25
+    assert "train_step" not in vars(model)  # the model's own step is back after fit
+    state = mining.get_state()
+    assert state["seen"] == 3 * 512 and len(state["window"]) == 256
+
+
+def test_selective_backprop_under_mixed_bfloat16():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model, before, history, _ = fit_selective(selectivity=0.5, epochs=2)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.layers[-1].compute_dtype == "bfloat16"
+    assert all(np.isfinite(history["loss"])) and sum(history["examples_backprop"]) < 2 * 512
+    assert not np.allclose(model.get_weights()[0], before[0])
+
+
+SELECTIVE_ON_TWO_CPUS = """
+import json
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from tests.test_mining import separable, linear_model, CLASSES
+from cifar100.mining import SelectiveBackprop
+from cifar100.sampling import EpochOrder, TrainBatches
+strategy = tf.distribute.MirroredStrategy()
+with strategy.scope():
+    model = linear_model()
+images, labels = separable(512)
+sampler = TrainBatches(images, labels, CLASSES, 64, seed=0)
+history = model.fit(sampler, epochs=2, shuffle=False, verbose=0,
+                    callbacks=[EpochOrder(sampler), SelectiveBackprop(0.3, 256)]).history
+print(json.dumps({"replicas": strategy.num_replicas_in_sync, **history}))
+"""
+
+
+@pytest.mark.slow
+def test_selective_backprop_under_a_mirrored_strategy_of_two_replicas():
+    result = subprocess.run([sys.executable, "-c", SELECTIVE_ON_TWO_CPUS], capture_output=True, text=True,
+                            cwd=ROOT, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads(result.stdout.strip().splitlines()[-1])
+    assert history["replicas"] == 2
+    assert history["examples_forward"] == [512, 512]  # each replica's half of every batch, summed
+    assert all(60 < n < 250 for n in history["examples_backprop"])
+    assert np.isfinite(history["loss"]).all() and history["accuracy"][-1] > 0.4
