@@ -16,9 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from cifar100 import run_folder
-
-SYNTHETIC_NOTE = " (SYNTHETIC data, not CIFAR-100)"
+from cifar100 import data, run_folder
 
 
 def _subplots(*args, **kwargs) -> tuple[Figure, object]:
@@ -36,18 +34,17 @@ def save(figure: Figure, run_dir: str | Path, name: str) -> Path:
     return path
 
 
-UNVERIFIED_NOTE = " (data not verified as the official files)"
 
 
 def data_note(synthetic: bool, official: bool | None = True) -> bool | str:
     """The `synthetic` argument of the figures for a dataset: True (synthetic), or the note that real-looking
     data are not the verified official files, or False."""
-    return True if synthetic else (UNVERIFIED_NOTE if official is False else False)
+    return True if synthetic else (data.UNVERIFIED_NOTE if official is False else False)
 
 
 def _note(synthetic: bool | str) -> str:
     """The caption for titles: `synthetic` is True, False, or a note of its own (see data_note)."""
-    return synthetic if isinstance(synthetic, str) else (SYNTHETIC_NOTE if synthetic else "")
+    return synthetic if isinstance(synthetic, str) else (data.SYNTHETIC_NOTE if synthetic else "")
 
 
 def read_history(run_dir: str | Path) -> dict[str, np.ndarray]:
@@ -58,9 +55,14 @@ def read_history(run_dir: str | Path) -> dict[str, np.ndarray]:
 
 def training_curves(history: dict[str, np.ndarray], phase_boundary: int | None = None, title: str = "",
                     synthetic: bool = False) -> Figure:
-    """Loss and accuracy per epoch (training and validation), the learning rate, and the phase boundary."""
+    """Loss and accuracy per epoch (training and validation), the learning rate, the phase boundary, and with
+    hard-example mining the examples it scored (forward only) and backpropagated each epoch."""
     epochs = history["epoch"] + 1
-    figure, (loss_ax, acc_ax, lr_ax) = _subplots(1, 3, figsize=(15, 4))
+    mining = "examples_backprop" in history
+    figure, axes = _subplots(1, 4 if mining else 3, figsize=(20 if mining else 15, 4))
+    loss_ax, acc_ax, lr_ax = axes[:3]
+    if mining:
+        _mining_panel(axes[3], epochs, history)
     panels = ((loss_ax, "loss", "cross-entropy loss"), (acc_ax, "accuracy", "top-1 accuracy"))
     for ax, key, label in panels:
         ax.plot(epochs, history[key], "o-", label="training")
@@ -74,7 +76,7 @@ def training_curves(history: dict[str, np.ndarray], phase_boundary: int | None =
     lr_ax.set_xlabel("epoch")
     lr_ax.set_ylabel("learning rate (log scale)")
     lr_ax.set_title("Learning rate")
-    for ax in (loss_ax, acc_ax, lr_ax):
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if phase_boundary:
@@ -83,6 +85,19 @@ def training_curves(history: dict[str, np.ndarray], phase_boundary: int | None =
     figure.suptitle((title or "Training") + _note(synthetic))
     figure.tight_layout()
     return figure
+
+
+def _mining_panel(ax, epochs: np.ndarray, history: dict[str, np.ndarray]) -> None:
+    """Examples per epoch through a forward-only scoring pass and through a training (forward-backward) pass,
+    with the seconds each took over the run."""
+    for key, seconds, label, style in (("examples_backprop", "backprop_seconds", "backpropagated", "o-"),
+                                       ("examples_forward", "forward_seconds", "scored (forward only)", "s--")):
+        ax.plot(epochs, history[key], style, label=f"{label}: {np.nansum(history[seconds]):.0f} s in all")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("examples")
+    ax.set_title("Hard-example mining: examples per epoch")
+    ax.legend(fontsize=8)
 
 
 def compare_runs(groups: list, current: str | None = None) -> Figure:

@@ -67,6 +67,17 @@ def test_training_curves_have_labelled_axes_and_the_phase_boundary():
     assert "SYNTHETIC" in figure._suptitle.get_text()
 
 
+def test_training_curves_show_what_mining_scored_and_backpropagated():
+    mined = {**history(), "examples_forward": np.full(4, 1000.0), "examples_backprop": np.array([1000, 600, 400, 350.]),
+             "forward_seconds": np.full(4, 2.0), "backprop_seconds": np.array([9, 6, 4, 3.5])}
+    figure = plots.training_curves(mined, phase_boundary=2)
+    assert len(figure.axes) == 4 and len(plots.training_curves(history()).axes) == 3
+    backprop, forward = figure.axes[3].get_lines()[:2]
+    np.testing.assert_array_equal(backprop.get_ydata(), [1000, 600, 400, 350])
+    assert backprop.get_label() == "backpropagated: 22 s in all"
+    assert forward.get_label() == "scored (forward only): 8 s in all"
+
+
 def test_figures_are_closed_in_pyplot_so_a_notebook_shows_each_once():
     # Jupyter's inline backend shows every figure still open at the end of a cell; the notebook shows each
     # figure by returning it, so a figure left open would appear twice.

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cifar100 import data
+from cifar100 import write_data
 
 from .conftest import ROOT
 
@@ -34,11 +34,17 @@ print(json.dumps({"backend": keras.backend.backend(), "top1": results["test"]["t
 
 @pytest.mark.slow
 def test_smoke_run_trains_on_the_jax_backend(tmp_path):
-    dataset = data.write_synthetic(tmp_path / "cifar-10", kind="cifar10", n_train=1000, n_test=500)
-    settings = {"data_dir": str(dataset), "runs_dir": str(tmp_path), "name": "jax"}
+    dataset = write_data.write_synthetic(tmp_path / "cifar-10", kind="cifar10", n_train=1000, n_test=500)
+    settings = {"data_dir": str(dataset), "runs_dir": str(tmp_path), "name": "jax", "hem": True}  # reweight mining
     result = subprocess.run([sys.executable, "-c", TRAIN_ON_JAX, json.dumps(settings)], capture_output=True,
                             text=True, cwd=ROOT, timeout=600, env={**os.environ, "KERAS_BACKEND": "jax"})
     assert result.returncode == 0, result.stderr[-4000:]
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     assert outcome["backend"] == "jax"
     assert outcome["top1"] > 0.3  # chance is 0.1
+    # selective backprop needs TensorFlow: refused before anything is written
+    selective = {**settings, "name": "jax-selective", "hem_mode": "selective"}
+    result = subprocess.run([sys.executable, "-c", TRAIN_ON_JAX, json.dumps(selective)], capture_output=True,
+                            text=True, cwd=ROOT, timeout=600, env={**os.environ, "KERAS_BACKEND": "jax"})
+    assert result.returncode != 0 and "'selective' needs Keras' TensorFlow backend" in result.stderr
+    assert not (tmp_path / "jax-selective").exists()

@@ -134,13 +134,16 @@ def test_selective_backprop_trains_on_a_fraction_and_logs_what_it_did():
     assert state["seen"] == 3 * 512 and len(state["window"]) == 256
 
 
-def test_selective_backprop_under_mixed_bfloat16():
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_selective_backprop_under_mixed_precision(policy):
+    keras.mixed_precision.set_global_policy(policy)
     try:
         model, before, history, _ = fit_selective(selectivity=0.5, epochs=2)
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    assert model.layers[-1].compute_dtype == "bfloat16"
+    assert model.layers[-1].compute_dtype == policy.split("_")[1]
+    if policy == "mixed_float16":  # Keras wraps the optimizer to scale the loss; the step scales it too
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     assert all(np.isfinite(history["loss"])) and sum(history["examples_backprop"]) < 2 * 512
     assert not np.allclose(model.get_weights()[0], before[0])
 
@@ -175,3 +178,27 @@ def test_selective_backprop_under_a_mirrored_strategy_of_two_replicas():
     assert history["examples_forward"] == [512, 512]  # each replica's half of every batch, summed
     assert all(60 < n < 250 for n in history["examples_backprop"])
     assert np.isfinite(history["loss"]).all() and history["accuracy"][-1] > 0.4
+
+
+@pytest.mark.slow  # over 5 s: left out of `make test-fast`
+def test_a_selective_run_mines_in_both_phases_and_records_it(synthetic_cifar100, tmp_path):
+    from cifar100 import models, train
+    from cifar100.config import make_config
+    from cifar100.run_folder import history_rows
+
+    weights = tmp_path / "tinycnn.weights.h5"  # given weights count as pretrained: the head phase runs
+    models.tiny_cnn().save_weights(weights)
+    config = make_config("smoke", {"data_dir": str(synthetic_cifar100), "runs_dir": str(tmp_path),
+                                   "weights": str(weights), "head_epochs": 1, "finetune_epochs": 1, "hem": True,
+                                   "hem_mode": "selective",
+                                   "hem_selectivity": 0.4})
+    run_dir = train.run(config, verbose=0)
+    rows = history_rows(run_dir)
+    assert len(rows) == 2  # one epoch of each phase
+    for row in rows:
+        assert int(row["examples_forward"]) == 900  # 1,000 images less the validation split, every one scored
+        assert 200 < int(row["examples_backprop"]) < 600 and float(row["backprop_seconds"]) > 0
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["mining"]["mode"] == "selective"
+    assert results["mining"]["examples_backprop"] == sum(int(r["examples_backprop"]) for r in rows)
+    assert len(results["hardest_examples"]["losses"]) == 64
