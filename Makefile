@@ -24,7 +24,7 @@ $(INSTALLED): requirements.txt pyproject.toml
 test: $(INSTALLED)
 	$(PY) -m pytest
 
-# the suite without the tests marked slow (those that train several runs in subprocesses)
+# the quick tier (about a minute): the suite without the tests marked slow (over about 5 s each)
 test-fast: $(INSTALLED)
 	$(PY) -m pytest -m "not slow"
 

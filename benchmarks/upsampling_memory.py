@@ -38,12 +38,12 @@ def measure(size: int, images: int, batch_size: int) -> dict:
     import keras
     import numpy as np
 
-    from cifar100 import data, models
+    from cifar100 import models, write_data
     from cifar100.config import Config
     from cifar100.sampling import TrainBatches
 
     labels = np.arange(images) % 100
-    x = data.synthetic_images(labels, 100, seed=0)
+    x = write_data.synthetic_images(labels, 100, seed=0)
     trivial = keras.Sequential([keras.Input((size, size, 3)), keras.layers.GlobalAveragePooling2D()])
     model = models.build_model(Config(backbone="tinycnn", image_size=size, weights=None, augment="basic"), 100,
                                backbone=trivial)

@@ -6,13 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from cifar100 import data, run_folder, tflogs
+from cifar100 import data, download, run_folder, tflogs, write_data
 from cifar100.config import PRESETS, Config, make_config
 from cifar100.errors import UserError
 
 
 def _data_synthetic(args) -> None:
-    path = data.write_synthetic(args.dir, kind=args.kind, n_train=args.train, n_test=args.test, seed=args.seed)
+    path = write_data.write_synthetic(args.dir, kind=args.kind, n_train=args.train, n_test=args.test, seed=args.seed)
     print(f"wrote a SYNTHETIC {args.kind} dataset ({args.train} train, {args.test} test images) to {path}")
 
 
@@ -21,7 +21,7 @@ def _data_verify(args) -> None:
 
 
 def _data_download(args) -> None:
-    path = data.fetch(args.dir, kind=args.kind)
+    path = download.fetch(args.dir, kind=args.kind)
     print(data.load(path).describe())
 
 
@@ -47,8 +47,7 @@ def _print_results(run_dir: Path) -> None:
 
     results = run_folder.read_json(run_dir / "results.json")
     info = results.get("data", {})
-    note = (" (SYNTHETIC data, not CIFAR-100)" if info.get("synthetic") else
-            " (not verified as the official files: md5 not checked)" if info.get("official") is False else "")
+    note = data.caveat(bool(info.get("synthetic")), info.get("official"))
     test = results["test"]
     print(f"{run_dir}: test top-1 {test['top1']:.4f}, top-5 {test['top5']:.4f} on {test['images']} images{note}")
 

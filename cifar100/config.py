@@ -107,7 +107,7 @@ class Config:
                 setattr(self, name, value.strip().lower())
         if isinstance(self.data_dir, str) and self.data_dir:
             self.data_dir = os.path.normpath(self.data_dir)  # "data/", "./data" and "data" are one folder
-        if isinstance(self.weights, str) and self.weights.strip().lower() in ("none", "null", ""):
+        if isinstance(self.weights, str) and self.weights.strip().lower() in ("none", "null", "", "random"):
             self.weights = None
         elif isinstance(self.weights, str) and self.weights.strip().lower() == "imagenet":
             self.weights = "imagenet"

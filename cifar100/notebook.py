@@ -77,11 +77,8 @@ def config_from(parameters: dict) -> Config:
     """The run's Config from the parameters cell's values (a dict of them by name)."""
     overrides = {setting: parameters[name] for name, setting in PARAMETERS.items()
                  if setting and name not in ("WEIGHTS", "RUN_NAME") and parameters[name] is not None}
-    weights = parameters["WEIGHTS"]
-    if weights is None or str(weights).lower() in ("none", "random"):
-        overrides["weights"] = None
-    elif weights != "preset":
-        overrides["weights"] = weights
+    if parameters["WEIGHTS"] != "preset":  # Config reads None, "none" and "random" as random initialisation
+        overrides["weights"] = parameters["WEIGHTS"]
     overrides["name"] = parameters["RUN_NAME"] or ""
     return make_config(parameters["PRESET"], {**overrides, **(parameters["SETTINGS"] or {})})
 

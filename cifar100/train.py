@@ -23,7 +23,7 @@ import numpy as np
 from cifar100 import data, distribution, head, models, run_folder
 from cifar100 import mining as hem
 from cifar100.callbacks import EpochTimer, callback_set, reduce_lr_on_plateau
-from cifar100.config import Config, validate
+from cifar100.config import Config, ConfigError, validate
 from cifar100.sampling import TrainBatches, one_hot
 
 PHASE1_WEIGHTS = "phase1.weights.h5"
@@ -148,10 +148,13 @@ def save_class_info(run_dir: Path, dataset: data.Dataset) -> None:
     run_folder.write_json(run_dir / "classes.json", info)
 
 
-def fit_phase(model: keras.Model, config: Config, run_dir: Path, phase: str, sampler: TrainBatches,
-              validation: tuple, start_epoch: int, end_epoch: int, mining: keras.callbacks.Callback | None,
-              verbose, extra_callbacks=()) -> None:
-    """One phase of training, from `start_epoch` (or where a killed run of this phase stopped) to `end_epoch`."""
+def fit_phase(model: keras.Model, config: Config, run_dir: Path, phase: str, *, sampler: TrainBatches,
+              validation: tuple[np.ndarray, np.ndarray], epochs: tuple[int, int],
+              mining: keras.callbacks.Callback | None, verbose: int | str,
+              extra_callbacks: list[keras.callbacks.Callback] | tuple = ()) -> None:
+    """One phase of training over `epochs` = (start, end): from `start` (or where a killed run of this phase
+    stopped) to `end`, counted from the run's first epoch."""
+    start_epoch, end_epoch = epochs
     backup = run_dir / "backup" / phase
     committed = run_folder.settle_phase(run_dir, backup, start_epoch)
     restored = run_folder.load_callback_state(backup, committed) if committed > start_epoch else None
@@ -195,6 +198,10 @@ def run(config: Config, verbose: int | str = "auto", callbacks: list | None = No
     a temporary folder (seeded from the chief's, to resume from the same point) removed at the end.
     """
     validate(config)  # before anything is read or written
+    if config.hem and config.hem_mode == "selective" and keras.backend.backend() != "tensorflow":
+        raise ConfigError(f"setting 'hem_mode': 'selective' needs Keras' TensorFlow backend, not "
+                          f"{keras.backend.backend()!r} (it backpropagates batches whose size varies from step "
+                          "to step, which a jit-compiled JAX step does not allow); use hem_mode=reweight")
     if run_folder.finished(config.run_dir()) and \
             Config.load(config.run_dir() / "config.json").identity() == config.identity():
         print(f"finished run found: {config.run_dir()} holds these settings' results; nothing to train")
@@ -271,8 +278,8 @@ def _train(config: Config, run_dir: Path, splits: Splits, strategy, model, resum
                              extra)
         else:
             compile_for(model, "head", config.head_epochs, len(sampler))
-            fit_phase(model, config, run_dir, "head", sampler, validation, 0, config.head_epochs, mining, verbose,
-                      extra)
+            fit_phase(model, config, run_dir, "head", sampler=sampler, validation=validation,
+                      epochs=(0, config.head_epochs), mining=mining, verbose=verbose, extra_callbacks=extra)
         tmp = run_dir / f".{PHASE1_WEIGHTS}"
         model.save_weights(tmp)
         os.replace(tmp, phase1)
@@ -282,8 +289,9 @@ def _train(config: Config, run_dir: Path, splits: Splits, strategy, model, resum
     if not run_folder.read_state(run_dir).get("finetune_done"):
         models.set_phase(model, "finetune", config.finetune_fraction, pretrained)
         compile_for(model, "finetune", config.finetune_epochs, len(sampler))
-        fit_phase(model, config, run_dir, "finetune", sampler, validation, head_epochs_done,
-                  head_epochs_done + config.finetune_epochs, mining, verbose, extra)
+        fit_phase(model, config, run_dir, "finetune", sampler=sampler, validation=validation,
+                  epochs=(head_epochs_done, head_epochs_done + config.finetune_epochs), mining=mining,
+                  verbose=verbose, extra_callbacks=extra)
         run_folder.write_state(run_dir, finetune_done=True)
     finish(config, run_dir, splits, mining, time.perf_counter() - started)
     run_folder.write_state(run_dir, finished=True)

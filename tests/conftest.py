@@ -10,7 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
 
-from cifar100 import data  # noqa: E402
+from cifar100 import write_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -21,7 +21,7 @@ WEIGHTS_DIR = SHARED / "weights"
 @pytest.fixture(scope="session")
 def synthetic_cifar100(tmp_path_factory) -> Path:
     """A small synthetic CIFAR-100 folder in the official format (read-only for tests)."""
-    return data.write_synthetic(tmp_path_factory.mktemp("syn") / "cifar-100-python", n_train=1000, n_test=200)
+    return write_data.write_synthetic(tmp_path_factory.mktemp("syn") / "cifar-100-python", n_train=1000, n_test=200)
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

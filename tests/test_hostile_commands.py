@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifar100 import data, models, train
+from cifar100 import data, models, train, write_data
 from cifar100.__main__ import main
 from cifar100.config import Config, make_config
 
@@ -48,7 +48,7 @@ def test_evaluate_names_a_damaged_checkpoint(run_dir, tmp_path, capsys):
 
 
 def test_evaluate_refuses_a_dataset_of_other_classes(run_dir, tmp_path, capsys):
-    cifar10 = data.write_synthetic(tmp_path / "cifar10", kind="cifar10", n_train=50, n_test=20)
+    cifar10 = write_data.write_synthetic(tmp_path / "cifar10", kind="cifar10", n_train=50, n_test=20)
     assert main(["evaluate", str(run_dir), "--data", str(cifar10)]) == 2
     err = capsys.readouterr().err
     assert f"{cifar10}: the dataset has 10 classes (cifar10), but the run {run_dir} was trained on 100" in err
@@ -74,7 +74,7 @@ def test_predict_names_each_bad_file_and_predicts_the_others(run_dir, tmp_path, 
 
 def test_evaluate_says_when_the_data_is_not_the_official_files(run_dir, tmp_path, capsys):
     x, y = np.zeros((100, 32, 32, 3), np.uint8), np.arange(100)
-    mine = data.write_official(tmp_path / "mine", "cifar100", x, y, x, y, synthetic=False, source="my photos")
+    mine = write_data.write_official(tmp_path / "mine", "cifar100", x, y, x, y, synthetic=False, source="my photos")
     evaluated = tmp_path / "run"
     shutil.copytree(run_dir, evaluated)
     assert main(["evaluate", str(evaluated), "--data", str(mine)]) == 0

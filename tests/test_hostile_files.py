@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from numpy._core import multiarray
 
-from cifar100 import data
+from cifar100 import data, download, safe_pickle, write_data
 from cifar100.data import DatasetError
 
 from .conftest import ROOT
@@ -49,7 +49,7 @@ def pushes(obj) -> bytes:
     if isinstance(obj, Raw):
         return obj.opcodes
     buffer = io.BytesIO()
-    data._Py2Pickler(buffer, protocol=2).dump(obj)
+    write_data._Py2Pickler(buffer, protocol=2).dump(obj)
     return buffer.getvalue()[2:-1]
 
 
@@ -157,7 +157,7 @@ def folder(tmp_path_factory):
     """A valid CIFAR-100 folder whose md5 is not checked (a DATASET.json marker)."""
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8), np.arange(10)
-    return data.write_official(tmp_path_factory.mktemp("hostile") / "ds", "cifar100", x, y, x, y)
+    return write_data.write_official(tmp_path_factory.mktemp("hostile") / "ds", "cifar100", x, y, x, y)
 
 
 def copy_of(folder, tmp_path):
@@ -269,7 +269,7 @@ def test_own_data_pickled_by_python3_reads_back(folder, tmp_path, protocol):
 
 def test_data_not_checked_against_the_official_md5_says_so(folder, tmp_path, monkeypatch):
     ds = copy_of(folder, tmp_path)
-    data.write_official(ds, "cifar100", *[np.zeros((10, 32, 32, 3), np.uint8), np.arange(10)] * 2,
+    write_data.write_official(ds, "cifar100", *[np.zeros((10, 32, 32, 3), np.uint8), np.arange(10)] * 2,
                         synthetic=False, source="my photos")
     loaded = data.load(ds)
     assert not loaded.official and "not verified as the official files: md5 not checked" in loaded.describe()
@@ -286,7 +286,7 @@ def test_download_into_a_file_fails_before_downloading(tmp_path, serve):
     notes.write_text("mine")
     for target in (notes, notes / "cifar-100-python"):
         with pytest.raises(DatasetError, match=rf"{notes}: a file, where a folder is needed .*nothing was downloaded"):
-            data.fetch(target, url=url)
+            download.fetch(target, url=url)
     assert requests == [] and notes.read_text() == "mine"
 
 
@@ -316,9 +316,9 @@ def test_extraction_is_bounded_and_refuses_links(tmp_path, serve, monkeypatch, e
     url, md5, _ = serve(tar_gz(*entries))
     monkeypatch.setitem(data.ARCHIVES, "cifar100", (url, md5, "cifar-100-python"))
     for name, value in limits.items():
-        monkeypatch.setattr(data, name, value)
+        monkeypatch.setattr(download, name, value)
     with pytest.raises(DatasetError, match=rf"{message}; nothing was extracted"):
-        data.fetch(tmp_path / "cifar-100-python")
+        download.fetch(tmp_path / "cifar-100-python")
     assert not (tmp_path / "cifar-100-python").exists()
 
 
@@ -329,5 +329,5 @@ def test_an_array_as_python2_numpy_pickled_it_reads_back(tmp_path):
            b"K\x00\x85U\x01b\x87Rq\x04(K\x01K\x01M\x00\x0c\x86cnumpy\ndtype\nq\x05U\x02u1K\x00K\x01\x87Rq\x06"
            b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89T\x00\x0c\x00\x00" + pixels + b"tbs.")
     (tmp_path / "batch").write_bytes(raw)
-    array = data._unpickle(tmp_path / "batch")["data"]
+    array = safe_pickle.unpickle(tmp_path / "batch")["data"]
     assert array.dtype == np.uint8 and array.shape == (1, 3072) and array.tobytes() == pixels

@@ -11,6 +11,7 @@ from .conftest import WEIGHTS_DIR
 BATCH = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
 
 
+@pytest.mark.slow  # over 5 s: left out of `make test-fast`
 @pytest.mark.parametrize("name", sorted(models.BACKBONES))
 def test_every_backbone_builds_and_classifies_raw_uint8_images(name):
     size = max(models.BACKBONES[name].min_size, 32)
@@ -58,6 +59,7 @@ def first_conv_kernel(backbone):
     return next(layer for layer in backbone.layers if isinstance(layer, keras.layers.Conv2D)).kernel.numpy()
 
 
+@pytest.mark.slow  # over 5 s: left out of `make test-fast`
 @pytest.mark.parametrize("backbone,file", [
     ("mobilenetv2", "mobilenet_v2_1.0_imagenet_notop.weights.h5"),
     ("mobilenetv3small", "mobilenet_v3_small_1.0_imagenet_notop.weights.h5"),
@@ -94,6 +96,7 @@ def test_phases_freeze_and_unfreeze_the_backbone():
     assert head_only < top_part < everything
 
 
+@pytest.mark.slow  # over 5 s: left out of `make test-fast`
 def test_batchnorm_stays_in_inference_mode_while_fine_tuning_pretrained_weights():
     """Shared MobileNet weights hold folded BatchNorm statistics: training-mode BN would destroy them."""
     config = Config(backbone="mobilenetv3small", image_size=32, weights=None, dropout=0.0, augment="none")
@@ -124,6 +127,7 @@ def test_imagenet_weights_that_cannot_be_downloaded_are_one_clear_error(monkeypa
         models.build_backbone(make_config("cpu-small", {"image_size": 32}))
 
 
+@pytest.mark.slow  # over 5 s: left out of `make test-fast`
 def test_without_pretrained_weights_batchnorm_trains_and_updates_its_statistics():
     config = Config(backbone="mobilenetv3small", image_size=32, weights=None, dropout=0.0, augment="none")
     model = models.build_model(config, 10)

@@ -7,7 +7,7 @@ import sys
 import nbformat
 import pytest
 
-from cifar100 import data, tflogs
+from cifar100 import tflogs, write_data
 
 from .conftest import ROOT
 
@@ -23,7 +23,7 @@ def test_committed_notebook_has_no_outputs_and_one_parameters_cell():
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
     folder = tmp_path_factory.mktemp("nb")
-    dataset = data.write_synthetic(folder / "cifar-100-python", n_train=1200, n_test=300)
+    dataset = write_data.write_synthetic(folder / "cifar-100-python", n_train=1200, n_test=300)
     output = folder / "executed.ipynb"
     result = subprocess.run(
         [sys.executable, "-m", "papermill", str(ROOT / "main.ipynb"), str(output), "--cwd", str(ROOT),

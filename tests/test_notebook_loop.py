@@ -14,7 +14,7 @@ from jupyter_client import KernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from cifar100 import data, tflogs
+from cifar100 import tflogs, write_data
 
 from .conftest import ROOT
 
@@ -98,7 +98,7 @@ def interrupt_after_first_epoch(kernel: Kernel, runs: Path, known: set[str], don
 
 @pytest.fixture
 def kernel(tmp_path):
-    dataset = data.write_synthetic(tmp_path / "cifar-100-python", n_train=1000, n_test=200)
+    dataset = write_data.write_synthetic(tmp_path / "cifar-100-python", n_train=1000, n_test=200)
     notebook = nbformat.read(ROOT / "main.ipynb", as_version=4)
     environment = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "CIFAR100_TF_LOGS")}
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))

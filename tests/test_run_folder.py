@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from cifar100 import data, run_folder, train
+from cifar100 import models, run_folder, train, write_data
 from cifar100.config import Config, make_config, validate
 from cifar100.errors import ConfigError, RunError
 
@@ -20,7 +20,8 @@ from .conftest import ROOT, run_cli
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    return data.write_synthetic(tmp_path_factory.mktemp("rf") / "cifar-10", kind="cifar10", n_train=1000, n_test=200)
+    return write_data.write_synthetic(tmp_path_factory.mktemp("rf") / "cifar-10", kind="cifar10", n_train=1000,
+                                      n_test=200)
 
 
 def smoke(dataset, run_dir, **overrides):
@@ -209,6 +210,7 @@ def test_a_rewrite_killed_before_its_rename_leaves_the_old_file(tmp_path, monkey
     assert not (tmp_path / "state.json").exists()
 
 
+@pytest.mark.slow  # over 5 s: left out of `make test-fast`
 def test_a_second_process_on_a_locked_run_folder_says_who_holds_it(small_data, tmp_path):
     run_dir = tmp_path / "locked"
     with run_folder.RunLock(run_dir):
@@ -270,10 +272,25 @@ def metric_rows(run_dir):
         return [{k: row[k] for k in METRICS} for row in csv.DictReader(handle)]
 
 
+def mining_rows(run_dir):
+    with open(run_dir / "history.csv") as handle:
+        return [(row["examples_forward"], row["examples_backprop"]) for row in csv.DictReader(handle)]
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(small_data, tmp_path_factory):
+def random_run(tmp_path_factory) -> dict:
+    """The killed run's settings: given weights (so that the head phase runs) and selective-backprop mining
+    (its window of recent losses and its draws must resume too)."""
+    weights = tmp_path_factory.mktemp("weights") / "tinycnn.weights.h5"
+    models.tiny_cnn().save_weights(weights)
+    return dict(head_epochs=2, finetune_epochs=4, augment="basic", dropout=0.2, weights=str(weights), hem=True,
+                hem_mode="selective")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_data, random_run, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("whole") / "run"
-    train.run(smoke(small_data, run_dir, **RANDOM_RUN), verbose=0)
+    train.run(smoke(small_data, run_dir, **random_run), verbose=0)
     return run_dir
 
 
@@ -281,15 +298,14 @@ def uninterrupted(small_data, tmp_path_factory):
 # before an epoch's backup (its history row and checkpoint already written), after it (checkpoint not yet
 # published), between the phases, and during the final evaluation. Epochs 0-1 are the head phase, 2-5 fine-tuning.
 # Random augmentation and dropout: their random streams must resume too.
-RANDOM_RUN = dict(head_epochs=2, finetune_epochs=4, augment="basic", dropout=0.2)
 KILLS = [("before_commit", 1), ("after_phase", 0), ("after_backup", 2), ("after_commit", 3), ("before_commit", 4),
          ("during_finish", 0)]
 
 
 @pytest.mark.slow
-def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run(small_data, uninterrupted, tmp_path):
+def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run(small_data, random_run, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
-    config = smoke(small_data, run_dir, **RANDOM_RUN)
+    config = smoke(small_data, run_dir, **random_run)
     config.save(tmp_path / "config.json")
     for point, epoch in KILLS:
         killed = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path / "config.json"), point, str(epoch)],
@@ -299,6 +315,7 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run(small_data, unin
 
     train.run(config, verbose=0)
     assert metric_rows(run_dir) == metric_rows(uninterrupted)
+    assert mining_rows(run_dir) == mining_rows(uninterrupted)  # the same examples backpropagated each epoch
     got, expected = (json.loads((d / "results.json").read_text()) for d in (run_dir, uninterrupted))
     assert got["best_epoch"] == expected["best_epoch"] and got["epochs_run"] == expected["epochs_run"]
     assert got["validation"] == expected["validation"]

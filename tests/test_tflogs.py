@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from cifar100 import tflogs
 
 from .conftest import ROOT
@@ -27,6 +29,7 @@ def command_line_stderr(**env) -> str:
     return result.stderr
 
 
+@pytest.mark.slow  # over 5 s: left out of `make test-fast`
 def test_the_command_line_prints_no_tensorflow_log_lines_unless_asked():
     # `predict` imports Keras (and so TensorFlow, and probes CUDA) before it finds no run folder
     quiet = command_line_stderr()

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from cifar100 import head, models, train
+from cifar100 import head, models, train, write_data
 from cifar100.config import Config, make_config
 
 
@@ -50,7 +50,7 @@ def test_optimizer_choice(name, kind, decay):
 def test_the_cap_shrinks_training_not_validation(tmp_path):
     from cifar100 import data
 
-    folder = data.write_synthetic(tmp_path / "c10", kind="cifar10", n_train=1000, n_test=100)
+    folder = write_data.write_synthetic(tmp_path / "c10", kind="cifar10", n_train=1000, n_test=100)
     dataset = data.load(folder)
     full = train.prepare_data(Config(data_dir=str(folder)), dataset)
     capped = train.prepare_data(Config(data_dir=str(folder), max_train_images=200), dataset)
@@ -102,6 +102,7 @@ def test_head_model_shares_the_classifier_and_the_features_are_the_backbones():
     assert np.array_equal(first, batches.order)
 
 
+@pytest.mark.slow  # over 5 s: left out of `make test-fast`
 def test_cached_head_run_records_what_it_did(synthetic_cifar100, tmp_path):
     weights = tmp_path / "tinycnn.weights.h5"  # given weights count as pretrained: phase 1 runs
     models.tiny_cnn().save_weights(weights)
@@ -115,7 +116,8 @@ def test_cached_head_run_records_what_it_did(synthetic_cifar100, tmp_path):
     state = train.run_folder.read_state(run_dir)
     assert len(rows) == state["head_epochs_done"] + 1 and 1 <= state["head_epochs_done"] <= 3
     assert results["optimization"]["finetune"] == {"optimizer": "adamw", "learning_rate": pytest.approx(3e-3),
-                                                   "schedule": "cosine", "jit_compile": False}
+                                                   "schedule": "cosine",
+                                                   "jit_compile": bool(train.gpu_names())}  # auto: XLA with a GPU
     assert results["head_feature_seconds"] > 0
     assert {"train_seconds", "val_seconds", "other_seconds"} <= set(rows[0]) and set(rows[0]) == set(rows[-1])
     for row in rows:

@@ -1,0 +1,150 @@
+"""Writing datasets in the official CIFAR file format: from arrays (`write_official`), or synthetic ones with
+a learnable class signal (`write_synthetic`), for tests, demos and benchmarks on other data."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from cifar100.data import (
+    CIFAR10_NAMES,
+    CIFAR100_COARSE_NAMES,
+    CIFAR100_FINE_NAMES,
+    CIFAR100_FINE_TO_COARSE,
+    DATASET_MARKER,
+    ROW_BYTES,
+    images_to_rows,
+)
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 strings, as the official files do, so that readers using
+    `encoding="bytes"` or `encoding="latin1"` see exactly what they see in the official files.
+
+    The one adapter over private APIs in this project: the pure-Python `pickle._Pickler` (the C pickler
+    has no per-type dispatch table to extend) and `numpy._core.multiarray._reconstruct` (to name it as
+    numpy 1.x wrote it). Only the writer of test and demo data uses them; reading never does."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_string(self, obj: bytes) -> None:
+        size = len(obj)
+        if size < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([size]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", size) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_py2_string
+
+    def save_global(self, obj, name=None):
+        """Name numpy's array rebuilder as the official files do, so numpy 1.x can read the files too."""
+        from numpy._core import multiarray
+
+        if obj is multiarray._reconstruct:
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+
+def write_batch(path: Path, batch: dict) -> None:
+    """Pickle one batch like the official files: bytes keys and strings, protocol 2."""
+    def encode(value):
+        if isinstance(value, str):
+            return value.encode("latin1")
+        if isinstance(value, list):
+            return [encode(v) for v in value]
+        return value
+
+    payload = {k.encode("latin1"): encode(v) for k, v in batch.items()}
+    buffer = io.BytesIO()
+    _Py2Pickler(buffer, protocol=2).dump(payload)
+    path.write_bytes(buffer.getvalue())
+
+
+def write_official(path: str | Path, kind: str, x_train, y_train, x_test, y_test, synthetic: bool = True,
+                   source: str = "synthetic (cifar100.write_data.write_synthetic)", class_names: list[str] | None = None
+                   ) -> Path:
+    """Write arrays as a dataset folder in the official file format (names, keys, dtypes, byte layout),
+    with a DATASET.json marker saying where the data comes from. `class_names` replaces CIFAR-10's."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if kind == "cifar100":
+        for name, x, y, label in (("train", x_train, y_train, "training"), ("test", x_test, y_test, "testing")):
+            y = np.asarray(y, dtype=np.int64)
+            write_batch(path / name, {
+                "filenames": [f"synthetic_s_{i:06d}.png" for i in range(len(y))],
+                "batch_label": f"{label} batch 1 of 1",
+                "fine_labels": y.tolist(),
+                "coarse_labels": CIFAR100_FINE_TO_COARSE[y].tolist(),
+                "data": images_to_rows(x),
+            })
+        write_batch(path / "meta", {"fine_label_names": CIFAR100_FINE_NAMES,
+                                    "coarse_label_names": CIFAR100_COARSE_NAMES})
+    elif kind == "cifar10":
+        chunks = np.array_split(np.arange(len(y_train)), 5)
+        batches = [(f"data_batch_{i + 1}", x_train[c], np.asarray(y_train)[c], f"training batch {i + 1} of 5")
+                   for i, c in enumerate(chunks)]
+        for name, x, y, label in batches + [("test_batch", x_test, np.asarray(y_test), "testing batch 1 of 1")]:
+            write_batch(path / name, {"batch_label": label, "labels": np.asarray(y, dtype=np.int64).tolist(),
+                                      "data": images_to_rows(x),
+                                      "filenames": [f"synthetic_s_{i:06d}.png" for i in range(len(y))]})
+        write_batch(path / "batches.meta", {"num_cases_per_batch": int(np.ceil(len(y_train) / 5)),
+                                            "label_names": list(class_names or CIFAR10_NAMES),
+                                            "num_vis": ROW_BYTES})
+    else:
+        raise ValueError(f"kind must be 'cifar100' or 'cifar10', got {kind!r}")
+    marker = {"source": source, "synthetic": synthetic, "kind": kind}
+    (path / DATASET_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    return path
+
+
+def synthetic_images(labels: np.ndarray, num_classes: int, seed: int, chunk: int = 4096) -> np.ndarray:
+    """Images whose class is learnable but not trivially: a smooth colour pattern made mostly of the
+    class's group pattern (its CIFAR-100 superclass, so related classes look alike) plus a fainter pattern
+    of its own, under heavy per-image noise, random shifts and brightness changes. Made `chunk` images at
+    a time, so that memory stays small for any count."""
+    rng = np.random.default_rng(seed)
+    pattern_rng = np.random.default_rng(12345)  # the class patterns are the same for every seed
+    group_of = CIFAR100_FINE_TO_COARSE if num_classes == 100 else np.arange(num_classes) % max(1, num_classes // 5)
+    group_patterns = pattern_rng.uniform(0, 255, size=(group_of.max() + 1, 4, 4, 3))
+    own_patterns = pattern_rng.uniform(0, 255, size=(num_classes, 4, 4, 3))
+    templates = (0.5 * group_patterns[group_of] + 0.5 * own_patterns).astype(np.float32)
+    templates = templates.repeat(8, axis=1).repeat(8, axis=2)
+    images = np.empty((len(labels), 32, 32, 3), dtype=np.uint8)
+    for start in range(0, len(labels), chunk):
+        part = labels[start:start + chunk]
+        noise = rng.uniform(0, 255, size=(len(part), 32, 32, 3)).astype(np.float32)
+        brightness = rng.uniform(0.75, 1.25, size=(len(part), 1, 1, 1)).astype(np.float32)
+        mixed = brightness * (0.55 * templates[part] + 0.45 * noise)
+        shifts = rng.integers(-3, 4, size=(len(part), 2))
+        for i, (dy, dx) in enumerate(shifts):
+            mixed[i] = np.roll(mixed[i], (dy, dx), axis=(0, 1))
+        images[start:start + len(part)] = np.clip(mixed, 0, 255).astype(np.uint8)
+    return images
+
+
+def write_synthetic(path: str | Path, kind: str = "cifar100", n_train: int = 5000, n_test: int = 1000,
+                    seed: int = 0) -> Path:
+    """Write a synthetic dataset in the exact official format, with a learnable class signal.
+
+    Labels are balanced (as in CIFAR) and the folder's DATASET.json marker says the data is synthetic, so
+    that the loader and the notebook can say so plainly.
+    """
+    num_classes = {"cifar100": 100, "cifar10": 10}.get(kind)
+    if num_classes is None:
+        raise ValueError(f"kind must be 'cifar100' or 'cifar10', got {kind!r}")
+    if n_train < 1 or n_test < 1:
+        raise ValueError(f"n_train and n_test must be positive, got {n_train} and {n_test}")
+    rng = np.random.default_rng(seed)
+    y_train = rng.permutation(np.arange(n_train) % num_classes)
+    y_test = rng.permutation(np.arange(n_test) % num_classes)
+    x_train = synthetic_images(y_train, num_classes, seed=seed + 1)
+    x_test = synthetic_images(y_test, num_classes, seed=seed + 2)
+    return write_official(path, kind, x_train, y_train, x_test, y_test)
