@@ -1,4 +1,4 @@
-"""The callback set of a run, and the callbacks of its own it holds. Every callback watches the validation split."""
+"""The callbacks of a phase: Keras' own (checkpoints, schedules, early stopping, backup) and the run's (epoch timing, resume state, commits). Every callback watches the validation split."""
 
 from __future__ import annotations
 
