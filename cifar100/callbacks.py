@@ -1,4 +1,5 @@
-"""The callbacks of a phase: Keras' own (checkpoints, schedules, early stopping, backup) and the run's (epoch timing, resume state, commits). Every callback watches the validation split."""
+"""The callbacks of a phase: Keras' own (checkpoints, schedules, early stopping, backup) and the run's
+(epoch timing, resume state, commits). Every callback watches the validation split."""
 
 from __future__ import annotations
 
