@@ -29,7 +29,7 @@ test-fast: $(INSTALLED)
 	$(PY) -m pytest -m "not slow"
 
 lint: $(INSTALLED)
-	$(PY) -m ruff check cifar100 tests benchmarks
+	$(PY) -m ruff check cifar100 tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

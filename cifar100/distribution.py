@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cifar100 import keras_internals
 from cifar100.config import DISTRIBUTIONS, ConfigError
 
 
@@ -161,38 +162,13 @@ def make_strategy(distribution: str, timeout: float = 300.0):
         rendezvous(cluster, timeout)
         options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
-        _reduce_structures_one_by_one(strategy)
+        keras_internals.reduce_structures_one_by_one(strategy)
         return strategy, cluster
     gpus = tf.config.list_logical_devices("GPU")
     if distribution == "none" or (distribution == "auto" and len(gpus) < 2):
         return tf.distribute.get_strategy(), None
     devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
     return tf.distribute.MirroredStrategy(devices), None
-
-
-def _reduce_structures_one_by_one(strategy) -> None:
-    """Make MultiWorkerMirroredStrategy.reduce take what Keras 3's TensorFlow trainer gives it
-    (keras/src/backend/tensorflow/trainer.py):
-    - before the first step it reduces one whole (x, y) batch, only to learn its shapes: a tuple, which the
-      strategy cannot take, holding uint8 images, which its collective ops cannot reduce. Reduce element
-      by element, and give back the local batch for such dtypes;
-    - after each step it reduces every scalar metric with axis=0, which a scalar does not have: reduce
-      those across replicas with axis=None, which is what the mean over replicas means."""
-    import tensorflow as tf
-
-    reduce_one = strategy.reduce
-    reducible = (tf.bfloat16, tf.float16, tf.float32, tf.float64, tf.int32, tf.int64)
-
-    def reduce(reduce_op, value, axis=None):
-        def one(item):
-            local = strategy.experimental_local_results(item)[0]
-            if local.dtype not in reducible:
-                return local
-            return reduce_one(reduce_op, item, axis=None if local.shape.rank == 0 else axis)
-
-        return tf.nest.map_structure(one, value)
-
-    strategy.reduce = reduce
 
 
 RESUME_FILES = ("config.json", "state.json", "phase1.weights.h5", "history.csv", "best.keras", "backup")

@@ -10,7 +10,9 @@ The phase is short, so it is atomic: a run killed during it does it again.
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -74,3 +76,37 @@ def cached_features(model: keras.Model, x_train: np.ndarray, y_train: np.ndarray
     labels = np.concatenate([y_train, y_train]) if mirror else y_train
     return {"train": train, "train_labels": labels, "val": features(x_val),
             "seconds": time.perf_counter() - started}
+
+
+def train_on_features(model: keras.Model, head: keras.Model, config, run_dir: Path, splits, mining_columns: bool,
+                      verbose, callbacks=()) -> None:
+    """Phase 1 on cached features: `head` (head_model(model), compiled) trains on them with the run's
+    callbacks; best.keras is then the best epoch's full model."""
+    from cifar100 import run_folder
+    from cifar100.callbacks import EpochTimer, reduce_lr_on_plateau
+    from cifar100.mining import LOG_KEYS
+
+    num_classes = splits.dataset.num_classes
+    features = cached_features(model, splits.x_train, splits.y_train, splits.x_val, config.batch_size,
+                               mirror=config.augment != "none")
+    print(f"phase 1 on cached features: the backbone ran once over {len(features['train'])} training images "
+          f"({'with' if config.augment != 'none' else 'without'} mirror images) and {len(features['val'])} "
+          f"validation images in {features['seconds']:.0f} s")
+    batches = FeatureBatches(features["train"], features["train_labels"], num_classes, config.batch_size,
+                             config.seed)
+    (run_dir / run_folder.HISTORY).unlink(missing_ok=True)  # a killed attempt's rows: this phase starts afresh
+    # mining is not applied to the head on features (the backbone, whose cost it saves, does not run); its
+    # columns are filled so that history.csv keeps one set of columns across the phases
+    filler = [keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: logs.update(dict.fromkeys(LOG_KEYS, 0)))]
+    reduce_lr = reduce_lr_on_plateau(config)
+    head.fit(batches, validation_data=(features["val"], one_hot(splits.y_val, num_classes)),
+             epochs=config.head_epochs, shuffle=False, verbose=verbose, callbacks=[
+                 DrawOrder(batches), EpochTimer(config.batch_size), *(filler if mining_columns else []),
+                 keras.callbacks.TerminateOnNaN(), *([reduce_lr] if reduce_lr is not None else []),
+                 keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", restore_best_weights=True,
+                                               patience=config.early_stopping_patience, verbose=1),
+                 keras.callbacks.CSVLogger(run_dir / run_folder.HISTORY, append=True), *callbacks])
+    tmp = run_dir / ".best.keras"
+    model.save(tmp)  # the best epoch's head on the frozen backbone: the run's best model so far
+    os.replace(tmp, run_dir / "best.keras")
+    run_folder.write_state(run_dir, head_feature_seconds=round(features["seconds"], 1))

@@ -7,12 +7,14 @@ Images therefore stay 32x32 uint8 until they are inside the model, whatever `ima
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import keras
 from keras import layers, ops
 
+from cifar100 import compiling
 from cifar100.config import Config, ConfigError
 
 BACKBONE_LAYER = "backbone"
@@ -203,3 +205,17 @@ def count_parameters(model: keras.Model) -> dict[str, int]:
     trainable = sum(int(ops.size(w)) for w in model.trainable_weights)
     total = sum(int(ops.size(w)) for w in model.weights)
     return {"trainable": trainable, "frozen": total - trainable, "total": total}
+
+
+def new_model(config: Config, num_classes: int, strategy=None) -> keras.Model:
+    """The run's model as training starts it: the precision policy set, the seed set (the head's initial
+    weights), built under `strategy`'s scope. Its initial weights are kept (`model.initial_weights`), so that
+    a phase 1 that starts again (a killed run, an interrupted notebook cell) starts from them."""
+    keras.mixed_precision.set_global_policy(compiling.precision_policy(config.mixed_precision))
+    keras.utils.set_random_seed(config.seed)
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    with scope:
+        model = build_model(config, num_classes)  # a weights file that does not fit fails here
+    model.initial_weights = model.get_weights()
+    model.built_for = config.identity()
+    return model

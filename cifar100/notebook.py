@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 from cifar100 import tflogs
-from cifar100.config import Config, make_config, validate
+from cifar100.config import Config, make_config
 from cifar100.errors import RunError, UserError
+from cifar100.validation import validate
 
 # The parameters cell's names, and the Config setting each one fills.
 PARAMETERS = {"PRESET": None, "BACKBONE": "backbone", "IMAGE_SIZE": "image_size", "HEAD_EPOCHS": "head_epochs",
@@ -161,3 +162,11 @@ def load_results(config: Config) -> dict:
     if not run_folder.finished(run_dir):
         raise RunError(f"run folder {run_dir} has no results yet: run the training cell (under 'Training')")
     return run_folder.read_json(run_dir / "results.json")
+
+
+def trainable_parameters(model) -> str:
+    """'N trainable, M frozen parameters': what the phase set by set_phase will train."""
+    from cifar100.models import count_parameters
+
+    counts = count_parameters(model)
+    return f"{counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters"

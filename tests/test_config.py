@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from cifar100.compiling import jit_setting, precision_policy, resolve_flag
 from cifar100.config import PRESETS, Config, ConfigError, make_config
-from cifar100.train import jit_setting, precision_policy, resolve_flag
 
 
 def test_presets_fill_the_config_and_leave_the_learning_rates_unscaled():

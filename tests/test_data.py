@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifar100 import data, download, safe_pickle, write_data
+from cifar100 import data, datasplit, download, safe_pickle, write_data
 from cifar100.data import DatasetError
 
 from .conftest import SAMPLE_DIR, run_cli
@@ -225,17 +225,17 @@ def test_md5_checked_for_official_names_and_skippable(dataset_dir, monkeypatch):
 
 def test_split_is_stratified_seeded_and_disjoint():
     labels = np.repeat(np.arange(10), 50)
-    train_idx, val_idx = data.split(labels, val_fraction=0.1, seed=3)
+    train_idx, val_idx = datasplit.split(labels, val_fraction=0.1, seed=3)
     assert len(val_idx) == 50 and len(train_idx) == 450
     assert not set(train_idx) & set(val_idx) and len(set(train_idx) | set(val_idx)) == 500
     np.testing.assert_array_equal(np.bincount(labels[val_idx]), np.full(10, 5))
-    np.testing.assert_array_equal(data.split(labels, 0.1, seed=3)[1], val_idx)
-    assert not np.array_equal(data.split(labels, 0.1, seed=4)[1], val_idx)
+    np.testing.assert_array_equal(datasplit.split(labels, 0.1, seed=3)[1], val_idx)
+    assert not np.array_equal(datasplit.split(labels, 0.1, seed=4)[1], val_idx)
 
 
 def test_split_rejects_a_bad_fraction():
     with pytest.raises(ValueError, match="val_fraction"):
-        data.split(np.zeros(10), val_fraction=1.5)
+        datasplit.split(np.zeros(10), val_fraction=1.5)
 
 
 def closed_port() -> int:

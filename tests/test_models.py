@@ -139,3 +139,30 @@ def test_without_pretrained_weights_batchnorm_trains_and_updates_its_statistics(
     model.compile(optimizer="adam", loss="categorical_crossentropy")
     model.fit(BATCH, np.eye(10, dtype="float32")[[1, 2]], epochs=1, verbose=0)
     assert np.abs(batch_norms[3].moving_variance.numpy() - moving_variance).min() > 1e-5  # frozen: exactly equal
+
+
+@pytest.mark.slow  # over 5 s: left out of `make test-fast`
+def test_a_short_fit_under_mixed_bfloat16(backbone="tinycnn"):
+    """mixed_precision=bfloat16: the layers compute in bfloat16, the probabilities come out float32, the loss
+    stays finite and the weights (kept in float32) move."""
+    import numpy as np
+
+    from cifar100 import compiling
+
+    config = Config(backbone=backbone, image_size=32, weights=None, mixed_precision="bfloat16", augment="basic")
+    try:
+        model = models.new_model(config, 4)
+        models.set_phase(model, "finetune", pretrained=False)
+        compiling.compile_model(model, 1e-3, config)
+        before = [w.copy() for w in model.get_weights()]
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+        y = keras.utils.to_categorical(np.arange(64) % 4, 4)
+        history = model.fit(x, y, batch_size=16, epochs=2, verbose=0).history
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.get_layer("classifier").compute_dtype == "float32" and model.output.dtype == "float32"
+    assert models.backbone_of(model).compute_dtype == "bfloat16"
+    assert all(w.dtype == "float32" for w in model.trainable_weights)
+    assert all(np.isfinite(history["loss"]))
+    assert any(not np.allclose(a, b) for a, b in zip(before, model.get_weights(), strict=True))

@@ -89,7 +89,7 @@ def interrupt_after_first_epoch(kernel: Kernel, runs: Path, known: set[str], don
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         new = run_folders(runs) - known if runs.exists() else set()
-        if new and len(epochs_in(runs / new.pop() / "history.csv")) >= 1:
+        if new and (runs / new.pop() / "backup" / "finetune" / "committed.json").exists():  # an epoch committed
             kernel.client.km.interrupt_kernel()
             done.append(True)
             return
@@ -111,7 +111,8 @@ def kernel(tmp_path):
 def test_change_rerun_compare_reuse_and_resume_in_a_live_kernel(kernel, tmp_path):
     runs = tmp_path / "models"
     comparison = kernel.index("compare.group_runs")
-    training = kernel.index("train.run(")
+    training = kernel.index("train.Training(")  # phase 1; phase 2 and the evaluation are the next code cell
+    finetune = kernel.index('training.fit("finetune")')
 
     # 1. Run All: the preset's run, each figure shown once
     cells = kernel.run_all()
@@ -154,28 +155,30 @@ def test_change_rerun_compare_reuse_and_resume_in_a_live_kernel(kernel, tmp_path
     history = (runs / rate / "history.csv").stat().st_mtime_ns
     cells = kernel.run_all()
     assert "finished run found" in text(kernel.notebook.cells[training])
-    assert "Epoch" not in text(kernel.notebook.cells[training])
+    assert "Epoch" not in text(kernel.notebook.cells[training]) + text(kernel.notebook.cells[finetune])
     assert (runs / rate / "history.csv").stat().st_mtime_ns == history
     assert images(cells) == figures + 2 + 1 and len(run_folders(runs)) == 3
 
-    # 6. New settings, interrupted while training, then the training cell again: it resumes
+    # 6. New settings, interrupted while fine-tuning, then that cell again: it resumes
     kernel.set_parameters(SETTINGS={"head_learning_rate": 0.01, "seed": 1}, FINETUNE_EPOCHS=3)
-    for index in range(training):
+    known, interrupted = run_folders(runs), []
+    for index in range(finetune):
         if kernel.notebook.cells[index].cell_type == "code":
             kernel.run(index)
-    known, interrupted = run_folders(runs), []
     watcher = threading.Thread(target=interrupt_after_first_epoch, args=(kernel, runs, known, interrupted))
     watcher.start()
     with pytest.raises(CellExecutionError):
-        kernel.run(training)
+        kernel.run(finetune)
     watcher.join()
     assert interrupted
     (resumed,) = run_folders(runs) - known
     stopped_at = epochs_in(runs / resumed / "history.csv")
     assert 1 <= len(stopped_at) < 3 and not (runs / resumed / "results.json").exists()
-    assert "interrupted" in text(kernel.notebook.cells[training])
-    cells = kernel.run_all(start=training)
-    assert "resuming run" in text(kernel.notebook.cells[training])
+    assert "interrupted" in text(kernel.notebook.cells[finetune])
+    cells = kernel.run_all(start=finetune)
+    resumed_text = text(kernel.notebook.cells[finetune])
+    assert re.search(r"resuming phase 'finetune' after epoch [12] \(of epochs 1-3\)", resumed_text), resumed_text
+    assert "Epoch 1/3" not in resumed_text and "Warning" not in resumed_text
     assert epochs_in(runs / resumed / "history.csv") == [0, 1, 2]  # random weights: no head phase
 
     # No TensorFlow C++ log line in any output of the whole session

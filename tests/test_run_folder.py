@@ -12,8 +12,9 @@ import textwrap
 import pytest
 
 from cifar100 import models, run_folder, train, write_data
-from cifar100.config import Config, make_config, validate
+from cifar100.config import Config, make_config
 from cifar100.errors import ConfigError, RunError
+from cifar100.validation import validate
 
 from .conftest import ROOT, run_cli
 
@@ -225,6 +226,28 @@ def test_a_second_process_on_a_locked_run_folder_says_who_holds_it(small_data, t
         pass
 
 
+# --- the Keras internals resume relies on ------------------------------------------------------------------
+
+def test_keras_keeps_a_restored_epoch_for_later_fits_until_it_is_forgotten(tmp_path):
+    """Why cifar100.keras_internals.forget_restored_epoch exists, and that it still works: a model restored by
+    BackupAndRestore starts every later fit() at the restored epoch, whatever initial_epoch that fit asks."""
+    import keras
+    import numpy as np
+
+    from cifar100 import keras_internals
+
+    x, y = np.zeros((8, 2), "float32"), np.zeros((8, 1), "float32")
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    backup = keras.callbacks.BackupAndRestore(tmp_path / "backup", delete_checkpoint=False)
+    model.fit(x, y, epochs=3, callbacks=[backup], verbose=0)  # leaves a backup of epoch 3
+    assert len(model.fit(x, y, epochs=5, callbacks=[backup], verbose=0).epoch) == 2  # restored: epochs 4-5
+
+    assert model.fit(x, y, initial_epoch=0, epochs=4, verbose=0).epoch == [3]  # Keras: still starts at 3
+    keras_internals.forget_restored_epoch(model)
+    assert model.fit(x, y, initial_epoch=0, epochs=4, verbose=0).epoch == [0, 1, 2, 3]
+
+
 # --- killed and resumed ----------------------------------------------------------------------------------
 
 KILLER = textwrap.dedent("""
@@ -260,7 +283,7 @@ KILLER = textwrap.dedent("""
                 die()
         train.fit_phase = fit_phase
     elif point == "during_finish":
-        before(train, "finish", lambda *args, **kwargs: True)
+        before(train.results, "write", lambda *args, **kwargs: True)
     train.run(Config.load(sys.argv[1]), verbose=0)
 """)
 

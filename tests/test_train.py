@@ -71,6 +71,23 @@ def test_a_config_that_cannot_work_fails_before_training(train_data, tmp_path, o
     assert not (tmp_path / "bad" / "history.csv").exists()
 
 
+def test_the_steps_of_a_phase_out_of_order_are_refused_and_train_nothing(train_data, tmp_path):
+    """The notebook's steps (set_phase, compile, fit) each refuse to run before the step they need."""
+    from cifar100.errors import RunError
+
+    config = smoke(train_data, tmp_path / "steps")
+    training = train.Training(config, verbose=0)
+    with pytest.raises(RunError, match=r"call set_phase\('finetune'\) before compile\('finetune'\)"):
+        training.compile("finetune")
+    training.set_phase("finetune")
+    with pytest.raises(RunError, match=r"call compile\('finetune'\) before fit\('finetune'\)"):
+        training.fit("finetune")
+    with pytest.raises(RunError, match=r"the settings changed since this training was made \(seed: 0 -> 1\)"):
+        training.check(config.replace(seed=1))
+    training.check(config)  # the same settings: fine
+    assert not (tmp_path / "steps" / "history.csv").exists()
+
+
 @pytest.fixture(scope="module")
 def cli_run(train_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("cli") / "run"

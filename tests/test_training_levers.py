@@ -7,14 +7,14 @@ import keras
 import numpy as np
 import pytest
 
-from cifar100 import head, models, train, write_data
+from cifar100 import compiling, datasplit, head, models, train, write_data
 from cifar100.config import Config, make_config
 
 
 def rate_given(config: Config, phase_rate: float = 1e-3, epochs: int = 4, steps: int = 10):
     """The learning rate the compiled optimiser holds at each step of the phase."""
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
-    train.compile_model(model, train.learning_rate_for(phase_rate, config, epochs, steps), config)
+    compiling.compile_model(model, compiling.learning_rate_for(phase_rate, config, epochs, steps), config)
     rates = []
     for step in range(epochs * steps + 1):  # the optimiser's own rate, at each of its iterations
         model.optimizer.iterations.assign(step)
@@ -40,7 +40,7 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
                                              ("adamw", keras.optimizers.AdamW, 0.05),
                                              ("sgd", keras.optimizers.SGD, 0.05)])
 def test_optimizer_choice(name, kind, decay):
-    optimizer = train.make_optimizer(1e-3, Config(optimizer=name, weight_decay=0.05, clipnorm=1.0))
+    optimizer = compiling.make_optimizer(1e-3, Config(optimizer=name, weight_decay=0.05, clipnorm=1.0))
     assert type(optimizer) is kind and optimizer.clipnorm == 1.0
     assert optimizer.weight_decay == decay
     if name == "sgd":
@@ -52,8 +52,8 @@ def test_the_cap_shrinks_training_not_validation(tmp_path):
 
     folder = write_data.write_synthetic(tmp_path / "c10", kind="cifar10", n_train=1000, n_test=100)
     dataset = data.load(folder)
-    full = train.prepare_data(Config(data_dir=str(folder)), dataset)
-    capped = train.prepare_data(Config(data_dir=str(folder), max_train_images=200), dataset)
+    full = datasplit.prepare_data(Config(data_dir=str(folder)), dataset)
+    capped = datasplit.prepare_data(Config(data_dir=str(folder), max_train_images=200), dataset)
     assert len(full.val_indices) == 100  # 10%, stratified: 10 a class
     assert len(capped.train_indices) == 200 and np.array_equal(capped.val_indices, full.val_indices)
     assert not set(capped.train_indices) & set(capped.val_indices)
@@ -117,7 +117,7 @@ def test_cached_head_run_records_what_it_did(synthetic_cifar100, tmp_path):
     assert len(rows) == state["head_epochs_done"] + 1 and 1 <= state["head_epochs_done"] <= 3
     assert results["optimization"]["finetune"] == {"optimizer": "adamw", "learning_rate": pytest.approx(3e-3),
                                                    "schedule": "cosine",
-                                                   "jit_compile": bool(train.gpu_names())}  # auto: XLA with a GPU
+                                                   "jit_compile": bool(compiling.gpu_names())}  # auto: XLA with a GPU
     assert results["head_feature_seconds"] > 0
     assert {"train_seconds", "val_seconds", "other_seconds"} <= set(rows[0]) and set(rows[0]) == set(rows[-1])
     for row in rows:
@@ -127,7 +127,7 @@ def test_cached_head_run_records_what_it_did(synthetic_cifar100, tmp_path):
     best = keras.saving.load_model(run_dir / "best.keras")
     from cifar100 import data, evaluate
 
-    splits = train.prepare_data(config, data.load(synthetic_cifar100))
+    splits = datasplit.prepare_data(config, data.load(synthetic_cifar100))
     val = evaluate.basic_metrics(best, splits.x_val, splits.y_val, 100)
     assert val["top1"] == pytest.approx(max(float(r["val_accuracy"]) for r in rows), abs=1e-6)
     tta = results["test"]["flip_tta"]

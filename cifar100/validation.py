@@ -1,0 +1,113 @@
+"""Refusing a Config that cannot work, before any data is read, any model is built or any file is written:
+each number within its meaning, each choice among its values, the backbone known, the weights readable."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from pathlib import Path
+
+from cifar100.config import CHOICES, Config, ConfigError
+
+# The meaning of each number: (kind, lower bound, upper bound); a number alone means >=, None no bound.
+_INT, _FLOAT = "integer", "number"
+RANGES: dict[str, tuple] = {
+    "image_size": (_INT, 1, None), "batch_size": (_INT, 1, None), "seed": (_INT, 0, None),
+    "head_epochs": (_INT, 1, None), "finetune_epochs": (_INT, 1, None), "max_train_images": (_INT, 1, None),
+    "warmup_epochs": (_INT, 0, None), "weight_decay": (_FLOAT, ">= 0", None), "clipnorm": (_FLOAT, "> 0", None),
+    "reduce_lr_patience": (_INT, 0, None), "early_stopping_patience": (_INT, 0, None),
+    "hem_every": (_INT, 1, None), "hem_keep": (_INT, 1, None), "reference_batch_size": (_INT, 1, None),
+    "head_learning_rate": (_FLOAT, "> 0", None), "finetune_learning_rate": (_FLOAT, "> 0", None),
+    "val_fraction": (_FLOAT, "> 0", "< 1"), "finetune_fraction": (_FLOAT, "> 0", "<= 1"),
+    "dropout": (_FLOAT, ">= 0", "< 1"), "label_smoothing": (_FLOAT, ">= 0", "< 1"),
+    "reduce_lr_factor": (_FLOAT, "> 0", "< 1"), "hem_fraction": (_FLOAT, "> 0", "<= 1"),
+    "hem_strength": (_FLOAT, ">= 0", None), "hem_floor": (_FLOAT, ">= 0", "<= 1"),
+    "hem_selectivity": (_FLOAT, "> 0", "<= 1"), "hem_window": (_INT, 1, None),
+    "distribution_timeout": (_FLOAT, "> 0", None),
+}
+
+
+def _check_number(name: str, value) -> None:
+    """Refuse a number of the wrong type, not finite, or outside the setting's meaning."""
+    kind, low, high = RANGES[name]
+    field_type = {f.name: str(f.type) for f in fields(Config)}[name]
+    if value is None and "None" in field_type:
+        return
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if kind == _INT and not is_int:
+        raise ConfigError(f"setting '{name}' must be an integer, got {value!r}")
+    if kind == _FLOAT and not (is_int or isinstance(value, float)):
+        raise ConfigError(f"setting '{name}' must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"setting '{name}' must be a finite number, got {value!r}")
+    for bound in (low, high):
+        if bound is None:
+            continue
+        op, limit = bound.split() if isinstance(bound, str) else (">=", bound)
+        ok = {">": value > float(limit), ">=": value >= float(limit), "<": value < float(limit),
+              "<=": value <= float(limit)}[op]
+        if not ok:
+            allowed = " and ".join(f"{b}" if isinstance(b, str) else f">= {b}" for b in (low, high) if b is not None)
+            raise ConfigError(f"setting '{name}' must be {allowed}, got {value!r}")
+
+
+def validate(config: Config, check_data: bool = True) -> None:
+    """Refuse a config that cannot work, before any data is read, any model is built or any file is written.
+    `check_data=False` leaves out the data folder (the notebook downloads it when absent)."""
+    from cifar100.models import BACKBONES
+
+    for name in RANGES:
+        _check_number(name, getattr(config, name))
+    if not isinstance(config.hem, bool):
+        raise ConfigError(f"setting 'hem' must be True or False, got {config.hem!r}")
+    for name in ("name", "data_dir", "runs_dir", "backbone"):
+        if not isinstance(getattr(config, name), str):
+            raise ConfigError(f"setting '{name}' must be a string, got {getattr(config, name)!r}")
+    if config.name and (config.name in (".", "..") or "/" in config.name or "\\" in config.name):
+        raise ConfigError(f"setting 'name': {config.name!r} must be a plain folder name (no '/', not '.' or '..')")
+    for name, allowed in CHOICES.items():
+        if getattr(config, name) not in allowed:
+            raise ConfigError(f"setting '{name}': {getattr(config, name)!r} is not one of {list(allowed)}")
+    if config.backbone not in BACKBONES:
+        raise ConfigError(f"setting 'backbone': unknown backbone '{config.backbone}'; "
+                          f"choose one of {sorted(BACKBONES)}")
+    backbone = BACKBONES[config.backbone]
+    if config.image_size < backbone.min_size:
+        raise ConfigError(f"setting 'image_size': {config.image_size} px is below {config.backbone}'s minimum "
+                          f"input size of {backbone.min_size} px")
+    if config.distribution == "multi-worker":
+        from cifar100.distribution import read_tf_config
+
+        read_tf_config()  # a malformed TF_CONFIG fails here, before anything starts
+    _check_weights(config, backbone)
+    if check_data and not Path(config.data_dir).is_dir():
+        from cifar100.data import _missing_folder_message
+
+        raise ConfigError(f"setting 'data_dir': {_missing_folder_message(Path(config.data_dir))}")
+
+
+def _check_weights(config: Config, backbone) -> None:
+    """'imagenet', None, or a readable Keras .weights.h5 file (HDF5)."""
+    if config.weights is None:
+        return
+    if not isinstance(config.weights, str):
+        raise ConfigError(f"setting 'weights' must be 'imagenet', None or a file path, got {config.weights!r}")
+    if config.weights == "imagenet":
+        if not backbone.has_imagenet:
+            raise ConfigError(f"setting 'weights': {config.backbone} has no ImageNet weights; use None")
+        return
+    path = Path(config.weights)
+    if not path.is_file():
+        raise ConfigError(f"setting 'weights': file {path} not found (use 'imagenet', None, or a path to a "
+                          ".weights.h5 file)")
+    if not path.name.endswith(".weights.h5"):
+        raise ConfigError(f"setting 'weights': {path} is not a .weights.h5 file")
+    import h5py
+
+    try:
+        with h5py.File(path, "r"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"setting 'weights': {path} is not a readable Keras weights file (expected HDF5 as "
+                          f"written by save_weights; truncated or another format? {str(exc).splitlines()[0]})"
+                          ) from None
