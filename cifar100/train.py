@@ -108,7 +108,8 @@ class Training:
                               f"{keras.backend.backend()!r} (it backpropagates batches whose size varies from "
                               "step to step, which a jit-compiled JAX step does not allow); use hem_mode=reweight")
         self.config, self.verbose, self.callbacks = config, verbose, list(callbacks or [])
-        self.run_dir, self.worker_dir, self.compiled = config.run_dir(), None, None
+        self.run_dir, self.worker_dir = config.run_dir(), None
+        self.phase = self.compiled = None  # the phase set_phase last set, and the one compile last compiled for
         self.done = run_folder.finished(self.run_dir) and \
             Config.load(self.run_dir / "config.json").identity() == config.identity()
         if self.done:
@@ -177,7 +178,7 @@ class Training:
         """Compile for `phase` (after set_phase: Keras reads which weights train when it compiles)."""
         if self._nothing_to_train(phase):
             return
-        if getattr(self, "phase", None) != phase:
+        if self.phase != phase:
             raise RunError(f"call set_phase({phase!r}) before compile({phase!r}): a phase trains the layers "
                            "that set_phase leaves trainable")
         self.sampler, self.mining = self._pipeline()
