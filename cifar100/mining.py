@@ -136,7 +136,7 @@ class SelectiveBackprop(keras.callbacks.Callback):
                                f"whose size varies from step to step, which {keras.backend.backend()}'s "
                                "compiled steps do not allow; use hem_mode='reweight'")
         if self._state_for is not model:
-            self._make_state(model)
+            self.make_state(model)
         if model.jit_compile:
             model.jit_compile = False  # XLA needs static shapes
         model.train_step = self._train_step  # an instance attribute: the class's step is untouched
@@ -147,7 +147,7 @@ class SelectiveBackprop(keras.callbacks.Callback):
             del self.model.train_step  # the class's own step again for a later fit()
             self.model.train_function = None
 
-    def _make_state(self, model) -> None:
+    def make_state(self, model) -> None:
         with model.distribute_strategy.scope():
             self.window = keras.Variable(np.zeros(self.window_size, np.float32), trainable=False,
                                          aggregation="only_first_replica", name="sb_window")
@@ -272,7 +272,7 @@ def make_mining(config: Config, sampler: TrainBatches, model: keras.Model | None
     if config.hem_mode == "selective":
         mining = SelectiveBackprop(config.hem_selectivity, config.hem_window, config.seed)
         if model is not None:
-            mining._make_state(model)
+            mining.make_state(model)
         return mining
     return HardExampleMining(sampler, every=config.hem_every, fraction=config.hem_fraction,
                              strength=config.hem_strength, floor=config.hem_floor, seed=config.seed,

@@ -97,7 +97,7 @@ def test_reweighting_gives_the_hardest_examples_the_largest_weights():
 def test_selection_keeps_losses_above_the_recent_window_and_drops_those_below():
     model = linear_model()
     mining = SelectiveBackprop(selectivity=0.5, window=64)
-    mining._make_state(model)
+    mining.make_state(model)
     mining.window.assign(np.linspace(1.0, 2.0, 64).astype("float32"))
     mining.seen.assign(64)
     import tensorflow as tf
