@@ -1,0 +1,115 @@
+"""Break the code on purpose, one way at a time, and check that the test meant to catch it fails.
+
+Each mutation below replaces one piece of code in a copy of the working tree (never this tree) and runs the
+tests that guard that behaviour; a mutation that leaves them passing means a test that cannot fail.
+
+    .venv/bin/python scripts/check_tests_can_fail.py              # every mutation (about 10 minutes on 2 cores)
+    .venv/bin/python scripts/check_tests_can_fail.py --only xla   # those whose name contains "xla"
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CAP = "train_idx = train_idx[stratified_subset(dataset.y_train[train_idx], cap, config.seed)]"
+
+# name: (file, code as it is, code broken, tests that must fail)
+MUTATIONS = {
+    "lr scaled on one device": (
+        "cifar100/compiling.py", "    if config.reference_batch_size:\n",
+        "    if config.reference_batch_size or config.batch_size != 64:\n",
+        ["tests/test_training_levers.py::test_the_optimizer_gets_the_configured_rate_whatever_the_batch_size"]),
+    "xla auto decided here, off": (
+        "cifar100/compiling.py", 'return "auto" if value == "auto" else value == "true"',
+        'return False if value == "auto" else value == "true"',
+        ["tests/test_config.py::test_xla_auto_is_left_to_keras"]),
+    "bfloat16 policy ignored": (
+        "cifar100/compiling.py", 'return "mixed_bfloat16"', 'return "float32"',
+        ["tests/test_models.py::test_a_short_fit_under_mixed_bfloat16"]),
+    "tf preprocessing scaled to [0, 1]": (
+        "cifar100/models.py", "return x / 127.5 - 1.0", "return x / 255.0",
+        ["tests/test_models.py::test_preprocessing_equals_keras_own"]),
+    "cutmix label weight from the drawn lam, not the pasted area": (
+        "cifar100/sampling.py", "            lam = 1 - side * side / 1024\n", "",
+        ["tests/test_sampling.py::test_mixing_gives_each_label_the_share_of_the_image_it_has"]),
+    "mixup labels unmixed": (
+        "cifar100/sampling.py", "return images, lam * labels + (1 - lam) * labels[partner]",
+        "return images, labels",
+        ["tests/test_sampling.py::test_mixing_gives_each_label_the_share_of_the_image_it_has"]),
+    "cap not stratified": (
+        "cifar100/datasplit.py", CAP, "train_idx = train_idx[:cap]",
+        ["tests/test_training_levers.py::test_the_cap_shrinks_training_not_validation"]),
+    "cap taken before the validation split": (
+        "cifar100/datasplit.py", CAP, "train_idx = stratified_subset(dataset.y_train, cap, config.seed)",
+        ["tests/test_training_levers.py::test_the_cap_shrinks_training_not_validation"]),
+    "mirrored strategy falls back to one device": (
+        "cifar100/distribution.py", "return tf.distribute.MirroredStrategy(devices), None",
+        "return tf.distribute.get_strategy(), None",
+        ["tests/test_distribution.py::test_mirrored_over_two_logical_cpus_matches_one_device"]),
+    "restored epoch not forgotten": (
+        "cifar100/keras_internals.py", "    model._initial_epoch = None\n", "    pass\n",
+        ["tests/test_run_folder.py::test_keras_keeps_a_restored_epoch_for_later_fits_until_it_is_forgotten"]),
+    "resumed run forgets the mining state": (
+        "cifar100/train.py", '        mining.set_state(restored["mining"])\n', "        pass\n",
+        ["tests/test_run_folder.py::test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run"]),
+    "best.keras is the last epoch, not the best": (
+        "cifar100/callbacks.py", "mode=\"max\", save_best_only=True,", "mode=\"max\", save_best_only=False,",
+        ["tests/test_training_levers.py::test_cached_head_run_records_what_it_did"]),
+    "throughput reports the XLA asked as the XLA in force": (
+        "benchmarks/throughput.py", '"XLA in force": "on" if model.jit_compile else "off"', '"XLA in force": xla',
+        ["tests/test_benchmarks.py::test_throughput_quick_table"]),
+    "image-size rows report plain accuracy as flip TTA": (
+        "benchmarks/common.py", 'else f"{tta:.1%}"', "else f\"{test['top1']:.1%}\"",
+        ["tests/test_benchmarks.py::test_run_rows_and_the_image_size_figure"]),
+    "a phase fits without being compiled afresh": (
+        "cifar100/train.py", "        if self.compiled != phase and not", "        if False and not",
+        ["tests/test_train.py::test_the_steps_of_a_phase_out_of_order_are_refused_and_train_nothing"]),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="run only the mutations whose name contains this")
+    args = parser.parse_args(argv)
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    rows, broken_tests = [], 0
+    with tempfile.TemporaryDirectory(prefix="broken-build-") as tmp:
+        copy = Path(tmp)
+        for name in files:
+            if (ROOT / name).is_file():
+                (copy / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / name, copy / name)
+        for name, (path, good, bad, tests) in MUTATIONS.items():
+            if args.only not in name:
+                continue
+            original = (copy / path).read_text()
+            if original.count(good) != 1:
+                rows.append((name, "the code to break was not found once: update this script", ""))
+                broken_tests += 1
+                continue
+            (copy / path).write_text(original.replace(good, bad))
+            started = time.perf_counter()
+            result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                                     "-m", "", *tests], cwd=copy, capture_output=True, text=True)
+            (copy / path).write_text(original)
+            caught = result.returncode == 1 and " failed" in result.stdout
+            broken_tests += not caught
+            summary = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
+            rows.append((name, "caught" if caught else f"NOT CAUGHT ({summary})",
+                         f"{', '.join(t.split('::')[-1] for t in tests)} ({time.perf_counter() - started:.0f} s)"))
+            print(f"{name}: {rows[-1][1]}", file=sys.stderr)
+    print("| mutation | result | tests |\n|---|---|---|")
+    print("\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows))
+    return 1 if broken_tests else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
