@@ -22,9 +22,9 @@ CAP = "train_idx = train_idx[stratified_subset(dataset.y_train[train_idx], cap, 
 
 # name: (file, code as it is, code broken, tests that must fail)
 MUTATIONS = {
-    "lr scaled on one device": (
+    "lr scaled on one device (to a batch of 64)": (
         "cifar100/compiling.py", "    if config.reference_batch_size:\n",
-        "    if config.reference_batch_size or config.batch_size != 64:\n",
+        "    config = config.replace(reference_batch_size=64)\n    if config.reference_batch_size:\n",
         ["tests/test_training_levers.py::test_the_optimizer_gets_the_configured_rate_whatever_the_batch_size"]),
     "xla auto decided here, off": (
         "cifar100/compiling.py", 'return "auto" if value == "auto" else value == "true"',
@@ -61,7 +61,7 @@ MUTATIONS = {
         ["tests/test_run_folder.py::test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run"]),
     "best.keras is the last epoch, not the best": (
         "cifar100/callbacks.py", "mode=\"max\", save_best_only=True,", "mode=\"max\", save_best_only=False,",
-        ["tests/test_training_levers.py::test_cached_head_run_records_what_it_did"]),
+        ["tests/test_run_folder.py::test_best_keras_is_the_best_validation_epoch_not_the_last"]),
     "throughput reports the XLA asked as the XLA in force": (
         "benchmarks/throughput.py", '"XLA in force": "on" if model.jit_compile else "off"', '"XLA in force": xla',
         ["tests/test_benchmarks.py::test_throughput_quick_table"]),

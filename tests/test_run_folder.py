@@ -226,6 +226,45 @@ def test_a_second_process_on_a_locked_run_folder_says_who_holds_it(small_data, t
         pass
 
 
+# --- the best checkpoint ----------------------------------------------------------------------------------
+
+def test_best_keras_is_the_best_validation_epoch_not_the_last(tmp_path):
+    """The phase's callbacks, fed a scripted validation accuracy (best at the second of four epochs), leave
+    best.keras with that epoch's weights."""
+    import keras
+    import numpy as np
+
+    from cifar100 import callbacks, compiling
+    from cifar100.sampling import TrainBatches, one_hot
+
+    scripted = [0.3, 0.9, 0.5, 0.4]
+
+    class Script(keras.callbacks.Callback):  # runs first: every later callback sees the scripted number
+        def __init__(self):
+            super().__init__()
+            self.weights = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs["val_accuracy"] = scripted[epoch]
+            self.weights.append([w.copy() for w in self.model.get_weights()])
+
+    config = make_config("smoke", {"runs_dir": str(tmp_path), "name": "run", "early_stopping_patience": 10})
+    run_dir = config.run_dir()
+    run_dir.mkdir()
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), np.arange(64) % 4
+    sampler = TrainBatches(images, labels, 4, 16, seed=0)
+    model = models.new_model(config, 4)
+    compiling.compile_model(model, 1e-2, config)
+    script = Script()
+    model.fit(sampler, validation_data=(images[:16], one_hot(labels[:16], 4)), epochs=4, shuffle=False, verbose=0,
+              callbacks=[script, *callbacks.callback_set(config, run_dir, "finetune", sampler, None, None, None)])
+    best = keras.saving.load_model(run_dir / "best.keras")
+    for got, expected in zip(best.get_weights(), script.weights[1], strict=True):
+        np.testing.assert_array_equal(got, expected)
+    assert any(not np.array_equal(a, b) for a, b in zip(script.weights[1], script.weights[3], strict=True))
+
+
 # --- the Keras internals resume relies on ------------------------------------------------------------------
 
 def test_keras_keeps_a_restored_epoch_for_later_fits_until_it_is_forgotten(tmp_path):
