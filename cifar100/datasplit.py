@@ -52,21 +52,11 @@ class Splits:
     val_indices: np.ndarray
     config_key: tuple = ()  # the settings the splits were made for (splits_key)
 
-    @property
-    def x_train(self):
-        return self.dataset.x_train[self.train_indices]
-
-    @property
-    def y_train(self):
-        return self.dataset.y_train[self.train_indices]
-
-    @property
-    def x_val(self):
-        return self.dataset.x_train[self.val_indices]
-
-    @property
-    def y_val(self):
-        return self.dataset.y_train[self.val_indices]
+    # the images and labels of each split (both splits index the training set)
+    x_train = property(lambda self: self.dataset.x_train[self.train_indices])
+    y_train = property(lambda self: self.dataset.y_train[self.train_indices])
+    x_val = property(lambda self: self.dataset.x_train[self.val_indices])
+    y_val = property(lambda self: self.dataset.y_train[self.val_indices])
 
 
 def prepare_data(config: Config, dataset: data.Dataset | None = None) -> Splits:
