@@ -162,11 +162,3 @@ def load_results(config: Config) -> dict:
     if not run_folder.finished(run_dir):
         raise RunError(f"run folder {run_dir} has no results yet: run the training cell (under 'Training')")
     return run_folder.read_json(run_dir / "results.json")
-
-
-def trainable_parameters(model) -> str:
-    """'N trainable, M frozen parameters': what the phase set by set_phase will train."""
-    from cifar100.models import count_parameters
-
-    counts = count_parameters(model)
-    return f"{counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters"

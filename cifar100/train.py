@@ -173,6 +173,8 @@ class Training:
         if not self.done:
             models.set_phase(self.model, phase, self.config.finetune_fraction, self.pretrained)
             self.phase = phase
+            counts = models.count_parameters(self.model)
+            print(f"phase {phase!r}: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters")
 
     def compile(self, phase: str) -> None:
         """Compile for `phase` (after set_phase: Keras reads which weights train when it compiles)."""
