@@ -135,6 +135,7 @@ class Training:
                      if self.strategy.num_replicas_in_sync > 1 else ""))
             print(self.splits.dataset.describe())
             save_class_info(self.run_dir, self.splits.dataset)
+        self.train_data = (self.splits.x_train, self.splits.y_train)  # copied out of the dataset once
         self.sampler, self.mining = self._pipeline()
         self.validation = (self.splits.x_val, one_hot(self.splits.y_val, self.splits.dataset.num_classes))
         self.pretrained = config.weights is not None
@@ -151,7 +152,7 @@ class Training:
     def _pipeline(self) -> tuple[TrainBatches, keras.callbacks.Callback | None]:
         """A phase's training batches and mining callback, made afresh for each attempt at a phase."""
         config, num_classes = self.config, self.splits.dataset.num_classes
-        sampler = TrainBatches(self.splits.x_train, self.splits.y_train, num_classes, config.batch_size,
+        sampler = TrainBatches(*self.train_data, num_classes, config.batch_size,
                                seed=config.seed, mix=config.augment if config.augment in ("mixup", "cutmix") else None,
                                weighted=config.hem and config.hem_mode == "reweight")
         return sampler, hem.make_mining(config, sampler, self.model)
