@@ -17,6 +17,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from cifar100 import keras_internals
 from cifar100.sampling import one_hot
 
 
@@ -99,7 +100,8 @@ def train_on_features(model: keras.Model, head: keras.Model, config, run_dir: Pa
     # columns are filled so that history.csv keeps one set of columns across the phases
     filler = [keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: logs.update(dict.fromkeys(LOG_KEYS, 0)))]
     reduce_lr = reduce_lr_on_plateau(config)
-    head.fit(batches, validation_data=(features["val"], one_hot(splits.y_val, num_classes)),
+    validation = (features["val"], one_hot(splits.y_val, num_classes))
+    head.fit(keras_internals.fit_input(batches), validation_data=validation,
              epochs=config.head_epochs, shuffle=False, verbose=verbose, callbacks=[
                  DrawOrder(batches), EpochTimer(config.batch_size), *(filler if mining_columns else []),
                  keras.callbacks.TerminateOnNaN(), *([reduce_lr] if reduce_lr is not None else []),

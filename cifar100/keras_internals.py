@@ -1,8 +1,11 @@
-"""The one place where this project relies on Keras or TensorFlow internals. Each workaround says what it
-works around, names the upstream issue, and is covered by a test that fails if Keras changes under it.
+"""The one place where this project works around Keras or TensorFlow: their internals, or a behaviour of
+theirs that costs time. Each workaround says what it works around, names the upstream issue where one
+exists, and is covered by a test that fails if Keras changes under it.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 
 def forget_restored_epoch(model) -> None:
@@ -43,3 +46,44 @@ def reduce_structures_one_by_one(strategy) -> None:
         return tf.nest.map_structure(one, value)
 
     strategy.reduce = reduce
+
+
+def fit_input(batches):
+    """What `fit` is given for a `keras.utils.PyDataset` of training batches: on the TensorFlow backend, the
+    same batches, read from it in the same way, as a tf.data pipeline without tf.data's autotuning.
+
+    Keras turns a PyDataset into `Dataset.from_generator(...).prefetch(AUTOTUNE)` with tf.data's default
+    options, and builds a new iterator over it for each epoch. With autotuning on, each iterator runs a
+    model thread (`tensorflow::data::model::Model::OptimizeLoop`) that sleeps between optimisations for a
+    period that doubles up to a minute. The main thread drops the previous epoch's iterator at the start of
+    the next epoch (trainer.py: `for ... in epoch_iterator`), and the iterator's destructor waits until
+    that thread wakes up: up to about a minute in which nothing runs (seen with gdb: the main thread in
+    `RootDataset::Iterator::~Iterator`, the model thread in `OptimizeLoop`'s timed wait, both cores idle).
+    That was the time lost "between an epoch's start and its first step" (docs/benchmarks.md). Without
+    autotuning there is no model thread; one batch read ahead (`prefetch(1)`) is all this pipeline
+    needs: the batches are slices of arrays in memory.
+
+    The batches are read lazily, one epoch at a time, as Keras' own pipeline reads them, so callbacks that
+    set the order or the loss weights at the start of an epoch act on that epoch's batches. On other
+    backends the PyDataset is given to Keras unchanged. Tested by tests/test_sampling.py.
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return batches
+    import tensorflow as tf
+
+    def spec(array):
+        array = np.asarray(array)
+        return tf.TensorSpec((None,) + array.shape[1:], tf.as_dtype(array.dtype))
+
+    def generate():
+        for index in range(len(batches)):
+            yield batches[index]
+
+    signature = tuple(spec(part) for part in batches[0])  # a peek: reading a batch changes nothing
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(len(batches))).prefetch(1)
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)

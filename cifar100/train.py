@@ -57,7 +57,8 @@ def fit_phase(model: keras.Model, config: Config, run_dir: Path, phase: str, *, 
     keras_internals.forget_restored_epoch(model)  # else it would start where a previous fit's backup was
     # shuffle=False: the sampler draws each epoch's order itself; Keras would also shuffle the batches with
     # Python's global `random`, whose state a resumed process does not share with the one that was stopped
-    model.fit(sampler, validation_data=validation, initial_epoch=start_epoch, epochs=end_epoch, shuffle=False,
+    model.fit(keras_internals.fit_input(sampler), validation_data=validation, initial_epoch=start_epoch,
+              epochs=end_epoch, shuffle=False,
               callbacks=callbacks + list(extra_callbacks), verbose=verbose)
 
 

@@ -98,3 +98,24 @@ def test_trim_history_drops_rows_from_the_restart_epoch(tmp_path):
     assert path.read_text() == "epoch,loss\n0,1.0\n1,0.9\n"
     trim_history(path, 0)
     assert path.read_text() == ""  # CSVLogger writes the header again
+
+
+def test_fit_input_reads_each_epochs_batches_as_the_sampler_then_makes_them_without_tf_data_autotuning():
+    """What fit() is given on TensorFlow: the sampler's batches, read lazily per epoch (so an order or loss
+    weights set at an epoch's start reach that epoch's batches), and no autotuning, whose model thread made
+    each epoch wait for the previous epoch's iterator to be destroyed (keras_internals.fit_input)."""
+    from cifar100.keras_internals import fit_input
+
+    sampler = make_sampler(weighted=True)
+    dataset = fit_input(sampler)
+    assert dataset.options().autotune.enabled is False
+    assert int(dataset.cardinality()) == len(sampler) == 7
+    for epoch, weights in ((0, None), (1, np.arange(100, dtype=np.float32) / 50)):
+        sampler.set_epoch(epoch)
+        sampler.set_weights(weights)
+        got = list(dataset.as_numpy_iterator())
+        assert len(got) == len(sampler)
+        for index, batch in enumerate(got):
+            for part, expected in zip(batch, sampler[index], strict=True):
+                np.testing.assert_array_equal(part, expected)
+    np.testing.assert_allclose(got[0][2], sampler.order[:16] / 50)  # epoch 1's weights, in epoch 1's order
