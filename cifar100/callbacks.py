@@ -53,6 +53,29 @@ class EpochTimer(keras.callbacks.Callback):
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
 
+class ProgressiveResizing(keras.callbacks.Callback):
+    """Progressive resizing: the epochs before `first_full_epoch` train at `size` px, the later ones at the
+    model's full size. The size is a function of the epoch alone, so a resumed run trains as an
+    uninterrupted one; each change rebuilds the training step (one retrace), validation is always at full
+    size (models.Upsample)."""
+
+    def __init__(self, size: int, first_full_epoch: int):
+        super().__init__()
+        self.size, self.first_full_epoch = size, first_full_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        from cifar100.models import Upsample
+
+        layer = self.model.get_layer("upsample")
+        if not isinstance(layer, Upsample):
+            raise TypeError("progressive resizing needs a model built with progressive_size set")
+        size = self.size if epoch < self.first_full_epoch else None
+        if layer.training_size != size:
+            layer.training_size = size
+            self.model.make_train_function(force=True)
+            print(f"progressive resizing: epoch {epoch + 1} trains at {size or layer.height} px")
+
+
 class ResumeState(keras.callbacks.Callback):
     """Saves, at the end of each epoch and before BackupAndRestore commits it, what Keras' backup does not
     hold: the state of ReduceLROnPlateau, EarlyStopping and hard-example mining. At the start of a resumed

@@ -58,6 +58,10 @@ class Config:
     finetune_epochs: int = 3
     finetune_learning_rate: float = 1e-4
     finetune_fraction: float = 1.0  # fraction of the backbone's layers, from the top, that fine-tune
+    # progressive resizing: the first `progressive_epochs` fine-tuning epochs train at `progressive_size` px
+    # (cheaper), the rest at `image_size`; validation, evaluation and the saved model always use image_size
+    progressive_size: int | None = None
+    progressive_epochs: int = 0
     # the optimiser and the learning-rate schedule of both phases: "plateau" keeps the rate until
     # ReduceLROnPlateau lowers it; "cosine" warms up linearly for `warmup_epochs` of the phase, then decays it
     # along a cosine to 0 at the phase's last step (ReduceLROnPlateau is then left out: the schedule sets it)

@@ -90,6 +90,25 @@ class RandomShift(layers.Layer):
         return {**super().get_config(), "max_shift": self.max_shift, "seed": self.seed}
 
 
+@keras.saving.register_keras_serializable(package="cifar100")
+class Upsample(layers.Resizing):
+    """Resizing that can train at a smaller size for a while (progressive resizing): in training, when
+    `training_size` is set, it resizes to that size; validation, evaluation and the saved model always use
+    the full size. A traced training step keeps the size it was traced with: change `training_size`, then
+    rebuild the step (callbacks.ProgressiveResizing does both)."""
+
+    def __init__(self, height, width, **kwargs):
+        super().__init__(height, width, **kwargs)
+        self.training_size: int | None = None
+
+    def transform_images(self, images, transformation=None, training=True):
+        if training and self.training_size:
+            return self.backend.image.resize(images, (self.training_size, self.training_size),
+                                             interpolation=self.interpolation, antialias=self.antialias,
+                                             data_format=self.data_format)
+        return super().transform_images(images, transformation, training)
+
+
 def tiny_cnn(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg", name="tinycnn"):
     """A small CNN with the keras.applications signature: for the smoke preset and tests (no ImageNet weights)."""
     if weights not in (None,) and not str(weights).endswith(".weights.h5"):
@@ -134,8 +153,9 @@ def augmentation_layers(config: Config) -> list[layers.Layer]:
 
 def build_backbone(config: Config) -> keras.Model:
     spec = BACKBONES[config.backbone]
-    kwargs = dict(include_top=False, weights=config.weights, input_shape=(config.image_size,) * 2 + (3,),
-                  pooling="avg")
+    # progressive resizing feeds the backbone more than one size: its input size is then left open
+    size = None if config.progressive_size else config.image_size
+    kwargs = dict(include_top=False, weights=config.weights, input_shape=(size, size, 3), pooling="avg")
     try:
         model = spec.constructor(**kwargs)
     except ValueError as exc:
@@ -163,8 +183,8 @@ def build_model(config: Config, num_classes: int = 100, backbone: keras.Model | 
     for layer in augmentation_layers(config):
         x = layer(x)
     if config.image_size != 32:
-        x = layers.Resizing(config.image_size, config.image_size, interpolation=config.interpolation,
-                            name="upsample")(x)
+        resizing = Upsample if config.progressive_size else layers.Resizing
+        x = resizing(config.image_size, config.image_size, interpolation=config.interpolation, name="upsample")(x)
     x = ImagenetPreprocessing(spec.preprocessing, name="preprocess")(x)
     if backbone is None:
         backbone = build_backbone(config)

@@ -23,7 +23,8 @@ RANGES: dict[str, tuple] = {
     "reduce_lr_factor": (_FLOAT, "> 0", "< 1"), "hem_fraction": (_FLOAT, "> 0", "<= 1"),
     "hem_strength": (_FLOAT, ">= 0", None), "hem_floor": (_FLOAT, ">= 0", "<= 1"),
     "hem_selectivity": (_FLOAT, "> 0", "<= 1"), "hem_window": (_INT, 1, None),
-    "distribution_timeout": (_FLOAT, "> 0", None),
+    "distribution_timeout": (_FLOAT, "> 0", None), "progressive_size": (_INT, 1, None),
+    "progressive_epochs": (_INT, 0, None),
 }
 
 
@@ -75,6 +76,17 @@ def validate(config: Config, check_data: bool = True) -> None:
     if config.image_size < backbone.min_size:
         raise ConfigError(f"setting 'image_size': {config.image_size} px is below {config.backbone}'s minimum "
                           f"input size of {backbone.min_size} px")
+    if config.progressive_size is not None:
+        if not backbone.min_size <= config.progressive_size < config.image_size:
+            raise ConfigError(f"setting 'progressive_size': {config.progressive_size} px must be below image_size "
+                              f"({config.image_size} px) and at least {config.backbone}'s minimum input size of "
+                              f"{backbone.min_size} px")
+        if not 0 < config.progressive_epochs < config.finetune_epochs:
+            raise ConfigError(f"setting 'progressive_epochs': {config.progressive_epochs} must be at least 1 and "
+                              f"below finetune_epochs ({config.finetune_epochs}): the last epochs train at "
+                              "image_size")
+    elif config.progressive_epochs:
+        raise ConfigError("setting 'progressive_epochs' needs 'progressive_size' (the size of those epochs)")
     if config.distribution == "multi-worker":
         from cifar100.distribution import read_tf_config
 

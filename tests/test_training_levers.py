@@ -132,3 +132,65 @@ def test_cached_head_run_records_what_it_did(synthetic_cifar100, tmp_path):
     assert val["top1"] == pytest.approx(max(float(r["val_accuracy"]) for r in rows), abs=1e-6)
     tta = results["test"]["flip_tta"]
     assert 0 <= tta["top1"] <= 1 and tta["images"] == results["data"]["test_images"]
+
+
+class ShapeProbe(keras.layers.Layer):
+    """Records the image size and the mode of each traced call (a trace runs the Python code once)."""
+
+    def __init__(self, record, **kwargs):
+        super().__init__(**kwargs)
+        self.record = record  # a function: Keras would track a list attribute as a copy
+
+    def call(self, x, training=None):
+        if not isinstance(x, keras.KerasTensor):  # not Keras' symbolic build of the model
+            self.record(("train" if training else "infer", x.shape[1]))
+        return x
+
+
+def test_progressive_resizing_trains_small_first_and_validates_at_full_size():
+    from cifar100.callbacks import ProgressiveResizing
+
+    seen = []
+    inputs = keras.Input((32, 32, 3))
+    x = models.Upsample(48, 48, name="upsample")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(ShapeProbe(seen.append)(x))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
+    model.compile("adam", "categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    images, labels = rng.uniform(size=(16, 32, 32, 3)), np.eye(2)[rng.integers(0, 2, 16)]
+    model.fit(images, labels, validation_data=(images, labels), epochs=4, batch_size=8, verbose=0,
+              callbacks=[ProgressiveResizing(24, first_full_epoch=2)])
+    trained = [size for mode, size in seen if mode == "train"]  # each trace once (TensorFlow may trace twice)
+    assert trained[0] == 24 and trained[-1] == 48 and trained == sorted(trained)  # 24 px first, 48 px after
+    assert {size for mode, size in seen if mode == "infer"} == {48}  # validation at the full size throughout
+    upsample = model.get_layer("upsample")
+    upsample.training_size = 24  # as during the small epochs, when ModelCheckpoint saves the model
+    assert upsample.get_config()["height"] == upsample.get_config()["width"] == 48
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"progressive_size": 96}, "must be below image_size"),
+    ({"progressive_size": 48, "progressive_epochs": 5}, "below finetune_epochs"),
+    ({"progressive_size": 48, "progressive_epochs": 0}, "at least 1"),
+    ({"progressive_epochs": 2}, "needs 'progressive_size'"),
+])
+def test_progressive_resizing_settings_are_checked(settings, message):
+    from cifar100.config import ConfigError
+    from cifar100.validation import validate
+
+    config = make_config("smoke", {"image_size": 96, "finetune_epochs": 5, **settings})
+    with pytest.raises(ConfigError, match=message):
+        validate(config, check_data=False)
+
+
+@pytest.mark.slow  # over 5 s: left out of `make test-fast`
+def test_a_run_with_progressive_resizing_trains_and_saves_the_full_size_model(synthetic_cifar100, tmp_path, capsys):
+    config = make_config("smoke", {"data_dir": str(synthetic_cifar100), "runs_dir": str(tmp_path), "image_size": 48,
+                                   "finetune_epochs": 3, "progressive_size": 32, "progressive_epochs": 2,
+                                   "max_train_images": 300})
+    run_dir = train.run(config, verbose=0)
+    out = capsys.readouterr().out
+    assert "epoch 1 trains at 32 px" in out and "epoch 3 trains at 48 px" in out and "epoch 2 trains" not in out
+    best = keras.saving.load_model(run_dir / "best.keras")
+    assert best.get_layer("upsample").get_config()["height"] == 48 and best.input_shape == (None, 32, 32, 3)
+    assert json.loads((run_dir / "results.json").read_text())["test"]["top1"] >= 0
