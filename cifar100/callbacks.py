@@ -135,8 +135,10 @@ def reduce_lr_on_plateau(config: Config) -> keras.callbacks.ReduceLROnPlateau | 
 
 def callback_set(config: Config, run_dir: Path, phase: str, sampler: TrainBatches,
                  mining: HardExampleMining | SelectiveBackprop | None,
-                 best_so_far: float | None, restored: dict | None) -> list[keras.callbacks.Callback]:
-    """The callbacks of one phase, in the order they must run at the end of an epoch.
+                 best_so_far: float | None, restored: dict | None, start_epoch: int = 0
+                 ) -> list[keras.callbacks.Callback]:
+    """The callbacks of one phase (which starts at `start_epoch`), in the order they must run at the end of
+    an epoch.
 
     An epoch is committed once BackupAndRestore has written its backup and CommitEpoch has recorded it; what
     comes before is redone if a kill strikes first (run_folder.settle_phase drops its traces), what comes
@@ -146,9 +148,14 @@ def callback_set(config: Config, run_dir: Path, phase: str, sampler: TrainBatche
     checkpoints = run_dir / run_folder.CHECKPOINTS
     checkpoints.mkdir(exist_ok=True)
     reduce_lr = reduce_lr_on_plateau(config)
-    early_stopping = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max",
+    # progressive resizing: the small epochs are validated at full size, where they score lower while the
+    # model learns the small size; early stopping watches only the epochs at full size
+    first_full = start_epoch + config.progressive_epochs if phase == "finetune" and config.progressive_size else 0
+    early_stopping = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", start_from_epoch=first_full,
                                                    patience=config.early_stopping_patience, verbose=1)
     callbacks: list[keras.callbacks.Callback] = [EpochOrder(sampler), EpochTimer(config.batch_size)]
+    if first_full:
+        callbacks.insert(0, ProgressiveResizing(config.progressive_size, first_full))
     if mining is not None:
         callbacks.append(mining)
     callbacks += [

@@ -19,7 +19,7 @@ import numpy as np
 
 from cifar100 import data, distribution, head, keras_internals, models, results, run_folder
 from cifar100 import mining as hem
-from cifar100.callbacks import ProgressiveResizing, callback_set
+from cifar100.callbacks import callback_set
 from cifar100.compiling import compile_model, learning_rate_for, precision_policy
 from cifar100.config import Config, ConfigError
 from cifar100.datasplit import Splits, prepare_data, splits_key
@@ -53,9 +53,8 @@ def fit_phase(model: keras.Model, config: Config, run_dir: Path, phase: str, *, 
         print(f"resuming phase {phase!r} after epoch {committed} (of epochs {start_epoch + 1}-{end_epoch})")
     if restored and mining is not None and restored.get("mining"):
         mining.set_state(restored["mining"])
-    callbacks = callback_set(config, run_dir, phase, sampler, mining, run_folder.best_val_accuracy(run_dir), restored)
-    if phase == "finetune" and config.progressive_size:
-        callbacks.insert(0, ProgressiveResizing(config.progressive_size, start_epoch + config.progressive_epochs))
+    callbacks = callback_set(config, run_dir, phase, sampler, mining, run_folder.best_val_accuracy(run_dir), restored,
+                             start_epoch)
     keras_internals.forget_restored_epoch(model)  # else it would start where a previous fit's backup was
     # shuffle=False: the sampler draws each epoch's order itself; Keras would also shuffle the batches with
     # Python's global `random`, whose state a resumed process does not share with the one that was stopped

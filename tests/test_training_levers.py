@@ -194,3 +194,23 @@ def test_a_run_with_progressive_resizing_trains_and_saves_the_full_size_model(sy
     best = keras.saving.load_model(run_dir / "best.keras")
     assert best.get_layer("upsample").get_config()["height"] == 48 and best.input_shape == (None, 32, 32, 3)
     assert json.loads((run_dir / "results.json").read_text())["test"]["top1"] >= 0
+
+
+def test_with_progressive_resizing_early_stopping_watches_only_the_full_size_epochs(tmp_path):
+    """The small epochs are validated at full size and score low while the model learns the small size:
+    counted, they would stop the phase before its full-size epochs (measured: docs/benchmarks.md)."""
+    from cifar100.callbacks import ProgressiveResizing, callback_set
+    from cifar100.sampling import TrainBatches
+
+    config = make_config("smoke", {"image_size": 64, "finetune_epochs": 6, "progressive_size": 32,
+                                   "progressive_epochs": 4})
+    sampler = TrainBatches(np.zeros((8, 32, 32, 3), np.uint8), np.zeros(8, int), 2, 4)
+
+    def made(phase):
+        callbacks = callback_set(config, tmp_path, phase, sampler, None, None, None, start_epoch=10)
+        stop = next(c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping))
+        resize = [(c.size, c.first_full_epoch) for c in callbacks if isinstance(c, ProgressiveResizing)]
+        return stop.start_from_epoch, resize
+
+    assert made("finetune") == (14, [(32, 14)])
+    assert made("head") == (0, [])
