@@ -56,6 +56,23 @@ MUTATIONS = {
     "restored epoch not forgotten": (
         "cifar100/keras_internals.py", "    model._initial_epoch = None\n", "    pass\n",
         ["tests/test_run_folder.py::test_keras_keeps_a_restored_epoch_for_later_fits_until_it_is_forgotten"]),
+    "tf.data autotuning left on for fit's batches": (
+        "cifar100/keras_internals.py", "    options.autotune.enabled = False\n", "",
+        ["tests/test_sampling.py::test_fit_input_reads_each_epochs_batches_as_the_sampler_then_makes_them_without_"
+         "tf_data_autotuning"]),
+    "fit's batches read ahead of the epoch (eagerly)": (
+        "cifar100/keras_internals.py", "    def generate():\n        for index in range(len(batches)):\n"
+        "            yield batches[index]\n",
+        "    def generate(eager=[batches[i] for i in range(len(batches))]):\n        yield from eager\n",
+        ["tests/test_sampling.py::test_fit_input_reads_each_epochs_batches_as_the_sampler_then_makes_them_without_"
+         "tf_data_autotuning"]),
+    "progressive resizing ignored in training": (
+        "cifar100/models.py", "        if training and self.training_size:\n", "        if False:\n",
+        ["tests/test_training_levers.py::test_progressive_resizing_trains_small_first_and_validates_at_full_size"]),
+    "early stopping counts the small epochs": (
+        "cifar100/callbacks.py", "start_from_epoch=first_full,", "",
+        ["tests/test_training_levers.py::test_with_progressive_resizing_early_stopping_watches_only_the_full_size_"
+         "epochs"]),
     "resumed run forgets the mining state": (
         "cifar100/train.py", '        mining.set_state(restored["mining"])\n', "        pass\n",
         ["tests/test_run_folder.py::test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run"]),
