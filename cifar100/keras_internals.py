@@ -1,6 +1,7 @@
 """The one place where this project works around Keras or TensorFlow: their internals, or a behaviour of
-theirs that costs time. Each workaround says what it works around, names the upstream issue where one
-exists, and is covered by a test that fails if Keras changes under it.
+theirs that costs time. Each workaround says what it works around, names the upstream issue or the
+evidence, and is covered by a test: of the workaround, and where Keras' own behaviour can be observed in a
+test, of that too (so that it fails if Keras changes under it).
 """
 
 from __future__ import annotations
@@ -64,8 +65,11 @@ def fit_input(batches):
     needs: the batches are slices of arrays in memory.
 
     The batches are read lazily, one epoch at a time, as Keras' own pipeline reads them, so callbacks that
-    set the order or the loss weights at the start of an epoch act on that epoch's batches. On other
-    backends the PyDataset is given to Keras unchanged. Tested by tests/test_sampling.py.
+    set the order or the loss weights at the start of an epoch act on that epoch's batches. The PyDataset's
+    `workers`, `use_multiprocessing` and its own `on_epoch_begin`/`on_epoch_end` are not used (this
+    project's batches use none of them). On other backends the PyDataset is given to Keras unchanged.
+    Tested by tests/test_sampling.py; the stall itself is measured by benchmarks/real_images.py (the
+    "outside steps s/epoch" column), not by a timed test.
     """
     import keras
 

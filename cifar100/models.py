@@ -102,11 +102,14 @@ class Upsample(layers.Resizing):
         self.training_size: int | None = None
 
     def transform_images(self, images, transformation=None, training=True):
-        if training and self.training_size:
-            return self.backend.image.resize(images, (self.training_size, self.training_size),
-                                             interpolation=self.interpolation, antialias=self.antialias,
-                                             data_format=self.data_format)
-        return super().transform_images(images, transformation, training)
+        if not (training and self.training_size):
+            return super().transform_images(images, transformation, training)
+        full = self.height, self.width  # Resizing's own path (dtype cast, crop and pad options) at the small size
+        self.height = self.width = self.training_size
+        try:
+            return super().transform_images(images, transformation, training)
+        finally:
+            self.height, self.width = full
 
 
 def tiny_cnn(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg", name="tinycnn"):
@@ -182,7 +185,7 @@ def build_model(config: Config, num_classes: int = 100, backbone: keras.Model | 
     x = layers.Rescaling(1.0, name="to_float")(inputs)  # uint8 -> the compute dtype
     for layer in augmentation_layers(config):
         x = layer(x)
-    if config.image_size != 32:
+    if config.image_size != 32 or config.progressive_size:
         resizing = Upsample if config.progressive_size else layers.Resizing
         x = resizing(config.image_size, config.image_size, interpolation=config.interpolation, name="upsample")(x)
     x = ImagenetPreprocessing(spec.preprocessing, name="preprocess")(x)
@@ -208,6 +211,9 @@ def set_phase(model: keras.Model, phase: str, finetune_fraction: float = 1.0, pr
     `training=True` down to every nested layer. Without pretrained weights (`pretrained=False`) there are
     no statistics to keep: BatchNorm trains and normalises with batch statistics like any other layer.
     """
+    with contextlib.suppress(ValueError):  # a phase starts at full size (a stopped fit may have left it small)
+        if isinstance(upsample := model.get_layer("upsample"), Upsample):
+            upsample.training_size = None
     backbone = backbone_of(model)
     if phase == "head":
         backbone.trainable = False

@@ -85,6 +85,9 @@ def validate(config: Config, check_data: bool = True) -> None:
             raise ConfigError(f"setting 'progressive_epochs': {config.progressive_epochs} must be at least 1 and "
                               f"below finetune_epochs ({config.finetune_epochs}): the last epochs train at "
                               "image_size")
+        if config.lr_schedule != "cosine":
+            raise ConfigError("setting 'progressive_size' needs lr_schedule=cosine: ReduceLROnPlateau would lower the "
+                              "learning rate on the small epochs, whose validation (at full size) scores low")
     elif config.progressive_epochs:
         raise ConfigError("setting 'progressive_epochs' needs 'progressive_size' (the size of those epochs)")
     if config.distribution == "multi-worker":

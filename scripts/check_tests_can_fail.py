@@ -67,8 +67,11 @@ MUTATIONS = {
         ["tests/test_sampling.py::test_fit_input_reads_each_epochs_batches_as_the_sampler_then_makes_them_without_"
          "tf_data_autotuning"]),
     "progressive resizing ignored in training": (
-        "cifar100/models.py", "        if training and self.training_size:\n", "        if False:\n",
+        "cifar100/models.py", "        if not (training and self.training_size):\n", "        if True:\n",
         ["tests/test_training_levers.py::test_progressive_resizing_trains_small_first_and_validates_at_full_size"]),
+    "a phase inherits the small size a stopped fit left": (
+        "cifar100/models.py", "            upsample.training_size = None\n", "            pass\n",
+        ["tests/test_training_levers.py::test_each_phase_starts_at_full_size_and_32_px_runs_get_the_layer_too"]),
     "early stopping counts the small epochs": (
         "cifar100/callbacks.py", "start_from_epoch=first_full,", "",
         ["tests/test_training_levers.py::test_with_progressive_resizing_early_stopping_watches_only_the_full_size_"

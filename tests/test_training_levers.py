@@ -163,9 +163,34 @@ def test_progressive_resizing_trains_small_first_and_validates_at_full_size():
     trained = [size for mode, size in seen if mode == "train"]  # each trace once (TensorFlow may trace twice)
     assert trained[0] == 24 and trained[-1] == 48 and trained == sorted(trained)  # 24 px first, 48 px after
     assert {size for mode, size in seen if mode == "infer"} == {48}  # validation at the full size throughout
+
+
+
+def test_a_model_saved_during_a_small_epoch_is_the_full_size_model(tmp_path):
+    model = keras.Sequential([keras.Input((32, 32, 3)), models.Upsample(48, 48, name="upsample")])
+    model.get_layer("upsample").training_size = 24  # as when ModelCheckpoint saves during a small epoch
+    images = np.zeros((2, 32, 32, 3), np.float32)
+    assert model(images, training=True).shape == (2, 24, 24, 3)
+    assert model(images, training=False).shape == (2, 48, 48, 3)
+    model.save(tmp_path / "small-epoch.keras")
+    loaded = keras.saving.load_model(tmp_path / "small-epoch.keras")
+    assert loaded(images, training=True).shape == (2, 48, 48, 3)
+
+
+def test_each_phase_starts_at_full_size_and_32_px_runs_get_the_layer_too():
+    """A fit stopped in a small epoch leaves the layer small; the next phase (the notebook reruns a cell in
+    the same kernel) must not inherit it. At image_size 32 the progressive layer is built all the same."""
+    config = make_config("smoke", {"image_size": 32, "progressive_size": 16, "progressive_epochs": 2,
+                                   "lr_schedule": "cosine"})
+    from cifar100.validation import validate
+
+    validate(config, check_data=False)
+    model = models.build_model(config, num_classes=10)
     upsample = model.get_layer("upsample")
-    upsample.training_size = 24  # as during the small epochs, when ModelCheckpoint saves the model
-    assert upsample.get_config()["height"] == upsample.get_config()["width"] == 48
+    assert isinstance(upsample, models.Upsample)
+    upsample.training_size = 16
+    models.set_phase(model, "head", pretrained=False)
+    assert upsample.training_size is None
 
 
 @pytest.mark.parametrize("settings,message", [
@@ -173,6 +198,7 @@ def test_progressive_resizing_trains_small_first_and_validates_at_full_size():
     ({"progressive_size": 48, "progressive_epochs": 5}, "below finetune_epochs"),
     ({"progressive_size": 48, "progressive_epochs": 0}, "at least 1"),
     ({"progressive_epochs": 2}, "needs 'progressive_size'"),
+    ({"progressive_size": 48, "progressive_epochs": 2, "lr_schedule": "plateau"}, "needs lr_schedule=cosine"),
 ])
 def test_progressive_resizing_settings_are_checked(settings, message):
     from cifar100.config import ConfigError
@@ -187,7 +213,7 @@ def test_progressive_resizing_settings_are_checked(settings, message):
 def test_a_run_with_progressive_resizing_trains_and_saves_the_full_size_model(synthetic_cifar100, tmp_path, capsys):
     config = make_config("smoke", {"data_dir": str(synthetic_cifar100), "runs_dir": str(tmp_path), "image_size": 48,
                                    "finetune_epochs": 3, "progressive_size": 32, "progressive_epochs": 2,
-                                   "max_train_images": 300})
+                                   "lr_schedule": "cosine", "max_train_images": 300})
     run_dir = train.run(config, verbose=0)
     out = capsys.readouterr().out
     assert "epoch 1 trains at 32 px" in out and "epoch 3 trains at 48 px" in out and "epoch 2 trains" not in out
@@ -203,7 +229,7 @@ def test_with_progressive_resizing_early_stopping_watches_only_the_full_size_epo
     from cifar100.sampling import TrainBatches
 
     config = make_config("smoke", {"image_size": 64, "finetune_epochs": 6, "progressive_size": 32,
-                                   "progressive_epochs": 4})
+                                   "progressive_epochs": 4, "lr_schedule": "cosine"})
     sampler = TrainBatches(np.zeros((8, 32, 32, 3), np.uint8), np.zeros(8, int), 2, 4)
 
     def made(phase):
