@@ -56,10 +56,11 @@ def fit_input(batches):
     Keras turns a PyDataset into `Dataset.from_generator(...).prefetch(AUTOTUNE)` with tf.data's default
     options, and builds a new iterator over it for each epoch. With autotuning on, each iterator runs a
     model thread (`tensorflow::data::model::Model::OptimizeLoop`) that sleeps between optimisations for a
-    period that doubles up to a minute. The main thread drops the previous epoch's iterator at the start of
-    the next epoch (trainer.py: `for ... in epoch_iterator`), and the iterator's destructor waits until
-    that thread wakes up: up to about a minute in which nothing runs (seen with gdb: the main thread in
-    `RootDataset::Iterator::~Iterator`, the model thread in `OptimizeLoop`'s timed wait, both cores idle).
+    period that keeps growing. The main thread drops the previous epoch's iterator at the start of the next
+    epoch (trainer.py: `for ... in epoch_iterator`), and the iterator's destructor waits until that thread
+    wakes up: seconds to most of a minute (up to 55 s seen) in which nothing runs (seen with gdb: the main
+    thread in `RootDataset::Iterator::~Iterator`, the model thread in `OptimizeLoop`'s timed wait, no thread
+    of the process using CPU time).
     That was the time lost "between an epoch's start and its first step" (docs/benchmarks.md). Without
     autotuning there is no model thread; one batch read ahead (`prefetch(1)`) is all this pipeline
     needs: the batches are slices of arrays in memory.
