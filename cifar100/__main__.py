@@ -93,6 +93,22 @@ def _predict(args) -> int:
     return status
 
 
+def _export(args) -> None:
+    tflogs.import_keras()
+    from cifar100 import evaluate
+
+    if not Path(args.run_dir).is_dir():
+        raise FileNotFoundError(f"{args.run_dir}: run folder not found")
+    with run_folder.RunLock(args.run_dir):  # not while a training run writes the folder
+        report = evaluate.export_run(args.run_dir, args.out_dir)
+    print(f"exported {args.run_dir} to {args.out_dir}, checked on {report['checked_on']}:")
+    for check in report["formats"].values():
+        print(f"  {check['file']}: top-1 as predict's on {check['top1_agrees']:.0%}, largest probability "
+              f"difference {check['max_probability_difference']:.1e}")
+    if "onnx" not in report["formats"]:
+        print("  (no ONNX: pip install tf2onnx onnxruntime)")
+
+
 def _compare(args) -> None:
     from cifar100 import compare
 
@@ -142,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("run_dir")
     predict.add_argument("images", nargs="+")
     predict.set_defaults(func=_predict)
+
+    export = commands.add_parser("export", help="write a run's model as a SavedModel, TFLite and ONNX file")
+    export.add_argument("run_dir", help="a finished run folder")
+    export.add_argument("out_dir", help="a new folder for the exported files")
+    export.set_defaults(func=_export)
 
     compare = commands.add_parser("compare", help="a table of every finished run, grouped by dataset")
     compare.add_argument("runs_dir", nargs="?", default="models", help="the runs folder (default: models)")

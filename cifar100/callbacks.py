@@ -125,6 +125,18 @@ class CommitEpoch(keras.callbacks.Callback):
         run_folder.publish_checkpoint(self.run_dir, epoch + 1)
 
 
+class InferenceCheckpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint that saves `inference`, the inference model, rather than the model fit trains (the
+    same layers and weights behind the training augmentation). `inference=None`: the model fit trains."""
+
+    def __init__(self, inference: keras.Model | None, filepath, **kwargs):
+        super().__init__(filepath, **kwargs)
+        self.inference = inference
+
+    def set_model(self, model):
+        super().set_model(self.inference if self.inference is not None else model)
+
+
 def reduce_lr_on_plateau(config: Config) -> keras.callbacks.ReduceLROnPlateau | None:
     """The plateau schedule's callback; None under the cosine schedule, which sets the rate itself."""
     if config.lr_schedule == "cosine":
@@ -135,10 +147,11 @@ def reduce_lr_on_plateau(config: Config) -> keras.callbacks.ReduceLROnPlateau | 
 
 def callback_set(config: Config, run_dir: Path, phase: str, sampler: TrainBatches,
                  mining: HardExampleMining | SelectiveBackprop | None,
-                 best_so_far: float | None, restored: dict | None, start_epoch: int = 0
-                 ) -> list[keras.callbacks.Callback]:
+                 best_so_far: float | None, restored: dict | None, start_epoch: int = 0,
+                 inference: keras.Model | None = None) -> list[keras.callbacks.Callback]:
     """The callbacks of one phase (which starts at `start_epoch`), in the order they must run at the end of
-    an epoch.
+    an epoch. The checkpoints hold `inference` (the inference model whose layers fit trains; default: the
+    model fit trains).
 
     An epoch is committed once BackupAndRestore has written its backup and CommitEpoch has recorded it; what
     comes before is redone if a kill strikes first (run_folder.settle_phase drops its traces), what comes
@@ -160,9 +173,8 @@ def callback_set(config: Config, run_dir: Path, phase: str, sampler: TrainBatche
         callbacks.append(mining)
     callbacks += [
         keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.ModelCheckpoint(checkpoints / run_folder.CHECKPOINT_PATTERN, monitor="val_accuracy",
-                                        mode="max", save_best_only=True, initial_value_threshold=best_so_far,
-                                        verbose=0),
+        InferenceCheckpoint(inference, checkpoints / run_folder.CHECKPOINT_PATTERN, monitor="val_accuracy",
+                            mode="max", save_best_only=True, initial_value_threshold=best_so_far, verbose=0),
         *([reduce_lr] if reduce_lr is not None else []),
         early_stopping,
         keras.callbacks.CSVLogger(run_dir / run_folder.HISTORY, append=True),

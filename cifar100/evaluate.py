@@ -1,7 +1,13 @@
-"""Test-set metrics of a run: top-1/top-5, per class, per superclass, confusion, most-confused pairs."""
+"""Test-set metrics of a run (top-1/top-5, per class, per superclass, most-confused pairs), prediction on
+image files, and the export of a run's model for serving (SavedModel, TFLite, ONNX)."""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -83,12 +89,11 @@ def _round(value: float):
 
 def load_run(run_dir: str | Path) -> tuple[Config, keras.Model, dict]:
     """The config, the best checkpoint and the class information of a run folder."""
-    import cifar100.models  # noqa: F401  (registers the custom layers before loading)
-
     run_dir = Path(run_dir)
     for name in ("config.json", "best.keras", "classes.json"):
         if not (run_dir / name).exists():
             raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} a finished run folder?")
+    run_folder.check_model_format(run_dir)
     config = Config.load(run_dir / "config.json")
     model = load_checkpoint(run_dir / "best.keras")
     classes = run_folder.read_json(run_dir / "classes.json")
@@ -182,3 +187,89 @@ def predict_files(run_dir: str | Path, paths: list[str | Path],
 
 def _top_classes(probabilities: np.ndarray, names: list[str], top: int) -> list[tuple[str, float]]:
     return [(names[c], float(probabilities[c])) for c in np.argsort(-probabilities)[:top]]
+
+
+# --- export for serving --------------------------------------------------------------------------------
+
+EXPORT_TOLERANCE = 1e-4  # the largest difference in any probability from the Keras model's, for each format
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, images: np.ndarray | None = None) -> dict:
+    """Write the run's inference model to a new folder `out_dir`: a SavedModel (`saved_model/`, serving
+    signature `serve`: uint8 (None, 32, 32, 3) images -> probabilities), `model.tflite`, `model.onnx` (when
+    tf2onnx and onnxruntime are installed), `classes.json`, and `export.json`, which records how each form
+    compared with `model.predict` on `images` (default: up to 256 of the run's test images). A form whose
+    top-1 differs, or whose probabilities differ by more than EXPORT_TOLERANCE, is an error, and nothing is
+    left in `out_dir`; an existing `out_dir` is never written into."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if out_dir.exists() or out_dir.is_symlink():
+        raise RunError(f"{out_dir} exists: export writes a new folder; name another one, or delete that one")
+    config, model, classes = load_run(run_dir)
+    images, source = (images, "the images given") if images is not None else _export_check_images(config)
+    expected = predict_probabilities(model, images).astype(np.float32)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        written = _export_formats(model, partial)
+        run_folder.write_json(partial / "classes.json", classes)
+        checks = {}
+        for form, path in written.items():
+            got = run_exported(path, images)
+            checks[form] = {"file": path.name, "max_probability_difference": float(np.max(np.abs(got - expected))),
+                            "top1_agrees": float(np.mean(got.argmax(1) == expected.argmax(1)))}
+            if checks[form]["top1_agrees"] < 1 or checks[form]["max_probability_difference"] > EXPORT_TOLERANCE:
+                raise RunError(f"{run_dir}: the exported {form} does not give the Keras model's predictions on "
+                               f"{len(images)} images ({source}): {checks[form]}; nothing was written")
+        report = {"run": str(run_dir), "checked_on": f"{len(images)} images ({source})", "formats": checks,
+                  "keras": keras.__version__}
+        run_folder.write_json(partial / "export.json", report)
+        os.rename(partial, out_dir)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return report
+
+
+def _export_formats(model: keras.Model, folder: Path) -> dict[str, Path]:
+    """Keras' own exports of `model` into `folder`; ONNX only where its converter and runtime are installed."""
+    model.export(folder / "saved_model", format="tf_saved_model", verbose=False)
+    model.export(folder / "model.tflite", format="litert", verbose=False)
+    written = {"saved_model": folder / "saved_model", "tflite": folder / "model.tflite"}
+    if importlib.util.find_spec("tf2onnx") and importlib.util.find_spec("onnxruntime"):
+        logging.getLogger("tf2onnx").setLevel(logging.CRITICAL)  # its optimiser logs the passes it skips
+        model.export(folder / "model.onnx", format="onnx", verbose=False)
+        written["onnx"] = folder / "model.onnx"
+    return written
+
+
+def run_exported(path: Path, images: np.ndarray) -> np.ndarray:
+    """Probabilities from an exported model (a SavedModel folder, a .tflite or an .onnx file) for uint8 images."""
+    images = np.ascontiguousarray(images, dtype=np.uint8)
+    if path.suffix == ".onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return np.asarray(session.run(None, {session.get_inputs()[0].name: images})[0], dtype=np.float32)
+    import tensorflow as tf
+
+    if path.suffix == ".tflite":
+        with warnings.catch_warnings():  # tf.lite.Interpreter's notice that LiteRT will replace it
+            warnings.simplefilter("ignore")
+            interpreter = tf.lite.Interpreter(model_path=str(path))
+        source = interpreter.get_input_details()[0]["index"]
+        interpreter.resize_tensor_input(source, images.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(source, images)
+        interpreter.invoke()
+        return np.asarray(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]), dtype=np.float32)
+    loaded = tf.saved_model.load(str(path))  # kept while it runs: its function refers to its variables
+    return np.asarray(loaded.serve(images), dtype=np.float32)
+
+
+def _export_check_images(config: Config, count: int = 256) -> tuple[np.ndarray, str]:
+    """Up to `count` of the run's test images; random images where its dataset cannot be read here."""
+    try:
+        dataset = data.load(config.data_dir)
+        return dataset.x_test[:count], f"the first of the test set in {config.data_dir}"
+    except (DatasetError, OSError):
+        random = np.random.default_rng(0).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+        return random, f"random images: the dataset {config.data_dir} could not be read"

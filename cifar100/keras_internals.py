@@ -9,6 +9,21 @@ from __future__ import annotations
 import numpy as np
 
 
+def call_in_inference_mode_by_default(layer, inputs):
+    """`layer(inputs)` in a functional model, such that the model runs it in training mode only when it is
+    called with `training=True` (by `fit`), not when it is called without `training`.
+
+    A functional model records, for each layer called on symbolic inputs, the `training` default of that
+    layer's `call`, and a layer passes its `training` on to the layers called after it (keras/src/layers/
+    layer.py, `_resolve_and_populate_arg`; keras/src/models/functional.py, `operation_fn`). Keras' image
+    preprocessing layers (Resizing, RandomFlip, RandAugment) default to `training=True`, so `model(x)` and
+    `model.export(...)` ran them, and every later layer (Dropout, a BatchNorm that trains), in training mode,
+    unlike `model.predict(x)`. Called with `training=False` when the model is built, the layer records False;
+    `fit`'s `training=True` still overrides it. Tested by tests/test_models.py (Keras' own behaviour too).
+    """
+    return layer(inputs, training=False)
+
+
 def forget_restored_epoch(model) -> None:
     """Let the next fit() start at its own `initial_epoch`.
 

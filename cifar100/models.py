@@ -1,8 +1,9 @@
-"""The backbone registry and `build_model`: raw 32x32 uint8 images in, class probabilities out.
+"""The backbones, the inference model that is saved and exported, and the training model around it.
 
-Inside the model: augmentation (training only) -> upsampling (Resizing) -> the backbone's own
-preprocessing -> the pretrained backbone (BatchNorm in inference mode) -> dropout -> softmax head.
-Images therefore stay 32x32 uint8 until they are inside the model, whatever `image_size` is.
+The inference model (`build_model`), from Keras' own layers only, so that `keras.saving.load_model` reads it
+in any process: raw 32x32 uint8 images -> upsampling (Resizing) -> the backbone's own preprocessing -> the
+pretrained backbone -> dropout -> softmax head. `training_model` puts the training augmentation in front of
+the same layers (the weights are shared): that is the model `fit` trains; it is never saved.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 from keras import layers, ops
 
-from cifar100 import compiling
+from cifar100 import compiling, keras_internals
 from cifar100.config import Config, ConfigError
 
 BACKBONE_LAYER = "backbone"
@@ -25,40 +27,35 @@ class Backbone:
     """What the project needs to know about one backbone."""
 
     constructor: Callable[..., keras.Model]
-    preprocessing: str  # mode of the ImagenetPreprocessing layer: caffe | tf | none
+    preprocessing: str  # its input convention (preprocessing_layers): caffe | tf | none
     min_size: int
     has_imagenet: bool = True
 
 
-@keras.saving.register_keras_serializable(package="cifar100")
-class ImagenetPreprocessing(layers.Layer):
-    """The backbone's input scaling, from 0..255 RGB, as a layer so that a saved model carries it.
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
-    caffe: RGB -> BGR and ImageNet mean subtracted (ResNet50); tf: scaled to [-1, 1] (Xception,
-    MobileNetV2); none: the backbone rescales itself (MobileNetV3, EfficientNetV2, ConvNeXt).
+
+def preprocessing_layers(mode: str) -> list[layers.Layer]:
+    """The backbone's input convention, from 0..255 RGB, as Keras layers (a saved model carries them).
+
+    tf: scaled to [-1, 1] (Xception, MobileNetV2). caffe (ResNet50): RGB -> BGR and the ImageNet mean
+    subtracted, a fixed linear map of the channels, so a frozen Dense layer of 3 units (a permutation
+    matrix and the negated mean as bias). none: the backbone rescales itself (MobileNetV3, EfficientNetV2,
+    ConvNeXt). Tested against `keras.applications.<module>.preprocess_input`.
     """
-
-    CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-
-    def __init__(self, mode: str = "tf", **kwargs):
-        super().__init__(**kwargs)
-        if mode not in ("caffe", "tf", "none"):
-            raise ValueError(f"unknown preprocessing mode {mode!r}")
-        self.mode = mode
-
-    def call(self, x):
-        x = ops.cast(x, self.compute_dtype)
-        if self.mode == "tf":
-            return x / 127.5 - 1.0
-        if self.mode == "caffe":
-            return ops.flip(x, axis=-1) - ops.array(self.CAFFE_MEAN_BGR, self.compute_dtype)
-        return x
-
-    def get_config(self):
-        return {**super().get_config(), "mode": self.mode}
+    if mode == "tf":
+        return [layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")]
+    if mode == "caffe":
+        rgb_to_bgr = np.eye(3, dtype="float32")[::-1]
+        bias = -np.array(CAFFE_MEAN_BGR, dtype="float32")
+        return [layers.Dense(3, trainable=False, name="preprocess",
+                             kernel_initializer=keras.initializers.Constant(rgb_to_bgr),
+                             bias_initializer=keras.initializers.Constant(bias))]
+    if mode == "none":
+        return []
+    raise ValueError(f"unknown preprocessing mode {mode!r}")
 
 
-@keras.saving.register_keras_serializable(package="cifar100")
 class RandomShift(layers.Layer):
     """Shifts each image by up to `max_shift` pixels in each direction, the edges reflected (training only).
 
@@ -90,12 +87,11 @@ class RandomShift(layers.Layer):
         return {**super().get_config(), "max_shift": self.max_shift, "seed": self.seed}
 
 
-@keras.saving.register_keras_serializable(package="cifar100")
 class Upsample(layers.Resizing):
-    """Resizing that can train at a smaller size for a while (progressive resizing): in training, when
-    `training_size` is set, it resizes to that size; validation, evaluation and the saved model always use
-    the full size. A traced training step keeps the size it was traced with: change `training_size`, then
-    rebuild the step (callbacks.ProgressiveResizing does both)."""
+    """Resizing that can train at a smaller size for a while (progressive resizing), in the training model
+    only: in training, when `training_size` is set, it resizes to that size; validation uses the full size,
+    and the inference model has Keras' own Resizing. A traced training step keeps the size it was traced
+    with: change `training_size`, then rebuild the step (callbacks.ProgressiveResizing does both)."""
 
     def __init__(self, height, width, **kwargs):
         super().__init__(height, width, **kwargs)
@@ -176,19 +172,20 @@ def build_backbone(config: Config) -> keras.Model:
 
 
 def build_model(config: Config, num_classes: int = 100, backbone: keras.Model | None = None) -> keras.Model:
-    """One Keras model: raw (None, 32, 32, 3) uint8 images in, `num_classes` probabilities (float32) out.
+    """The inference model: raw (None, 32, 32, 3) uint8 images in, `num_classes` probabilities (float32) out.
 
-    `backbone` replaces the registry's (benchmarks pass a trivial one to measure the data path alone).
+    This is the model saved as best.keras and exported. `backbone` replaces the registry's (benchmarks pass
+    a trivial one to measure the data path alone).
     """
     spec = BACKBONES[config.backbone]
     inputs = keras.Input((32, 32, 3), dtype="uint8", name="image")
     x = layers.Rescaling(1.0, name="to_float")(inputs)  # uint8 -> the compute dtype
-    for layer in augmentation_layers(config):
+    if config.image_size != 32:
+        upsample = layers.Resizing(config.image_size, config.image_size, interpolation=config.interpolation,
+                                   name="upsample")
+        x = keras_internals.call_in_inference_mode_by_default(upsample, x)
+    for layer in preprocessing_layers(spec.preprocessing):
         x = layer(x)
-    if config.image_size != 32 or config.progressive_size:
-        resizing = Upsample if config.progressive_size else layers.Resizing
-        x = resizing(config.image_size, config.image_size, interpolation=config.interpolation, name="upsample")(x)
-    x = ImagenetPreprocessing(spec.preprocessing, name="preprocess")(x)
     if backbone is None:
         backbone = build_backbone(config)
     backbone.name = BACKBONE_LAYER
@@ -196,6 +193,28 @@ def build_model(config: Config, num_classes: int = 100, backbone: keras.Model | 
     x = layers.Dropout(config.dropout, name="dropout")(x)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="classifier")(x)
     return keras.Model(inputs, outputs, name=f"{config.backbone}_{config.image_size}px")
+
+
+def training_model(model: keras.Model, config: Config) -> keras.Model:
+    """The model `fit` trains: the training augmentation, then `model`'s own layers (its weights, shared).
+
+    With progressive resizing, its upsampling is an `Upsample` that can train at a smaller size for a
+    while; the inference model keeps Keras' Resizing at the full size.
+    """
+    inputs = keras.Input((32, 32, 3), dtype="uint8", name="image")
+    x = inputs
+    for layer in model.layers[1:]:  # after the InputLayer
+        if layer.name == "upsample":
+            continue
+        x = layer(x)
+        if layer.name == "to_float":
+            upsample = [model.get_layer("upsample")] if config.image_size != 32 else []
+            if config.progressive_size:
+                upsample = [Upsample(config.image_size, config.image_size, interpolation=config.interpolation,
+                                     name="upsample")]
+            for training_only in augmentation_layers(config) + upsample:
+                x = keras_internals.call_in_inference_mode_by_default(training_only, x)
+    return keras.Model(inputs, x, name=f"{model.name}_training")
 
 
 def backbone_of(model: keras.Model) -> keras.Model:

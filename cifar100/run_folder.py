@@ -107,6 +107,19 @@ def has_progress(run_dir: Path) -> bool:
     return any((Path(run_dir) / name).exists() for name in (HISTORY, "best.keras", "backup", "phase1.weights.h5"))
 
 
+# 2: best.keras is the inference model, of Keras' own layers (1, before 2026-12: the training augmentation and
+# layers of this project's own inside it, which plain Keras cannot load)
+MODEL_FORMAT = 2
+
+
+def check_model_format(run_dir: Path) -> None:
+    """Refuse a run folder with training progress made by a version of this project whose models differ."""
+    if has_progress(run_dir) and read_state(run_dir).get("model_format") != MODEL_FORMAT:
+        raise RunError(f"{run_dir} was trained by an earlier version of this project, whose best.keras holds the "
+                       "training augmentation and layers of the project's own (it does not load in plain Keras): "
+                       f"train that run again, after moving or deleting {run_dir}")
+
+
 def claim(config: Config, run_dir: Path) -> bool:
     """Check that the run folder belongs to this config, writing config.json if it is new. True when resuming.
 
@@ -115,6 +128,9 @@ def claim(config: Config, run_dir: Path) -> bool:
     """
     saved = Path(run_dir) / "config.json"
     saved.parent.mkdir(parents=True, exist_ok=True)
+    check_model_format(run_dir)
+    if read_state(run_dir).get("model_format") != MODEL_FORMAT:  # nothing trained here yet
+        write_state(run_dir, model_format=MODEL_FORMAT)
     if saved.exists():
         try:
             previous = Config.load(saved)

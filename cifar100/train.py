@@ -40,9 +40,11 @@ def save_class_info(run_dir: Path, dataset: data.Dataset) -> None:
 def fit_phase(model: keras.Model, config: Config, run_dir: Path, phase: str, *, sampler: TrainBatches,
               validation: tuple[np.ndarray, np.ndarray], epochs: tuple[int, int],
               mining: keras.callbacks.Callback | None, verbose: int | str,
-              extra_callbacks: list[keras.callbacks.Callback] | tuple = ()) -> None:
-    """One phase of training over `epochs` = (start, end): from `start` (or where a killed run of this phase
-    stopped) to `end`, counted from the run's first epoch."""
+              extra_callbacks: list[keras.callbacks.Callback] | tuple = (),
+              inference: keras.Model | None = None) -> None:
+    """One phase of training of `model` (the training model) over `epochs` = (start, end): from `start` (or
+    where a killed run of this phase stopped) to `end`, counted from the run's first epoch. The best epoch's
+    `inference` model (default: `model`) is saved as best.keras."""
     start_epoch, end_epoch = epochs
     backup = run_dir / "backup" / phase
     committed = run_folder.settle_phase(run_dir, backup, start_epoch)
@@ -54,7 +56,7 @@ def fit_phase(model: keras.Model, config: Config, run_dir: Path, phase: str, *, 
     if restored and mining is not None and restored.get("mining"):
         mining.set_state(restored["mining"])
     callbacks = callback_set(config, run_dir, phase, sampler, mining, run_folder.best_val_accuracy(run_dir), restored,
-                             start_epoch)
+                             start_epoch, inference=inference)
     keras_internals.forget_restored_epoch(model)  # else it would start where a previous fit's backup was
     # shuffle=False: the sampler draws each epoch's order itself; Keras would also shuffle the batches with
     # Python's global `random`, whose state a resumed process does not share with the one that was stopped
@@ -112,6 +114,7 @@ class Training:
         self.config, self.verbose, self.callbacks = config, verbose, list(callbacks or [])
         self.run_dir, self.worker_dir = config.run_dir(), None
         self.phase = self.compiled = None  # the phase set_phase last set, and the one compile last compiled for
+        run_folder.check_model_format(self.run_dir)
         self.done = run_folder.finished(self.run_dir) and \
             Config.load(self.run_dir / "config.json").identity() == config.identity()
         if self.done:
@@ -123,7 +126,9 @@ class Training:
         if model is None or getattr(model, "built_for", None) != config.identity() or _distributed(self.strategy):
             # a model given is reused on one device only
             model = models.new_model(config, self.splits.dataset.num_classes, self.strategy)
-        self.model = model
+        self.model = model  # the inference model: what best.keras holds
+        with self.strategy.scope():  # the augmentation's random streams are variables
+            self.fit_model = models.training_model(model, config)  # what fit trains: augmentation + model
         if cluster is not None and not cluster.is_chief:
             self.run_dir = self.worker_dir = distribution.worker_folder(config.run_dir(), cluster.index)
         with run_folder.RunLock(self.run_dir):
@@ -157,7 +162,7 @@ class Training:
         sampler = TrainBatches(*self.train_data, num_classes, config.batch_size,
                                seed=config.seed, mix=config.augment if config.augment in ("mixup", "cutmix") else None,
                                weighted=config.hem and config.hem_mode == "reweight")
-        return sampler, hem.make_mining(config, sampler, self.model)
+        return sampler, hem.make_mining(config, sampler, self.fit_model)
 
     def _phase_done(self, phase: str) -> bool:
         state = run_folder.read_state(self.run_dir)
@@ -174,7 +179,7 @@ class Training:
         """Freeze (phase 'head': the backbone) or unfreeze (phase 'finetune': the top finetune_fraction of the
         backbone, BatchNorm kept in inference mode with pretrained weights) the model's layers."""
         if not self.done:
-            models.set_phase(self.model, phase, self.config.finetune_fraction, self.pretrained)
+            models.set_phase(self.fit_model, phase, self.config.finetune_fraction, self.pretrained)
             self.phase = phase
             counts = models.count_parameters(self.model)
             print(f"phase {phase!r}: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters")
@@ -187,7 +192,7 @@ class Training:
             raise RunError(f"call set_phase({phase!r}) before compile({phase!r}): a phase trains the layers "
                            "that set_phase leaves trainable")
         self.sampler, self.mining = self._pipeline()
-        config, target, steps = self.config, self.model, len(self.sampler)
+        config, target, steps = self.config, self.fit_model, len(self.sampler)
         if phase == "head" and config.head_features == "cached":
             with self.strategy.scope():
                 self.head = target = head.head_model(self.model)
@@ -224,9 +229,10 @@ class Training:
                 self._load_phase1()
                 _restore_mining(self.mining, self.run_dir, "head")
                 start = run_folder.read_state(self.run_dir)["head_epochs_done"]
-                fit_phase(self.model, self.config, self.run_dir, "finetune", sampler=self.sampler,
+                fit_phase(self.fit_model, self.config, self.run_dir, "finetune", sampler=self.sampler,
                           validation=self.validation, epochs=(start, start + self.config.finetune_epochs),
-                          mining=self.mining, verbose=self.verbose, extra_callbacks=self.callbacks)
+                          mining=self.mining, verbose=self.verbose, extra_callbacks=self.callbacks,
+                          inference=self.model)
                 run_folder.write_state(self.run_dir, finetune_done=True)
 
     def _load_phase1(self) -> None:
@@ -248,9 +254,9 @@ class Training:
                                    mining_columns=self.mining is not None, verbose=self.verbose,
                                    callbacks=self.callbacks)
         else:
-            fit_phase(self.model, config, self.run_dir, "head", sampler=self.sampler, validation=self.validation,
+            fit_phase(self.fit_model, config, self.run_dir, "head", sampler=self.sampler, validation=self.validation,
                       epochs=(0, config.head_epochs), mining=self.mining, verbose=self.verbose,
-                      extra_callbacks=self.callbacks)
+                      extra_callbacks=self.callbacks, inference=self.model)
         tmp = self.run_dir / f".{PHASE1_WEIGHTS}"
         self.model.save_weights(tmp)
         os.replace(tmp, self.run_dir / PHASE1_WEIGHTS)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifar100 import data, models, train, write_data
+from cifar100 import data, models, run_folder, train, write_data
 from cifar100.__main__ import main
 from cifar100.config import Config, make_config
 
@@ -24,6 +24,7 @@ def run_dir(tmp_path_factory, synthetic_cifar100):
     config.save(run / "config.json")
     models.build_model(config, num_classes=100).save(run / "best.keras")
     train.save_class_info(run, data.load(synthetic_cifar100))
+    run_folder.write_state(run, model_format=run_folder.MODEL_FORMAT)
     return run
 
 

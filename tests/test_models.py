@@ -3,7 +3,7 @@ import keras
 import numpy as np
 import pytest
 
-from cifar100 import models
+from cifar100 import keras_internals, models
 from cifar100.config import Config, ConfigError
 
 from .conftest import WEIGHTS_DIR
@@ -28,12 +28,51 @@ def test_images_are_upsampled_inside_the_model_to_image_size():
     assert tuple(models.backbone_of(model).input.shape) == (None, 72, 72, 3)
 
 
-def test_augmentation_is_active_in_training_only():
-    model = models.build_model(Config(backbone="tinycnn", image_size=32, weights=None, dropout=0.0), 10)
-    inference = [model(BATCH, training=False).numpy() for _ in range(2)]
+def test_augmentation_is_active_in_training_only_and_never_in_the_inference_model():
+    config = Config(backbone="tinycnn", image_size=32, weights=None, dropout=0.0)
+    model = models.build_model(config, 10)
+    training_model = models.training_model(model, config)
+    assert not [layer for layer in model.layers if layer.name.startswith("random")]
+    assert [layer.name for layer in training_model.layers if layer.name.startswith("random")]
+    inference = [training_model(BATCH, training=False).numpy() for _ in range(2)] + [model(BATCH).numpy()]
     np.testing.assert_allclose(inference[0], inference[1])
-    training = model(BATCH, training=True).numpy()
+    np.testing.assert_allclose(inference[0], inference[2], atol=1e-6)
+    training = training_model(BATCH, training=True).numpy()
     assert not np.allclose(training, inference[0])
+
+
+def test_keras_resizing_turns_on_training_mode_for_the_layers_after_it():
+    """Keras' behaviour that keras_internals.call_in_inference_mode_by_default works around: a model
+    called without `training` runs a BatchNormalization after a Resizing in training mode (batch
+    statistics, and its moving statistics updated); built with the workaround, it does not."""
+    images = BATCH.astype("float32")
+    for workaround in (False, True):
+        inputs = keras.Input((32, 32, 3))
+        resizing = keras.layers.Resizing(40, 40)
+        x = keras_internals.call_in_inference_mode_by_default(resizing, inputs) if workaround else resizing(inputs)
+        model = keras.Model(inputs, keras.layers.BatchNormalization()(x))
+        expected = model.predict(images, verbose=0)
+        assert np.allclose(model(images).numpy(), expected, atol=1e-4) == workaround
+
+
+@pytest.mark.parametrize("settings", [
+    dict(backbone="tinycnn", image_size=48, augment="randaugment", dropout=0.5),
+    dict(backbone="mobilenetv3small", image_size=40, augment="basic", dropout=0.3),
+    dict(backbone="tinycnn", image_size=64, augment="basic", dropout=0.5, progressive_size=32),
+])
+def test_the_inference_model_gives_predicts_probabilities_however_it_is_called(settings):
+    """model(x), model(x, training=False) and predict agree, and calling the model changes nothing in it (a
+    BatchNorm that trains keeps its statistics), while fit's training=True still trains with dropout."""
+    config = Config(weights=None, **settings)
+    model = models.build_model(config, 10)
+    models.training_model(model, config)  # built beside it, as training does: it must not change the model
+    before = [w.copy() for w in model.get_weights()]
+    expected = model.predict(BATCH, verbose=0)
+    for call in (lambda: model(BATCH), lambda: model(BATCH, training=False)):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(call()), expected, atol=1e-6)
+    for weight, kept in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(weight, kept)
+    assert not np.allclose(keras.ops.convert_to_numpy(model(BATCH, training=True)), expected, atol=1e-3)
 
 
 @pytest.mark.parametrize("mode,expected", [
@@ -43,14 +82,20 @@ def test_augmentation_is_active_in_training_only():
 ])
 def test_preprocessing_matches_the_backbone_convention(mode, expected):
     x = BATCH.astype(np.float32)
-    np.testing.assert_allclose(models.ImagenetPreprocessing(mode)(x).numpy(), expected(x), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(preprocess(mode, x), expected(x), rtol=1e-5, atol=1e-4)
+
+
+def preprocess(mode: str, x: np.ndarray) -> np.ndarray:
+    for layer in models.preprocessing_layers(mode):
+        x = keras.ops.convert_to_numpy(layer(x))
+    return x
 
 
 @pytest.mark.parametrize("backbone,keras_module", [("resnet50", "resnet50"), ("xception", "xception"),
                                                     ("mobilenetv2", "mobilenet_v2")])
 def test_preprocessing_equals_keras_own(backbone, keras_module):
     x = BATCH.astype(np.float32)
-    ours = models.ImagenetPreprocessing(models.BACKBONES[backbone].preprocessing)(x).numpy()
+    ours = preprocess(models.BACKBONES[backbone].preprocessing, x)
     theirs = getattr(keras.applications, keras_module).preprocess_input(x.copy())
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
