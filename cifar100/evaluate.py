@@ -236,7 +236,9 @@ def _export_formats(model: keras.Model, folder: Path) -> dict[str, Path]:
     written = {"saved_model": folder / "saved_model", "tflite": folder / "model.tflite"}
     if importlib.util.find_spec("tf2onnx") and importlib.util.find_spec("onnxruntime"):
         logging.getLogger("tf2onnx").setLevel(logging.CRITICAL)  # its optimiser logs the passes it skips
-        model.export(folder / "model.onnx", format="onnx", verbose=False)
+        with warnings.catch_warnings():  # Keras' tf2onnx patch asks numpy for np.object
+            warnings.simplefilter("ignore", FutureWarning)
+            model.export(folder / "model.onnx", format="onnx", verbose=False)
         written["onnx"] = folder / "model.onnx"
     return written
 

@@ -219,6 +219,25 @@ def hardest_examples(images: np.ndarray, labels: np.ndarray, losses: np.ndarray,
                       + _note(synthetic))
 
 
+def top_predictions(image: np.ndarray, names: list[str], probabilities: np.ndarray, title: str) -> Figure:
+    """An image as the model takes it (32x32), beside its top predicted classes and their probabilities."""
+    figure, (left, right) = _subplots(1, 2, figsize=(9, 3), gridspec_kw={"width_ratios": [1, 2]})
+    left.imshow(image, interpolation="nearest")
+    left.set_axis_off()
+    left.set_title("the model's input (32x32)", fontsize=9)
+    rows = np.arange(len(names))[::-1]
+    right.barh(rows, probabilities, color="tab:blue")
+    right.set_yticks(rows, [textwrap.shorten(name, 40) for name in names])
+    for tick in right.get_yticklabels():
+        tick.set_parse_math(False)  # class names come from the data: a "$" is text, not mathtext
+    right.set_xlim(0, 1)
+    right.xaxis.set_major_formatter(PercentFormatter(1.0))
+    right.set_xlabel("predicted probability")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
 def samples_per_class(images: np.ndarray, labels: np.ndarray, class_names: list[str], classes: int = 10,
                       per_class: int = 8, synthetic: bool = False) -> Figure:
     """A grid of training images: one row per class (the first `classes` classes)."""

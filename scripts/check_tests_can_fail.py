@@ -34,8 +34,24 @@ MUTATIONS = {
         "cifar100/compiling.py", 'return "mixed_bfloat16"', 'return "float32"',
         ["tests/test_models.py::test_a_short_fit_under_mixed_bfloat16"]),
     "tf preprocessing scaled to [0, 1]": (
-        "cifar100/models.py", "return x / 127.5 - 1.0", "return x / 255.0",
+        "cifar100/models.py", "layers.Rescaling(1 / 127.5, offset=-1.0,", "layers.Rescaling(1 / 255.0,",
         ["tests/test_models.py::test_preprocessing_equals_keras_own"]),
+    "caffe preprocessing keeps RGB": (
+        "cifar100/models.py", 'np.eye(3, dtype="float32")[::-1]', 'np.eye(3, dtype="float32")',
+        ["tests/test_models.py::test_preprocessing_equals_keras_own"]),
+    "the inference model's Resizing left in training mode when called without `training`": (
+        "cifar100/keras_internals.py", "    return layer(inputs, training=False)\n", "    return layer(inputs)\n",
+        ["tests/test_models.py::test_the_inference_model_gives_predicts_probabilities_however_it_is_called"]),
+    "best.keras holds the training model (augmentation inside)": (
+        "cifar100/callbacks.py", "super().set_model(self.inference if self.inference is not None else model)",
+        "super().set_model(model)",
+        ["tests/test_use_a_model.py::test_the_saved_model_has_no_augmentation_and_calling_it_changes_nothing"]),
+    "an exported form that disagrees with predict is kept": (
+        "cifar100/evaluate.py", 'if checks[form]["top1_agrees"] < 1 or', "if False and",
+        ["tests/test_use_a_model.py::test_export_refuses_a_form_that_disagrees_and_leaves_nothing"]),
+    "a run folder of the earlier model format is read as a new one": (
+        "cifar100/run_folder.py", 'and read_state(run_dir).get("model_format") != MODEL_FORMAT:', "and False:",
+        ["tests/test_use_a_model.py::test_a_run_folder_of_the_earlier_model_format_is_refused_in_one_line"]),
     "cutmix label weight from the drawn lam, not the pasted area": (
         "cifar100/sampling.py", "            lam = 1 - side * side / 1024\n", "",
         ["tests/test_sampling.py::test_mixing_gives_each_label_the_share_of_the_image_it_has"]),

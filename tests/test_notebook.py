@@ -71,7 +71,20 @@ def test_executed_notebook_shows_each_figure_once_and_no_tensorflow_log_line(exe
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     images = sum("image/png" in o.get("data", {}) for o in outputs)
     saved = len(list((run_dir / "figures").glob("*.png")))  # curves, confusion, pairs, misclassified, hardest,
-    assert saved == 6 and images == saved + 2  # comparison; + the data cells' samples and class balance
+    assert saved == 6 and images == saved + 3  # comparison; + the data cells' samples and class balance and
+    # the last cell's top-5
     streams = "".join(o.get("text", "") for o in outputs)
     assert not re.search(r"^[IWEF]\d{4} \d\d:\d\d:\d\d", streams, re.MULTILINE), streams
     assert not any(tflogs.NOISE.search(line) for line in streams.splitlines())
+
+
+@pytest.mark.slow
+def test_executed_notebook_ends_with_a_prediction_on_an_image_file_with_class_names(executed):
+    notebook, run_dir = executed
+    last = [c for c in notebook.cells if c.cell_type == "code"][-1]
+    assert "keras.saving.load_model" in last.source and "evaluate.load_image(image_file)" in last.source
+    names = json.loads((run_dir / "classes.json").read_text())["class_names"]
+    printed = [line for line in cell_text(last).splitlines() if line.startswith("'")]
+    assert len(printed) == 5 and all(line.rsplit(": ", 1)[0].strip("'") in names for line in printed)
+    probabilities = [float(line.rsplit(": ", 1)[1]) for line in printed]
+    assert probabilities == sorted(probabilities, reverse=True) and (run_dir / "test-image-0.png").is_file()

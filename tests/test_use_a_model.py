@@ -101,6 +101,19 @@ def test_export_never_writes_into_an_existing_folder(trained_run, tmp_path, caps
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
+def test_export_refuses_a_form_that_disagrees_and_leaves_nothing(trained_run, tmp_path, monkeypatch):
+    exported = evaluate.run_exported
+
+    def off_by_a_little(path, images):  # as a converter that changed the arithmetic would give
+        got = exported(path, images)
+        return got + (1e-3 if path.suffix == ".tflite" else 0)
+
+    monkeypatch.setattr(evaluate, "run_exported", off_by_a_little)
+    with pytest.raises(RunError, match=r"the exported tflite does not give the Keras model's predictions"):
+        evaluate.export_run(trained_run, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its partial copy
+
+
 def test_a_run_folder_of_the_earlier_model_format_is_refused_in_one_line(trained_run, tmp_path, capsys):
     import shutil
 
