@@ -26,16 +26,16 @@ def _data_download(args) -> None:
 
 
 def _train(args) -> None:
-    tflogs.import_keras()
-    from cifar100 import train
-
     overrides = list(args.set)
     if args.data:
         overrides.append(f"data_dir={args.data}")
-    config = make_config(args.preset, overrides)
+    config = make_config(args.preset, overrides)  # a mistyped setting is refused before TensorFlow loads
     if args.run_dir:
         run_dir = Path(args.run_dir)
         config = config.replace(runs_dir=str(run_dir.parent), name=run_dir.name)
+    tflogs.import_keras()
+    from cifar100 import train
+
     run_dir = train.run(config, verbose=args.verbose)
     if run_folder.finished(run_dir):
         _print_results(run_dir)

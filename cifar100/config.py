@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import os
@@ -279,10 +280,17 @@ def make_config(preset: str | None = None, overrides: dict | list[str] | None = 
             key, value = item.split("=", 1)
             key = key.strip()
             if key not in names:
-                raise ConfigError(f"--set {key}: unknown setting; known settings: {sorted(names)}")
+                raise ConfigError(f"--set {key}: unknown setting{_did_you_mean(key, names)}")
             pairs[key] = _parse_value(key, value)
         overrides = pairs
     unknown = set(overrides or {}) - names
     if unknown:
-        raise ConfigError(f"unknown setting(s) {sorted(unknown)}; known settings: {sorted(names)}")
+        raise ConfigError("; ".join(f"unknown setting {key!r}{_did_you_mean(key, names)}" for key in sorted(unknown)))
     return config.replace(**(overrides or {}))
+
+
+def _did_you_mean(key: str, names) -> str:
+    close = difflib.get_close_matches(key, sorted(names), n=3)
+    if close:
+        return f": did you mean {' or '.join(repr(name) for name in close)}?"
+    return f"; the settings are {', '.join(sorted(names))} (README, 'The command line')"

@@ -1,5 +1,7 @@
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -145,7 +147,16 @@ def test_cli_predict_refuses_a_file_that_is_not_an_image(cli_run, tmp_path):
     assert result.returncode == 2 and "notes.png: cannot read as an image" in result.stderr
 
 
-@pytest.mark.slow  # over 5 s: left out of `make test-fast`
-def test_cli_set_rejects_unknown_settings(tmp_path):
-    result = run_cli("train", "--preset", "smoke", "--set", "colour=blue")
-    assert result.returncode == 2 and "--set colour: unknown setting" in result.stderr
+@pytest.mark.parametrize("argv,status,expected", [
+    (["train", "--preset", "smoke", "--set", "colour=blue"], 2, "--set colour: unknown setting; the settings are "),
+    (["train", "--set", "head_learnin_rate=0.1"], 2, "did you mean 'head_learning_rate'"),
+    (["train", "--help"], 0, "--set KEY=VALUE"),
+])
+def test_cli_answers_help_and_refuses_unknown_settings_before_loading_tensorflow(argv, status, expected):
+    script = ("import sys\nfrom cifar100.__main__ import main\ntry:\n    status = main(sys.argv[1:])\n"
+              "except SystemExit as stop:\n    status = stop.code\n"
+              "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TensorFlow was imported'\n"
+              "sys.exit(status)")
+    result = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=60)
+    assert result.returncode == status, result.stderr[-2000:]
+    assert expected in result.stdout + result.stderr
