@@ -57,6 +57,8 @@ def _evaluate(args) -> None:
     from cifar100 import evaluate
 
     run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: run folder not found")
     other = data.load(args.data) if args.data else None
     with run_folder.RunLock(run_dir):  # not while a training run writes the folder
         metrics = evaluate.evaluate_run(run_dir, dataset=other)

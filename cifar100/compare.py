@@ -8,6 +8,7 @@ runs whose settings differ only in the seed are one row: the mean and standard d
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import numpy as np
 
 from cifar100 import run_folder
 from cifar100.config import NOT_IDENTITY, Config
-from cifar100.errors import RunError
+from cifar100.errors import RunError, printable
 
 NOT_IN_LABELS = NOT_IDENTITY + ("data_dir", "seed")  # the data is the group's; seeds are averaged
 
@@ -32,7 +33,7 @@ class Run:
 
     @property
     def name(self) -> str:
-        return self.folder.name
+        return printable(self.folder.name)
 
     def settings(self) -> dict:
         """The settings that tell this run's row apart (all but the seed, the data and the name)."""
@@ -85,24 +86,65 @@ class Group:
         return f"{name} in {self.path}"
 
 
+MAX_RUNS = 10_000
+
+
 def find_runs(runs_dir: str | Path = "models") -> list[Run]:
-    """Every finished run (a results.json with test metrics) in the folders of runs_dir, by folder name."""
+    """Every finished run (a results.json with test metrics) in the folders of runs_dir, by folder name. A
+    folder whose files are damaged or hostile is skipped with a one-line note; the others are still read."""
     runs = []
-    for path in sorted(Path(runs_dir).glob("*/results.json")):
-        config_path = path.parent / "config.json"
-        try:
-            if not run_folder.finished(path.parent):
-                continue
-            results = run_folder.read_json(path)
-            config = run_folder.read_json(config_path) if config_path.exists() else {}
-            test = results.get("test")
-            if not (isinstance(test, dict) and all(isinstance(test.get(k), (int, float)) for k in ("top1", "top5"))):
-                raise RunError(f"{path}: damaged results.json: no numeric test top1 and top5")
-        except RunError as exc:
-            print(f"skipped: {exc}", file=sys.stderr)  # one damaged folder does not hide the others
+    folders = sorted(path for path in Path(runs_dir).iterdir() if path.is_dir())[:MAX_RUNS]
+    for folder in folders:
+        if not (folder / "results.json").exists() and not (folder / "results.json").is_symlink():
             continue
-        runs.append(Run(path.parent, config, results))
+        try:
+            if not run_folder.finished(folder):
+                continue
+            results = _checked_results(folder / "results.json", run_folder.read_json(folder / "results.json"))
+            config_path = folder / "config.json"
+            config = run_folder.read_json(config_path) if config_path.exists() or config_path.is_symlink() else {}
+        except RunError as exc:
+            print(f"skipped: {printable(str(exc))}", file=sys.stderr)  # one bad folder does not hide the others
+            continue
+        runs.append(Run(folder, _plain_settings(config), results))
     return runs
+
+
+def _number(value, low: float = 0.0, high: float = math.inf) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
+
+
+def _checked_results(path: Path, results: dict) -> dict:
+    """What the comparison reads of a results.json, each value of the type and range a run writes."""
+    test, info = results.get("test"), results.get("data", {})
+    if not (isinstance(test, dict) and all(_number(test.get(k), 0, 1) for k in ("top1", "top5"))):
+        raise RunError(f"{path}: damaged results.json: no test top1 and top5 between 0 and 1")
+    if not isinstance(info, dict):
+        raise RunError(f"{path}: damaged results.json: 'data' is not an object")
+    checked = {"test": {"top1": test["top1"], "top5": test["top5"]},
+               "data": {"kind": printable(str(info.get("kind", "?"))[:40]),
+                        "path": printable(str(info.get("path", "?"))[:300]),
+                        "synthetic": info.get("synthetic") is not False,
+                        "official": info.get("official") if isinstance(info.get("official"), bool) else None},
+               "backbone": printable(str(results.get("backbone", "?"))[:60]),
+               "image_size": results.get("image_size") if _number(results.get("image_size"), 1, 1e6) else None}
+    for key in ("train_seconds_total", "train_images_per_second"):
+        checked[key] = results[key] if _number(results.get(key), 0, 1e12) else None
+    return checked
+
+
+def _plain_settings(config: dict) -> dict:
+    """A config.json's settings that a label can show: known names with short plain values."""
+    known = set(Config.__dataclass_fields__)
+    plain = {}
+    for key, value in config.items():
+        if key not in known:
+            continue
+        if isinstance(value, str):
+            plain[key] = printable(value[:80])
+        elif value is None or isinstance(value, bool) or _number(value, -1e12, 1e12):
+            plain[key] = value
+    return plain
 
 
 def _value(value) -> str:

@@ -166,11 +166,14 @@ class Config:
     def load(cls, path: Path) -> Config:
         """The settings saved in a run folder's config.json; a damaged file gives a RunError naming it."""
         from cifar100.run_folder import read_json
+        from cifar100.validation import validate
 
         try:
-            return cls.from_dict(read_json(path, "config.json"))
+            config = cls.from_dict(read_json(path, "config.json"))
+            validate(config, check_data=False, check_files=False)  # a file from elsewhere: each value checked
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+        return config
 
     @classmethod
     def from_dict(cls, content: dict) -> Config:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar100.errors import DatasetError  # noqa: F401  (re-exported: cifar100.data.DatasetError)
+from cifar100.errors import DatasetError, printable, shown  # noqa: F401  (re-exported: cifar100.data.DatasetError)
 from cifar100.formats import (  # noqa: F401  (re-exported: data.OFFICIAL_MD5 and the others)
     ARCHIVES,
     CIFAR10_FILES,
@@ -127,7 +127,7 @@ def _labels(path: Path, batch: dict, key: str, count: int, num_classes: int) -> 
     bad = [label for label in labels if not 0 <= label < num_classes]
     if bad:
         raise DatasetError(f"{path}: labels out of range in '{key}': expected 0..{num_classes - 1}, "
-                           f"found {bad[:5]}")
+                           f"found {shown(bad[:5])}")
     return np.array(labels, dtype=np.int64)
 
 
@@ -143,7 +143,10 @@ def _require_list_of(path: Path, key: str, values, types, what: str) -> None:
 
 def _found(value) -> str:
     """A value from a file, briefly: its type and the start of its repr (bounded for any nesting)."""
-    return f"{type(value).__name__} {reprlib.repr(value)[:60]}"
+    return f"{type(value).__name__} {shown(value)}"
+
+
+MAX_NAME_LENGTH = 100  # the longest official class name has 13 characters
 
 
 def _names(path: Path, meta: dict, key: str, expected: int) -> list[str]:
@@ -151,7 +154,19 @@ def _names(path: Path, meta: dict, key: str, expected: int) -> list[str]:
     names = [as_text(name) for name in meta[key]]
     if len(names) != expected:
         raise DatasetError(f"{path}: '{key}' must hold {expected} names, found {len(names)}")
+    check_class_names(path, key, names)
     return names
+
+
+def check_class_names(path: Path, key: str, names: list[str]) -> None:
+    """Class names as a run shows and saves them: non-empty text of at most MAX_NAME_LENGTH printable
+    characters (no terminal escapes), each name once."""
+    for index, name in enumerate(names):
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_LENGTH or not name.isprintable():
+            raise DatasetError(f"{path}: '{key}' name {index} must be 1 to {MAX_NAME_LENGTH} printable "
+                               f"characters, found {_found(name)}")
+    if len(set(names)) != len(names):
+        raise DatasetError(f"{path}: '{key}' names the same class twice")
 
 
 def detect_kind(path: Path) -> str:
@@ -219,10 +234,15 @@ def load(path: str | Path = "cifar-100-python", check_md5: bool = True, download
     md5 = _check_md5(path, kind, check_md5 and marker is None)
     info = {"md5": md5, "official": check_md5 and marker is None}
     if marker is not None:
-        info = {"synthetic": bool(marker.get("synthetic", True)), "source": str(marker.get("source", "unknown")),
+        info = {"synthetic": bool(marker.get("synthetic", True)),
+                "source": printable(str(marker.get("source", "unknown"))[:200]),
                 "md5": {name: "skipped (not the official files)" for name in md5}}
     reader = _load_cifar100 if kind == "cifar100" else _load_cifar10
-    return reader(path, **info)
+    dataset = reader(path, **info)
+    for part, labels in (("training", dataset.y_train), ("test", dataset.y_test)):
+        if len(labels) == 0:
+            raise DatasetError(f"{path}: the {part} set holds no images: a run needs both sets")
+    return dataset
 
 
 def _read_marker(path: Path) -> dict | None:
@@ -234,13 +254,13 @@ def _read_marker(path: Path) -> dict | None:
                            "and 'synthetic'")
     try:
         content = json.loads(marker.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # ValueError: also an int of 4,300+ digits
         raise DatasetError(f"{marker}: not valid JSON ({type(exc).__name__}: {exc}); expected an object with "
                            "'source' and 'synthetic'") from None
     if not isinstance(content, dict):
         raise DatasetError(f"{marker}: expected a JSON object with 'source' and 'synthetic'")
     if not isinstance(content.get("synthetic", True), bool):
-        raise DatasetError(f"{marker}: 'synthetic' must be true or false, found {content['synthetic']!r}")
+        raise DatasetError(f"{marker}: 'synthetic' must be true or false, found {shown(content['synthetic'])}")
     return content
 
 

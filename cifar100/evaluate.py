@@ -4,6 +4,7 @@ image files, and the export of a run's model for serving (SavedModel, TFLite, ON
 from __future__ import annotations
 
 import importlib.util
+import io
 import logging
 import os
 import shutil
@@ -88,30 +89,65 @@ def _round(value: float):
 
 
 def load_run(run_dir: str | Path) -> tuple[Config, keras.Model, dict]:
-    """The config, the best checkpoint and the class information of a run folder."""
+    """The config, the best checkpoint and the class information of a run folder, each checked."""
     run_dir = Path(run_dir)
     for name in ("config.json", "best.keras", "classes.json"):
         if not (run_dir / name).exists():
             raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} a finished run folder?")
+    run_folder.refuse_links(run_dir)
     run_folder.check_model_format(run_dir)
     config = Config.load(run_dir / "config.json")
-    model = load_checkpoint(run_dir / "best.keras")
-    classes = run_folder.read_json(run_dir / "classes.json")
+    classes = run_folder.read_classes(run_dir)
+    model = load_checkpoint(run_dir / "best.keras", config, len(classes["class_names"]))
     return config, model, classes
 
 
-def load_checkpoint(path: Path) -> keras.Model:
-    """A saved model; a file that is not one (truncated, damaged, another format) is a RunError naming it."""
+def load_checkpoint(path: Path, config: Config, num_classes: int) -> keras.Model:
+    """The run's model, built from its (checked) settings, with the weights of the .keras file at `path`.
+
+    The file's own description of the model is not used: a file from elsewhere cannot make Keras build a
+    model of any size, and what it may hold is bounded by the size of the run's model. A file that is not
+    this run's model (truncated, damaged, another architecture) is a RunError naming it.
+    """
+    from cifar100 import compiling, models
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(compiling.precision_policy(config.mixed_precision))
+    try:
+        model = models.build_model(config.replace(weights=None), num_classes)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    _check_archive(path, run_folder.weight_bytes(model))
+    damaged = f"{path}: not this run's model (damaged, or not what its config.json describes)"
+    with warnings.catch_warnings():  # Keras warns about each part of a file that does not fit
+        warnings.simplefilter("ignore")
+        try:
+            model.load_weights(path)
+        except Exception as exc:  # a damaged file can make Keras' loader fail in any way
+            raise RunError(f"{damaged}: loading it failed with {type(exc).__name__}: {_first_line(exc)}; "
+                           "restore it, or train the run again in a new run folder") from None
+    return model
+
+
+def _check_archive(path: Path, expected_bytes: int) -> None:
+    """Refuse a .keras file whose members (or the arrays inside its weights file) hold more than the
+    run's model needs, before Keras reads any of it."""
     damaged = f"{path}: damaged or not a Keras model file"
-    advice = "restore it, or train the run again in a new run folder"
+    limit = 2 * expected_bytes + run_folder.MAX_WEIGHTS_SLACK
     with data.open_regular(path) as handle:
         if not zipfile.is_zipfile(handle):
-            raise RunError(f"{damaged}: not a zip archive, as a .keras file is (truncated?); {advice}")
-    try:
-        return keras.saving.load_model(path)
-    except Exception as exc:  # a damaged file can make Keras' loader fail in any way
-        raise RunError(f"{damaged}: loading it failed with {type(exc).__name__}: {_first_line(exc)}; "
-                       f"{advice}") from None
+            raise RunError(f"{damaged}: not a zip archive, as a .keras file is (truncated?)")
+        try:
+            with zipfile.ZipFile(handle) as archive:
+                members = archive.infolist()
+                total = sum(member.file_size for member in members)
+                if len(members) > 64 or total > limit:
+                    raise RunError(f"{path}: holds {len(members)} files of {total} bytes, more than this run's "
+                                   f"model needs ({limit} bytes): not this run's model")
+                raw = archive.read("model.weights.h5")
+        except (zipfile.BadZipFile, KeyError, OSError, ValueError, RuntimeError) as exc:
+            raise RunError(f"{damaged}: {type(exc).__name__}: {_first_line(exc)}") from None
+    run_folder.check_weights(raw, expected_bytes, path)
 
 
 def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,
@@ -126,17 +162,22 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,
         raise DatasetError(f"{dataset.path}: the dataset has {dataset.num_classes} classes ({dataset.kind}), but "
                            f"the run {run_dir} was trained on {len(classes['class_names'])}: evaluate it on a "
                            f"dataset of its own classes (--data)")
+    if classes["class_names"] != dataset.class_names:
+        raise DatasetError(f"{dataset.path}: the dataset names its classes otherwise than the run {run_dir} (its "
+                           "classes.json): evaluate it on a dataset of its own classes (--data)")
     probabilities = predict_probabilities(model, dataset.x_test, max(config.batch_size, 128))
-    mapping = None if classes.get("fine_to_coarse") is None else np.asarray(classes["fine_to_coarse"])
-    metrics = detailed_metrics(probabilities, dataset.y_test, dataset.class_names, mapping, dataset.coarse_names)
+    # the superclasses are the dataset's (a run folder's classes.json only names them)
+    metrics = detailed_metrics(probabilities, dataset.y_test, dataset.class_names, dataset.fine_to_coarse,
+                               dataset.coarse_names)
     # test-time augmentation, reported beside (never instead of) the plain numbers: each image and its
     # mirror image, their probabilities averaged
     mirrored = predict_probabilities(model, dataset.x_test[:, :, ::-1], max(config.batch_size, 128))
     metrics["flip_tta"] = summary_metrics((probabilities + mirrored) / 2, dataset.y_test, dataset.num_classes)
     if Path(dataset.path).resolve() != Path(config.data_dir).resolve():
         return metrics
-    np.savez_compressed(run_dir / "test_predictions.npz", probabilities=probabilities.astype(np.float16),
-                        labels=dataset.y_test)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, probabilities=probabilities.astype(np.float16), labels=dataset.y_test)
+    run_folder.write_atomic(run_dir / "test_predictions.npz", buffer.getvalue())
     results_path = run_dir / "results.json"
     results = run_folder.read_json(results_path) if results_path.exists() else {}
     results["test"] = metrics

@@ -108,6 +108,9 @@ def train_on_features(model: keras.Model, head: keras.Model, config, run_dir: Pa
                  keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", restore_best_weights=True,
                                                patience=config.early_stopping_patience, verbose=1),
                  keras.callbacks.CSVLogger(run_dir / run_folder.HISTORY, append=True), *callbacks])
+    from cifar100.train import refuse_a_diverged_phase
+
+    refuse_a_diverged_phase(run_dir, "head")
     tmp = run_dir / ".best.keras"
     model.save(tmp)  # the best epoch's head on the frozen backbone: the run's best model so far
     os.replace(tmp, run_dir / "best.keras")

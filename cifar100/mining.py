@@ -27,6 +27,7 @@ import keras
 import numpy as np
 
 from cifar100.config import Config
+from cifar100.errors import RunError
 from cifar100.sampling import TrainBatches
 
 LOG_KEYS = ("examples_forward", "forward_seconds", "examples_backprop", "backprop_seconds", "backprop_fraction")
@@ -106,7 +107,11 @@ class HardExampleMining(keras.callbacks.Callback):
         return {"losses": [None if np.isnan(v) else float(v) for v in self.losses]}
 
     def set_state(self, state: dict) -> None:
-        losses = np.array([np.nan if v is None else v for v in state.get("losses", [])], dtype=np.float64)
+        try:
+            losses = np.array([np.nan if v is None else v for v in state.get("losses", [])], dtype=np.float64)
+        except (TypeError, ValueError, AttributeError):
+            raise RunError("damaged mining state in the run folder's backup: losses are not numbers; delete "
+                           "the run folder to start over") from None
         if losses.shape == self.losses.shape:  # else another training set: start afresh
             self.losses = losses
             self._update_sampler()
@@ -258,10 +263,17 @@ class SelectiveBackprop(keras.callbacks.Callback):
                 "seen": int(keras.ops.convert_to_numpy(self.seen.value))}
 
     def set_state(self, state: dict) -> None:
-        window = np.asarray(state.get("window", []), dtype=np.float32)
+        try:
+            window = np.asarray(state.get("window", []), dtype=np.float32)
+            seen = state.get("seen")
+            if not isinstance(seen, int) or isinstance(seen, bool) or not 0 <= seen < 2**31:
+                raise ValueError(seen)
+        except (TypeError, ValueError, AttributeError):
+            raise RunError("damaged mining state in the run folder's backup: window and seen are not numbers; "
+                           "delete the run folder to start over") from None
         if window.shape == (self.window_size,):
             self.window.assign(window)
-            self.seen.assign(int(state["seen"]))
+            self.seen.assign(seen)
 
 
 def make_mining(config: Config, sampler: TrainBatches, model: keras.Model | None = None):

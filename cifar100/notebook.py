@@ -161,4 +161,11 @@ def load_results(config: Config) -> dict:
     run_dir = config.run_dir()
     if not run_folder.finished(run_dir):
         raise RunError(f"run folder {run_dir} has no results yet: run the training cell (under 'Training')")
-    return run_folder.read_json(run_dir / "results.json")
+    results = run_folder.read_json(run_dir / "results.json")
+    test, validation = results.get("test"), results.get("validation")
+    shown = [(test, "top1"), (test, "top5"), (validation, "top1")]
+    if not all(isinstance(part, dict) and isinstance(part.get(key), int | float) for part, key in shown) or \
+            not isinstance(results.get("data"), dict) or not isinstance(test.get("per_class"), dict):
+        raise RunError(f"{run_dir / 'results.json'}: damaged results.json (no test and validation top-1, data and "
+                       f"per-class accuracies); run `python -m cifar100 evaluate {run_dir}` to write them again")
+    return results

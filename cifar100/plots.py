@@ -8,6 +8,7 @@ displays it, and figures made in a loop do not pile up in memory.
 
 from __future__ import annotations
 
+import functools
 import textwrap
 from pathlib import Path
 
@@ -17,6 +18,18 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from cifar100 import data, run_folder
+from cifar100.errors import RunError, printable
+
+
+def _plain_text(function):
+    """Make a figure function's text plain: names and paths from data or folders may hold "$", which
+    matplotlib would otherwise parse as mathtext (and fail on, for a malformed expression)."""
+    @functools.wraps(function)
+    def figure_with_plain_text(*args, **kwargs):
+        with plt.rc_context({"text.parse_math": False}):
+            return function(*args, **kwargs)
+
+    return figure_with_plain_text
 
 
 def _subplots(*args, **kwargs) -> tuple[Figure, object]:
@@ -27,10 +40,17 @@ def _subplots(*args, **kwargs) -> tuple[Figure, object]:
 
 
 def save(figure: Figure, run_dir: str | Path, name: str) -> Path:
+    """The figure as run_dir/figures/<name>.png (written atomically, never through a link)."""
+    import io
+
     folder = Path(run_dir) / "figures"
     folder.mkdir(parents=True, exist_ok=True)
+    if folder.is_symlink():
+        raise RunError(f"{folder}: a symbolic link in the run folder; this project writes only regular files there")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     path = folder / f"{name}.png"
-    figure.savefig(path, dpi=110, bbox_inches="tight")
+    run_folder.write_atomic(path, buffer.getvalue())
     return path
 
 
@@ -53,6 +73,7 @@ def read_history(run_dir: str | Path) -> dict[str, np.ndarray]:
     return {key: np.array([float(r[key]) if r[key] else np.nan for r in rows]) for key in rows[0]} if rows else {}
 
 
+@_plain_text
 def training_curves(history: dict[str, np.ndarray], phase_boundary: int | None = None, title: str = "",
                     synthetic: bool = False) -> Figure:
     """Loss and accuracy per epoch (training and validation), the learning rate, the phase boundary, and with
@@ -100,6 +121,7 @@ def _mining_panel(ax, epochs: np.ndarray, history: dict[str, np.ndarray]) -> Non
     ax.legend(fontsize=8)
 
 
+@_plain_text
 def compare_runs(groups: list, current: str | None = None) -> Figure:
     """Test top-1 and top-5 of every finished run (`cifar100.compare.group_runs`): one panel per dataset,
     each bar labelled by the settings in which its runs differ from the others; several seeds of the same
@@ -145,6 +167,7 @@ def _compare_panel(ax, group, current: str | None) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
+@_plain_text
 def superclass_confusion(labels: np.ndarray, predicted: np.ndarray, fine_to_coarse: np.ndarray,
                          coarse_names: list[str], synthetic: bool = False) -> Figure:
     """The 20x20 confusion matrix of superclasses, each row normalised to the share of its test images."""
@@ -169,6 +192,7 @@ def superclass_confusion(labels: np.ndarray, predicted: np.ndarray, fine_to_coar
     return figure
 
 
+@_plain_text
 def confused_pairs(most_confused: list[dict], synthetic: bool = False) -> Figure:
     """The most frequent (true -> predicted) mistakes between fine classes."""
     figure, ax = _subplots(figsize=(8, 0.4 * max(len(most_confused), 3) + 1.2))
@@ -189,6 +213,7 @@ def confused_pairs(most_confused: list[dict], synthetic: bool = False) -> Figure
     return figure
 
 
+@_plain_text
 def image_grid(images: np.ndarray, captions: list[str], title: str, columns: int = 8) -> Figure:
     rows = max(1, int(np.ceil(len(images) / columns)))
     figure, axes = _subplots(rows, columns, figsize=(columns * 1.6, rows * 2.1), squeeze=False)
@@ -202,6 +227,7 @@ def image_grid(images: np.ndarray, captions: list[str], title: str, columns: int
     return figure
 
 
+@_plain_text
 def misclassified(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, class_names: list[str],
                   count: int = 24, synthetic: bool = False) -> Figure:
     """Test images the model got wrong, with true and predicted class names."""
@@ -211,6 +237,7 @@ def misclassified(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray,
     return image_grid(images[wrong], captions, title + _note(synthetic))
 
 
+@_plain_text
 def hardest_examples(images: np.ndarray, labels: np.ndarray, losses: np.ndarray, class_names: list[str],
                      synthetic: bool = False) -> Figure:
     """The training examples that hard-example mining found hardest, with their cross-entropy."""
@@ -219,6 +246,7 @@ def hardest_examples(images: np.ndarray, labels: np.ndarray, losses: np.ndarray,
                       + _note(synthetic))
 
 
+@_plain_text
 def top_predictions(image: np.ndarray, names: list[str], probabilities: np.ndarray, title: str) -> Figure:
     """An image as the model takes it (32x32), beside its top predicted classes and their probabilities."""
     figure, (left, right) = _subplots(1, 2, figsize=(9, 3), gridspec_kw={"width_ratios": [1, 2]})
@@ -228,8 +256,6 @@ def top_predictions(image: np.ndarray, names: list[str], probabilities: np.ndarr
     rows = np.arange(len(names))[::-1]
     right.barh(rows, probabilities, color="tab:blue")
     right.set_yticks(rows, [textwrap.shorten(name, 40) for name in names])
-    for tick in right.get_yticklabels():
-        tick.set_parse_math(False)  # class names come from the data: a "$" is text, not mathtext
     right.set_xlim(0, 1)
     right.xaxis.set_major_formatter(PercentFormatter(1.0))
     right.set_xlabel("predicted probability")
@@ -238,6 +264,7 @@ def top_predictions(image: np.ndarray, names: list[str], probabilities: np.ndarr
     return figure
 
 
+@_plain_text
 def samples_per_class(images: np.ndarray, labels: np.ndarray, class_names: list[str], classes: int = 10,
                       per_class: int = 8, synthetic: bool = False) -> Figure:
     """A grid of training images: one row per class (the first `classes` classes)."""
@@ -257,6 +284,7 @@ def samples_per_class(images: np.ndarray, labels: np.ndarray, class_names: list[
     return figure
 
 
+@_plain_text
 def class_balance(labels: np.ndarray, class_names: list[str], synthetic: bool = False) -> Figure:
     """Training images per class."""
     counts = np.bincount(labels, minlength=len(class_names))
@@ -273,27 +301,76 @@ def class_balance(labels: np.ndarray, class_names: list[str], synthetic: bool = 
 def run_figures(run_dir: str | Path, dataset) -> dict[str, Figure]:
     """Every figure of one finished run (after evaluation), saved as PNG into run_dir/figures/."""
     run_dir = Path(run_dir)
+    run_folder.refuse_links(run_dir)
     results = run_folder.read_json(run_dir / "results.json")
     state = run_folder.read_state(run_dir)
-    info = results.get("data", {})
-    synthetic = data_note(bool(info.get("synthetic")), info.get("official"))
+    info = results.get("data") if isinstance(results.get("data"), dict) else {}
+    synthetic = data_note(info.get("synthetic") is not False, info.get("official"))
     names = dataset.class_names
-    predictions = np.load(run_dir / "test_predictions.npz")
-    labels, predicted = predictions["labels"], predictions["probabilities"].argmax(1)
-    title = f"{results['run']}: {results['backbone']} at {results['image_size']} px"
-    figures = {"training_curves": training_curves(read_history(run_dir), state.get("head_epochs_done"), title,
-                                                  synthetic)}
+    labels, predicted = dataset.y_test, _test_predictions(run_dir, dataset).argmax(1)
+    title = printable(f"{results.get('run', run_dir.name)}: {results.get('backbone')} at "
+                      f"{results.get('image_size')} px"[:200])
+    history = read_history(run_dir)
+    if not {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"} <= set(history):
+        raise RunError(f"{run_dir / run_folder.HISTORY}: no epochs with loss, accuracy and learning rate: not a "
+                       "finished run")
+    figures = {"training_curves": training_curves(history, state.get("head_epochs_done"), title, synthetic)}
     if dataset.fine_to_coarse is not None:
         figures["superclass_confusion"] = superclass_confusion(labels, predicted, dataset.fine_to_coarse,
                                                                dataset.coarse_names, synthetic)
-    figures["confused_pairs"] = confused_pairs(results["test"]["most_confused"], synthetic)
+    figures["confused_pairs"] = confused_pairs(_most_confused(results, names), synthetic)
     figures["misclassified"] = misclassified(dataset.x_test, labels, predicted, names, synthetic=synthetic)
-    hardest = results.get("hardest_examples")
+    hardest = _hardest(run_dir, results.get("hardest_examples"), dataset)
     if hardest:
-        keep = slice(0, 24)
-        figures["hardest_examples"] = hardest_examples(
-            dataset.x_train[hardest["train_set_indices"][keep]], np.array(hardest["labels"][keep]),
-            np.array(hardest["losses"][keep]), names, synthetic)
+        indices, hard_labels, losses = hardest
+        figures["hardest_examples"] = hardest_examples(dataset.x_train[indices], hard_labels, losses, names,
+                                                       synthetic)
     for name, figure in figures.items():
         save(figure, run_dir, name)
     return figures
+
+
+def _test_predictions(run_dir: Path, dataset) -> np.ndarray:
+    """The run's saved test probabilities, checked against the dataset's test set."""
+    import io
+
+    path = run_dir / "test_predictions.npz"
+    stale = (f"{path}: does not hold this dataset's test predictions; run `python -m cifar100 evaluate "
+             f"{run_dir}` to make them again")
+    try:
+        with np.load(io.BytesIO(run_folder.read_bytes(path, "test predictions", 1 << 30)),
+                     allow_pickle=False) as saved:
+            probabilities, labels = saved["probabilities"], saved["labels"]
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise RunError(f"{stale} ({type(exc).__name__}: {str(exc)[:100]})") from None
+    if (probabilities.shape != (len(dataset.y_test), dataset.num_classes) or probabilities.dtype.kind != "f"
+            or not np.array_equal(labels, dataset.y_test)):
+        raise RunError(stale)
+    return np.nan_to_num(probabilities.astype(np.float32))
+
+
+def _most_confused(results: dict, names: list[str], top: int = 10) -> list[dict]:
+    """results.json's most confused pairs (evaluate.detailed_metrics), those of the dataset's classes."""
+    pairs = results.get("test", {}).get("most_confused") if isinstance(results.get("test"), dict) else None
+    return [pair for pair in (pairs if isinstance(pairs, list) else [])[:top]
+            if isinstance(pair, dict) and pair.get("true") in names and pair.get("predicted") in names
+            and isinstance(pair.get("count"), int) and not isinstance(pair.get("count"), bool)
+            and 0 < pair["count"] < 10**9]
+
+
+def _hardest(run_dir: Path, hardest, dataset, keep: int = 24):
+    """(train-set indices, labels, losses) of the hardest examples that results.json names, checked."""
+    if not hardest:
+        return None
+    try:
+        indices, labels, losses = (np.asarray(hardest[k][:keep]) for k in ("train_set_indices", "labels", "losses"))
+        ok = (indices.dtype.kind in "iu" and labels.dtype.kind in "iu" and losses.dtype.kind in "fiu"
+              and indices.shape == labels.shape == losses.shape and indices.ndim == 1
+              and np.all((0 <= indices) & (indices < len(dataset.y_train)))
+              and np.all((0 <= labels) & (labels < dataset.num_classes)))
+    except (TypeError, KeyError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise RunError(f"{run_dir / 'results.json'}: damaged hardest_examples (expected train-set indices, labels "
+                       "and losses, one each)")
+    return indices, labels, losses.astype(np.float64)

@@ -22,7 +22,7 @@ def write(config: Config, run_dir: Path, splits, mining: keras.callbacks.Callbac
     """Evaluate the best checkpoint on validation and (once) on test; write results.json."""
     from cifar100 import evaluate
 
-    best = keras.saving.load_model(run_dir / "best.keras")  # the inference model, in plain Keras
+    best = evaluate.load_checkpoint(run_dir / "best.keras", config, splits.dataset.num_classes)
     val = evaluate.basic_metrics(best, splits.x_val, splits.y_val, splits.dataset.num_classes,
                                  max(config.batch_size, 128))
     rows = run_folder.history_rows(run_dir)

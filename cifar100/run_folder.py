@@ -1,6 +1,9 @@
-"""The run folder (models/<run>/) and the guarantees it keeps: a kill at any moment loses nothing.
+"""The run folder (models/<run>/) and the guarantees it keeps: a kill at any moment loses nothing, and a
+folder from someone else is read as untrusted input.
 
 - Every file that is rewritten is written to a temporary file and renamed (`write_atomic`).
+- Every file is read through `read_bytes`: never through a symbolic link, never a FIFO, device or folder,
+  and never more than the project writes; a run folder holding a link is refused (`refuse_links`).
 - A run folder is locked while a process trains in it (`RunLock`); a second start says who holds it.
 - An epoch is committed when Keras' BackupAndRestore has written its backup. Everything else that an epoch
   writes is made consistent with the last committed epoch when a phase (re)starts: history rows of
@@ -10,55 +13,171 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
 
 from cifar100.config import Config
 from cifar100.data import md5sum
-from cifar100.errors import ConfigError, DatasetError, RunError
+from cifar100.errors import ConfigError, DatasetError, RunError, printable
 
 HISTORY = "history.csv"
 CHECKPOINTS = ".checkpoints"  # ModelCheckpoint's files, one per improving epoch, until the epoch is committed
 CHECKPOINT_PATTERN = "best-{epoch:04d}.keras"  # Keras fills in the 1-based epoch: the committed-epoch count
+MAX_JSON_BYTES = 64 << 20  # results.json of a CIFAR-100 run is about 100 kB
+MAX_HISTORY_BYTES = 64 << 20  # history.csv: about 1 kB an epoch
 
 
 def write_atomic(path: Path, content: str | bytes) -> None:
-    """Write a file so that a reader (or a kill) sees either the old content or the new, never a mix."""
+    """Write a file so that a reader (or a kill) sees either the old content or the new, never a mix. The
+    temporary file is made new (a link or file left in its place is removed, never written through), and
+    the rename replaces whatever `path` was (a link included) without following it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with open(fd, "wb") as handle:
         handle.write(content.encode() if isinstance(content, str) else content)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
+def read_bytes(path: Path, what: str | None = None, max_bytes: int | None = None) -> bytes:
+    """A run folder's file: a regular file (not a link, FIFO, device or folder) of at most `max_bytes`
+    (default MAX_JSON_BYTES); anything else is a RunError naming the file."""
+    path, what = Path(path), what or Path(path).name
+    limit = MAX_JSON_BYTES if max_bytes is None else max_bytes
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError as exc:
+        reason = "a symbolic link, which this project never reads through" if path.is_symlink() else exc.strerror
+        raise RunError(f"{path}: cannot read {what}: {reason}") from None
+    with open(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise RunError(f"{path}: {what} is not a regular file (a folder, FIFO or device is in its place)")
+        if info.st_size > limit:
+            raise RunError(f"{path}: {what} is {info.st_size} bytes, more than any run writes ({limit})")
+        return handle.read(limit + 1)[:limit]
+
+
+MAX_LINK_CHECK_ENTRIES = 100_000
+
+
+def refuse_links(run_dir: Path) -> None:
+    """Refuse a run folder that holds a symbolic link, FIFO, socket or device anywhere inside it: this
+    project reads and writes only regular files and folders there (the folder itself may be a link)."""
+    run_dir, seen = Path(run_dir), 0
+    pending = [run_dir] if run_dir.is_dir() else []
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                seen += 1
+                if seen > MAX_LINK_CHECK_ENTRIES:
+                    raise RunError(f"{run_dir}: more than {MAX_LINK_CHECK_ENTRIES} files: not a run folder")
+                if entry.is_symlink() or not (entry.is_dir(follow_symlinks=False)
+                                              or entry.is_file(follow_symlinks=False)):
+                    kind = "a symbolic link" if entry.is_symlink() else "not a regular file or folder"
+                    raise RunError(f"{entry.path}: {kind} in the run folder {run_dir}; this project writes and "
+                                   "reads only regular files there: remove it, or use another run folder")
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+
+
 def write_json(path: Path, content) -> None:
     write_atomic(path, json.dumps(content, indent=1) + "\n")
-
-
-MAX_JSON_BYTES = 64 << 20  # results.json of a CIFAR-100 run is about 100 kB
 
 
 def read_json(path: Path, what: str | None = None) -> dict:
     """A JSON object from the run folder, or a RunError saying which file is damaged and what to do."""
     what = what or Path(path).name
+    raw = read_bytes(path, what)
     try:
-        if Path(path).stat().st_size > MAX_JSON_BYTES:
-            raise OSError(f"{Path(path).stat().st_size} bytes, more than any run writes")
-        content = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise RunError(f"{path}: damaged {what} (expected a JSON object, reading failed: {exc}). Delete the "
-                       f"run folder {Path(path).parent} to start that run over") from None
+        content = json.loads(raw.decode())
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also an int of 4,300+ digits
+        raise RunError(f"{path}: damaged {what} (expected a JSON object, reading failed: "
+                       f"{type(exc).__name__}: {str(exc)[:200]}). Delete the run folder {Path(path).parent} to "
+                       "start that run over") from None
     if not isinstance(content, dict):
         raise RunError(f"{path}: damaged {what}: expected a JSON object, found {type(content).__name__}")
     return content
+
+
+def weight_bytes(model) -> int:
+    """The bytes of a model's weights: what a weights file of it holds."""
+    import numpy as np
+
+    return sum(int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for w in model.weights)
+
+
+MAX_WEIGHTS_SLACK = 16 << 20  # what a weights or .keras file may hold beyond the arrays: its names and metadata
+
+
+def check_weights(raw: bytes, expected_bytes: int, where: Path) -> None:
+    """Refuse an HDF5 weights file (its bytes) whose arrays hold more than a model of `expected_bytes` needs:
+    h5py would allocate an array as large as its file declares (a compressed file of zeros is small)."""
+    import h5py
+
+    arrays = []
+    try:
+        with h5py.File(io.BytesIO(raw), "r") as weights:
+            weights.visititems(lambda name, item: arrays.append(item.size * item.dtype.itemsize)
+                               if isinstance(item, h5py.Dataset) else None)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise RunError(f"{where}: damaged weights file ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                       ) from None
+    if sum(arrays) > 2 * expected_bytes + MAX_WEIGHTS_SLACK:
+        raise RunError(f"{where}: its weights file holds {sum(arrays)} bytes of arrays, more than this run's model "
+                       f"needs ({expected_bytes} bytes): not this run's model")
+
+
+def check_weights_file(path: Path, model, copies: int = 1) -> None:
+    """`check_weights` for a .weights.h5 file in the run folder, before Keras loads it into `model`; `copies`
+    of the weights (a backup also holds the optimiser's: Adam keeps two values a weight)."""
+    expected = copies * weight_bytes(model)
+    check_weights(read_bytes(path, "weights file", 2 * expected + MAX_WEIGHTS_SLACK), expected, path)
+
+
+MAX_CLASSES = 10_000
+
+
+def read_classes(run_dir: Path) -> dict:
+    """classes.json of a run folder, checked: class names (printable, bounded, distinct), superclass names
+    and each class's superclass index, or None for both; anything else is a RunError naming the file."""
+    from cifar100.data import check_class_names
+
+    path = Path(run_dir) / "classes.json"
+    content = read_json(path, "classes.json")
+    names, coarse, mapping = (content.get(k) for k in ("class_names", "coarse_names", "fine_to_coarse"))
+    coarse = coarse or None  # CIFAR-10: no superclasses ([] or null)
+    damaged = f"{path}: damaged classes.json"
+    if not isinstance(names, list) or not 2 <= len(names) <= MAX_CLASSES:
+        raise RunError(f"{damaged}: class_names must be a list of 2 to {MAX_CLASSES} names")
+    try:
+        check_class_names(path, "class_names", names)
+        if coarse is not None:
+            if not isinstance(coarse, list) or not 1 <= len(coarse) <= MAX_CLASSES:
+                raise DatasetError(f"{path}: coarse_names must be a list of 1 to {MAX_CLASSES} names")
+            check_class_names(path, "coarse_names", coarse)
+    except DatasetError as exc:
+        raise RunError(f"{damaged}: {str(exc).removeprefix(f'{path}: ')}") from None
+    if (coarse is None) != (mapping is None) or mapping is not None and not (
+            isinstance(mapping, list) and len(mapping) == len(names)
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(coarse) for v in mapping)):
+        raise RunError(f"{damaged}: fine_to_coarse must give each of the {len(names)} classes the index of one of "
+                       "the coarse_names (or both be null)")
+    return {"kind": printable(str(content.get("kind", "?"))[:40]), "synthetic": content.get("synthetic") is not False,
+            "class_names": names, "coarse_names": coarse, "fine_to_coarse": mapping}
 
 
 # --- the lock ------------------------------------------------------------------------------------------
@@ -77,7 +196,12 @@ class RunLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
+        refuse_links(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RunError(f"{self.path}: not a regular file: remove it")
+        handle = open(fd, "r+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -153,31 +277,67 @@ def claim(config: Config, run_dir: Path) -> bool:
 # --- history and state ---------------------------------------------------------------------------------
 
 def history_rows(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / HISTORY
-    if not path.exists():
-        return []
-    try:
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        for row in rows:
-            int(row["epoch"]), float(row.get("val_accuracy") or 0)
-    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as exc:
-        raise RunError(f"{path}: damaged history (expected CSVLogger's rows: epoch, metrics; reading failed: "
-                       f"{type(exc).__name__}: {exc}). Delete the run folder {path.parent} to start over") from None
+    """The rows of history.csv (CSVLogger's: an epoch, then numbers), each checked; a torn last row (a
+    write cut short by a kill) is left out."""
+    rows, _ = _read_history(Path(run_dir) / HISTORY)
     return rows
 
 
+def _read_history(path: Path) -> tuple[list[dict], list[str]]:
+    """(rows, the file's lines without a torn last row)."""
+    if not path.exists() and not path.is_symlink():
+        return [], []
+    damaged = (f"{path}: damaged history (expected CSVLogger's rows: epoch, metrics); delete the run folder "
+               f"{path.parent} to start over")
+    try:
+        lines = read_bytes(path, "history", MAX_HISTORY_BYTES).decode().splitlines(keepends=True)
+        parsed = list(csv.reader(io.StringIO("".join(lines))))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise RunError(f"{damaged} ({type(exc).__name__}: {exc})") from None
+    if not parsed:
+        return [], []
+    header, rows = parsed[0], []
+    if not header or header[0] != "epoch" or len(set(header)) != len(header):
+        raise RunError(f"{damaged}: its header is {header[:5]!r}")
+    for index, values in enumerate(parsed[1:], start=1):
+        row = _history_row(header, values)
+        if row is None or (rows and int(row["epoch"]) <= int(rows[-1]["epoch"])):
+            if index == len(parsed) - 1 and not lines[-1].endswith("\n"):  # the last line, cut short
+                return rows, lines[:-1]
+            raise RunError(f"{damaged}: line {index + 1} is not a row of a later epoch ({','.join(values)[:80]!r})")
+        rows.append(row)
+    return rows, lines
+
+
+def _history_row(header: list[str], values: list[str]) -> dict | None:
+    """A row as a dict, or None when it does not have one value per column, an integer epoch >= 0 and
+    numbers (or nothing) in every other column."""
+    if len(values) != len(header):
+        return None
+    try:
+        if not values[0].isdigit() or len(values[0]) > 9:
+            return None
+        for value in values[1:]:
+            if value and (len(value) > 40 or not isinstance(float(value), float)):
+                return None
+    except ValueError:
+        return None
+    return dict(zip(header, values, strict=True))
+
+
 def trim_history(path: Path, first_dropped_epoch: int) -> None:
-    """Keep the header and the rows of epochs before `first_dropped_epoch` (rewritten atomically)."""
+    """Keep the header and the rows of epochs before `first_dropped_epoch` (rewritten atomically); a torn
+    last row goes too."""
     path = Path(path)
-    if not path.exists():
+    rows, lines = _read_history(path)
+    if not lines:
         return
-    history_rows(path.parent)  # a damaged file is named, not rewritten
-    lines = path.read_text().splitlines(keepends=True)
-    kept = lines[:1] + [line for line in lines[1:] if line.strip() and int(line.split(",", 1)[0]) < first_dropped_epoch]
+    kept = lines[:1] + [line for row, line in zip(rows, lines[1:], strict=True)
+                        if int(row["epoch"]) < first_dropped_epoch]
     if len(kept) == 1:
         kept = []  # no rows left: CSVLogger writes the header again
-    if kept != lines:
+    original = read_bytes(path, "history", MAX_HISTORY_BYTES).decode().splitlines(keepends=True)
+    if kept != original:
         write_atomic(path, "".join(kept))
 
 
@@ -187,8 +347,22 @@ def best_val_accuracy(run_dir: Path) -> float | None:
 
 
 def read_state(run_dir: Path) -> dict:
+    """state.json: the run's progress, each value of the type this project writes."""
     path = Path(run_dir) / "state.json"
-    return read_json(path, "state.json") if path.exists() else {}
+    if not path.exists() and not path.is_symlink():
+        return {}
+    state = read_json(path, "state.json")
+    flags = ("finished", "finetune_done")
+    counts = ("head_epochs_done", "model_format")
+    for key, value in state.items():
+        ok = (isinstance(value, bool) if key in flags else
+              isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**6 if key in counts else
+              _plain_number(value, allow_none=True) if key == "head_feature_seconds" else
+              value is None or isinstance(value, dict) if key.endswith("_compiled") else True)
+        if not ok:
+            raise RunError(f"{path}: damaged state.json: {key} is {type(value).__name__} {str(value)[:40]!r}; "
+                           f"delete the run folder {path.parent} to start over")
+    return state
 
 
 def write_state(run_dir: Path, **changes) -> None:
@@ -212,15 +386,22 @@ def _backup_files(backup_dir: Path, suffix: str = "") -> tuple[Path, Path]:
 def mark_committed(backup_dir: Path) -> None:
     """After BackupAndRestore wrote its backup: record which weights and epoch it holds (atomically)."""
     weights, metadata = _backup_files(Path(backup_dir))
-    write_json(Path(backup_dir) / COMMITTED, {"epoch": int(json.loads(metadata.read_text())["epoch"]),
-                                              "md5": md5sum(weights)})
+    write_json(Path(backup_dir) / COMMITTED, {"epoch": _backup_epoch(metadata), "md5": md5sum(weights)})
+
+
+def _backup_epoch(metadata: Path) -> int:
+    """The epoch count in BackupAndRestore's training_metadata.json."""
+    epoch = read_json(metadata, "backup metadata").get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch < 10**9:
+        raise RunError(f"{metadata}: damaged backup metadata: epoch {str(epoch)[:40]!r}; delete the run folder "
+                       f"{Path(metadata).parents[2]} to start over")
+    return epoch
 
 
 def _is_committed(weights: Path, metadata: Path, committed: dict) -> bool:
     try:
-        return (int(json.loads(metadata.read_text())["epoch"]) == committed.get("epoch")
-                and md5sum(weights) == committed.get("md5"))
-    except (OSError, ValueError, KeyError, TypeError, DatasetError):
+        return _backup_epoch(metadata) == committed.get("epoch") and md5sum(weights) == committed.get("md5")
+    except (OSError, RunError, DatasetError):
         return False
 
 
@@ -251,7 +432,7 @@ def repair_backup(backup_dir: Path) -> str:
 def committed_epochs(backup_dir: Path, default: int) -> int:
     """How many epochs (counted from the run's start) the phase's backup holds; `default` without one."""
     metadata = Path(backup_dir) / "training_metadata.json"
-    return int(json.loads(metadata.read_text())["epoch"]) if metadata.exists() else default
+    return _backup_epoch(metadata) if metadata.exists() else default
 
 
 def settle_phase(run_dir: Path, backup_dir: Path, start_epoch: int) -> int:
@@ -306,4 +487,28 @@ def load_callback_state(backup_dir: Path, epochs_done: int) -> dict | None:
 
 
 def _read_callback_state(path: Path) -> dict | None:
-    return read_json(path, "callback state") if path.exists() else None
+    """The callbacks' state as ResumeState saved it, each value checked (a file from elsewhere sets nothing
+    else on the callbacks)."""
+    if not path.exists():
+        return None
+    state = read_json(path, "callback state")
+    numbers = {"reduce_lr": ("wait", "best", "cooldown_counter"),
+               "early_stopping": ("wait", "best", "best_epoch", "stopped_epoch")}
+    for key, names in numbers.items():
+        part = state.get(key)
+        if part is None and key == "reduce_lr":
+            continue
+        if not isinstance(part, dict) or set(part) != set(names) or not all(
+                _plain_number(part[name], allow_none=name == "best") for name in names):
+            raise RunError(f"{path}: damaged callback state: {key} is not {{{', '.join(names)}: numbers}}; "
+                           f"delete the run folder {path.parents[2]} to start over")
+    if not isinstance(state.get("stopped"), bool) or not isinstance(state.get("mining"), dict | None):
+        raise RunError(f"{path}: damaged callback state (stopped, mining); delete the run folder "
+                       f"{path.parents[2]} to start over")
+    return state
+
+
+def _plain_number(value, allow_none: bool = False) -> bool:
+    if value is None:
+        return allow_none
+    return isinstance(value, int | float) and not isinstance(value, bool) and abs(value) < 1e300

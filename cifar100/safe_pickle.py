@@ -26,7 +26,9 @@ from cifar100.errors import DatasetError
 # dtypes below, each checked before numpy sees it. Official files hold uint8 pixels and lists of ints.
 DTYPE_CODES = ("u1", "u2", "u4", "u8", "i1", "i2", "i4", "i8", "f2", "f4", "f8")
 MAX_TUPLE_NESTING = 100  # hashing a tuple nested ~100,000 deep as a dict key overflows the C stack
-MAX_ENTRIES = 10_000  # dict and set entries per file (official: 5); crafted hash collisions cost n**2
+MAX_ENTRIES = 1_000  # dict and set entries per file (official: 5); crafted hash collisions cost n**2
+MAX_INT_BITS = 256  # official files hold small ints; a huge one is slow to hash, compare and print
+MAX_FILE_BYTES = 512 << 20  # the official CIFAR-100 train file is 155 MB
 
 
 class _Refused(pickle.UnpicklingError):
@@ -57,6 +59,8 @@ def _check_opcodes(raw: bytes) -> None:
     stack, marks, memo, entries = [], [], {}, 0
     for op, arg, pos in pickletools.genops(raw):
         name = op.name
+        if isinstance(arg, int) and not isinstance(arg, bool) and arg.bit_length() > MAX_INT_BITS:
+            raise _Refused(f"an integer of more than {MAX_INT_BITS} bits at byte {pos}")
         if name == "MARK":
             marks.append(len(stack))
             continue
@@ -237,8 +241,12 @@ def open_regular(path: str | Path):
 def unpickle(path: Path) -> dict:
     """Read one pickled batch with the safe unpickler: a dict, its text keys as str, its arrays built."""
     with open_regular(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > MAX_FILE_BYTES:
+            raise DatasetError(f"{path}: {size} bytes, more than a CIFAR file holds ({MAX_FILE_BYTES}): not a "
+                               "dataset file")
         try:
-            raw = handle.read()
+            raw = handle.read(MAX_FILE_BYTES + 1)
         except (OSError, MemoryError) as exc:
             raise DatasetError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
     try:

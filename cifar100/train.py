@@ -8,6 +8,7 @@ with the same run folder resumes where it stopped.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -48,6 +49,8 @@ def fit_phase(model: keras.Model, config: Config, run_dir: Path, phase: str, *, 
     start_epoch, end_epoch = epochs
     backup = run_dir / "backup" / phase
     committed = run_folder.settle_phase(run_dir, backup, start_epoch)
+    if (backup / "latest.weights.h5").exists():  # BackupAndRestore loads it into the model and its optimiser
+        run_folder.check_weights_file(backup / "latest.weights.h5", model, copies=3)
     restored = run_folder.load_callback_state(backup, committed) if committed > start_epoch else None
     if restored and restored.get("stopped"):
         end_epoch = committed  # early stopping had ended this phase: only restore its weights
@@ -63,6 +66,18 @@ def fit_phase(model: keras.Model, config: Config, run_dir: Path, phase: str, *, 
     model.fit(keras_internals.fit_input(sampler), validation_data=validation, initial_epoch=start_epoch,
               epochs=end_epoch, shuffle=False,
               callbacks=callbacks + list(extra_callbacks), verbose=verbose)
+    refuse_a_diverged_phase(run_dir, phase)
+
+
+def refuse_a_diverged_phase(run_dir: Path, phase: str) -> None:
+    """Stop the run, before anything is evaluated, when its loss became NaN or infinite (TerminateOnNaN
+    then ended the phase): nothing trained after that epoch, and the settings need changing."""
+    rows = run_folder.history_rows(run_dir)
+    loss = rows[-1].get("loss") if rows else None
+    if loss and not math.isfinite(float(loss)):
+        raise RunError(f"phase {phase!r}: the training loss became {loss} at epoch {int(rows[-1]['epoch']) + 1}, "
+                       "and TerminateOnNaN stopped the run; nothing was evaluated. Lower the phase's learning "
+                       "rate (head_learning_rate, finetune_learning_rate) or set clipnorm, which trains a new run")
 
 
 PHASES = ("head", "finetune")
@@ -237,6 +252,7 @@ class Training:
 
     def _load_phase1(self) -> None:
         """The model's weights as phase 1 left them; the optimiser compiled for the phase is kept as it is."""
+        run_folder.check_weights_file(self.run_dir / PHASE1_WEIGHTS, self.model)
         with warnings.catch_warnings():  # the file's optimiser (none, or phase 1's) is deliberately not loaded
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             self.model.load_weights(self.run_dir / PHASE1_WEIGHTS)

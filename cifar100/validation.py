@@ -8,23 +8,26 @@ from dataclasses import fields
 from pathlib import Path
 
 from cifar100.config import CHOICES, Config, ConfigError
+from cifar100.errors import shown
 
 # The meaning of each number: (kind, lower bound, upper bound); a number alone means >=, None no bound.
 _INT, _FLOAT = "integer", "number"
 RANGES: dict[str, tuple] = {
-    "image_size": (_INT, 1, None), "batch_size": (_INT, 1, None), "seed": (_INT, 0, None),
-    "head_epochs": (_INT, 1, None), "finetune_epochs": (_INT, 1, None), "max_train_images": (_INT, 1, None),
-    "warmup_epochs": (_INT, 0, None), "weight_decay": (_FLOAT, ">= 0", None), "clipnorm": (_FLOAT, "> 0", None),
-    "reduce_lr_patience": (_INT, 0, None), "early_stopping_patience": (_INT, 0, None),
-    "hem_every": (_INT, 1, None), "hem_keep": (_INT, 1, None), "reference_batch_size": (_INT, 1, None),
+    "image_size": (_INT, 1, "<= 1024"), "batch_size": (_INT, 1, "<= 65536"), "seed": (_INT, 0, "< 4294967296"),
+    "head_epochs": (_INT, 1, "<= 100000"), "finetune_epochs": (_INT, 1, "<= 100000"),
+    "max_train_images": (_INT, 1, "<= 100000000"), "warmup_epochs": (_INT, 0, "<= 100000"),
+    "weight_decay": (_FLOAT, ">= 0", None), "clipnorm": (_FLOAT, "> 0", None),
+    "reduce_lr_patience": (_INT, 0, "<= 100000"), "early_stopping_patience": (_INT, 0, "<= 100000"),
+    "hem_every": (_INT, 1, "<= 100000"), "hem_keep": (_INT, 1, "<= 100000"),
+    "reference_batch_size": (_INT, 1, "<= 65536"),
     "head_learning_rate": (_FLOAT, "> 0", None), "finetune_learning_rate": (_FLOAT, "> 0", None),
     "val_fraction": (_FLOAT, "> 0", "< 1"), "finetune_fraction": (_FLOAT, "> 0", "<= 1"),
     "dropout": (_FLOAT, ">= 0", "< 1"), "label_smoothing": (_FLOAT, ">= 0", "< 1"),
     "reduce_lr_factor": (_FLOAT, "> 0", "< 1"), "hem_fraction": (_FLOAT, "> 0", "<= 1"),
     "hem_strength": (_FLOAT, ">= 0", None), "hem_floor": (_FLOAT, ">= 0", "<= 1"),
-    "hem_selectivity": (_FLOAT, "> 0", "<= 1"), "hem_window": (_INT, 1, None),
-    "distribution_timeout": (_FLOAT, "> 0", None), "progressive_size": (_INT, 1, None),
-    "progressive_epochs": (_INT, 0, None),
+    "hem_selectivity": (_FLOAT, "> 0", "<= 1"), "hem_window": (_INT, 1, "<= 10000000"),
+    "distribution_timeout": (_FLOAT, "> 0", "<= 604800"), "progressive_size": (_INT, 1, "<= 1024"),
+    "progressive_epochs": (_INT, 0, "<= 100000"),
 }
 
 
@@ -36,39 +39,40 @@ def _check_number(name: str, value) -> None:
         return
     is_int = isinstance(value, int) and not isinstance(value, bool)
     if kind == _INT and not is_int:
-        raise ConfigError(f"setting '{name}' must be an integer, got {value!r}")
+        raise ConfigError(f"setting '{name}' must be an integer, got {shown(value)}")
     if kind == _FLOAT and not (is_int or isinstance(value, float)):
-        raise ConfigError(f"setting '{name}' must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ConfigError(f"setting '{name}' must be a finite number, got {value!r}")
+        raise ConfigError(f"setting '{name}' must be a number, got {shown(value)}")
+    if not is_int and not math.isfinite(value):
+        raise ConfigError(f"setting '{name}' must be a finite number, got {shown(value)}")
     for bound in (low, high):
         if bound is None:
             continue
         op, limit = bound.split() if isinstance(bound, str) else (">=", bound)
-        ok = {">": value > float(limit), ">=": value >= float(limit), "<": value < float(limit),
-              "<=": value <= float(limit)}[op]
+        limit = float(limit) if "." in str(limit) else int(limit)  # an int is compared exactly, however large
+        ok = {">": value > limit, ">=": value >= limit, "<": value < limit, "<=": value <= limit}[op]
         if not ok:
             allowed = " and ".join(f"{b}" if isinstance(b, str) else f">= {b}" for b in (low, high) if b is not None)
-            raise ConfigError(f"setting '{name}' must be {allowed}, got {value!r}")
+            raise ConfigError(f"setting '{name}' must be {allowed}, got {shown(value)}")
 
 
-def validate(config: Config, check_data: bool = True) -> None:
+def validate(config: Config, check_data: bool = True, check_files: bool = True) -> None:
     """Refuse a config that cannot work, before any data is read, any model is built or any file is written.
-    `check_data=False` leaves out the data folder (the notebook downloads it when absent)."""
+    `check_data=False` leaves out the data folder (the notebook downloads it when absent); `check_files=False`
+    the weights file and TF_CONFIG too (a saved config.json, read back: its files may be elsewhere now)."""
     from cifar100.models import BACKBONES
 
     for name in RANGES:
         _check_number(name, getattr(config, name))
     if not isinstance(config.hem, bool):
-        raise ConfigError(f"setting 'hem' must be True or False, got {config.hem!r}")
+        raise ConfigError(f"setting 'hem' must be True or False, got {shown(config.hem)}")
     for name in ("name", "data_dir", "runs_dir", "backbone"):
         if not isinstance(getattr(config, name), str):
-            raise ConfigError(f"setting '{name}' must be a string, got {getattr(config, name)!r}")
+            raise ConfigError(f"setting '{name}' must be a string, got {shown(getattr(config, name))}")
     if config.name and (config.name in (".", "..") or "/" in config.name or "\\" in config.name):
-        raise ConfigError(f"setting 'name': {config.name!r} must be a plain folder name (no '/', not '.' or '..')")
+        raise ConfigError(f"setting 'name': {shown(config.name)} must be a plain folder name (no '/', not '.' or '..')")
     for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
-            raise ConfigError(f"setting '{name}': {getattr(config, name)!r} is not one of {list(allowed)}")
+            raise ConfigError(f"setting '{name}': {shown(getattr(config, name))} is not one of {list(allowed)}")
     if config.backbone not in BACKBONES:
         raise ConfigError(f"setting 'backbone': unknown backbone '{config.backbone}'; "
                           f"choose one of {sorted(BACKBONES)}")
@@ -90,6 +94,8 @@ def validate(config: Config, check_data: bool = True) -> None:
                               "learning rate on the small epochs, whose validation (at full size) scores low")
     elif config.progressive_epochs:
         raise ConfigError("setting 'progressive_epochs' needs 'progressive_size' (the size of those epochs)")
+    if not check_files:
+        return
     if config.distribution == "multi-worker":
         from cifar100.distribution import read_tf_config
 
@@ -106,7 +112,7 @@ def _check_weights(config: Config, backbone) -> None:
     if config.weights is None:
         return
     if not isinstance(config.weights, str):
-        raise ConfigError(f"setting 'weights' must be 'imagenet', None or a file path, got {config.weights!r}")
+        raise ConfigError(f"setting 'weights' must be 'imagenet', None or a file path, got {shown(config.weights)}")
     if config.weights == "imagenet":
         if not backbone.has_imagenet:
             raise ConfigError(f"setting 'weights': {config.backbone} has no ImageNet weights; use None")

@@ -12,14 +12,19 @@ from pathlib import Path
 import numpy as np
 
 from cifar100.data import (
+    CIFAR10_FILES,
     CIFAR10_NAMES,
     CIFAR100_COARSE_NAMES,
+    CIFAR100_FILES,
     CIFAR100_FINE_NAMES,
     CIFAR100_FINE_TO_COARSE,
     DATASET_MARKER,
     ROW_BYTES,
     images_to_rows,
 )
+from cifar100.errors import ConfigError, DatasetError
+
+MAX_SYNTHETIC_IMAGES = 100_000  # per set; 100,000 images are 300 MB
 
 
 class _Py2Pickler(pickle._Pickler):
@@ -74,6 +79,11 @@ def write_official(path: str | Path, kind: str, x_train, y_train, x_test, y_test
     """Write arrays as a dataset folder in the official file format (names, keys, dtypes, byte layout),
     with a DATASET.json marker saying where the data comes from. `class_names` replaces CIFAR-10's."""
     path = Path(path)
+    existing = sorted(name for name in (*CIFAR100_FILES, *CIFAR10_FILES, DATASET_MARKER)
+                      if (path / name).exists() or (path / name).is_symlink())
+    if existing:
+        raise DatasetError(f"{path} already holds a dataset ({', '.join(existing)}): nothing was written there. "
+                           "Write to a new or empty folder (e.g. synthetic-data/cifar-100-python)")
     path.mkdir(parents=True, exist_ok=True)
     if kind == "cifar100":
         for name, x, y, label in (("train", x_train, y_train, "training"), ("test", x_test, y_test, "testing")):
@@ -139,9 +149,12 @@ def write_synthetic(path: str | Path, kind: str = "cifar100", n_train: int = 500
     """
     num_classes = {"cifar100": 100, "cifar10": 10}.get(kind)
     if num_classes is None:
-        raise ValueError(f"kind must be 'cifar100' or 'cifar10', got {kind!r}")
-    if n_train < 1 or n_test < 1:
-        raise ValueError(f"n_train and n_test must be positive, got {n_train} and {n_test}")
+        raise ConfigError(f"kind must be 'cifar100' or 'cifar10', got {kind!r}")
+    for name, count in (("training", n_train), ("test", n_test)):
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_SYNTHETIC_IMAGES:
+            raise ConfigError(f"the number of {name} images must be 1 to {MAX_SYNTHETIC_IMAGES}, got {count}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ConfigError(f"the seed must be 0 to {2**32 - 1}, got {seed}")
     rng = np.random.default_rng(seed)
     y_train = rng.permutation(np.arange(n_train) % num_classes)
     y_test = rng.permutation(np.arange(n_test) % num_classes)

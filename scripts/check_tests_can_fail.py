@@ -52,6 +52,35 @@ MUTATIONS = {
     "a run folder of the earlier model format is read as a new one": (
         "cifar100/run_folder.py", 'and read_state(run_dir).get("model_format") != MODEL_FORMAT:', "and False:",
         ["tests/test_use_a_model.py::test_a_run_folder_of_the_earlier_model_format_is_refused_in_one_line"]),
+    "links in a run folder followed": (
+        "cifar100/run_folder.py", "                if entry.is_symlink() or not", "                if False and not",
+        ["tests/test_hostile_run_folders.py::test_a_link_in_a_run_folder_is_refused_and_nothing_is_written_"
+         "through_it"]),
+    "an atomic write's temporary file written through a link": (
+        "cifar100/run_folder.py", "    with contextlib.suppress(FileNotFoundError):\n        os.unlink(tmp)\n"
+        "    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)\n",
+        "    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)\n",
+        ["tests/test_hostile_run_folders.py::test_an_atomic_write_replaces_a_link_and_its_temporary_file_never_"
+         "writes_through_one"]),
+    "a model file's size not bounded": (
+        "cifar100/evaluate.py", "if len(members) > 64 or total > limit:", "if False:",
+        ["tests/test_hostile_run_folders.py::test_a_model_file_holding_more_than_the_model_is_refused_before_it_"
+         "is_read"]),
+    "a torn last history row kept": (
+        "cifar100/run_folder.py", 'and not lines[-1].endswith("\\n"):', "and False:",
+        ["tests/test_hostile_run_folders.py::test_a_torn_last_row_of_the_history_is_dropped_and_a_damaged_one_is_"
+         "named"]),
+    "a diverged loss evaluated anyway": (
+        "cifar100/train.py", "    if loss and not math.isfinite(float(loss)):", "    if False:",
+        ["tests/test_hostile_run_folders.py::test_a_run_whose_loss_turns_nan_stops_in_one_line_before_the_"
+         "evaluation"]),
+    "data synthetic overwrites a dataset": (
+        "cifar100/write_data.py", "    if existing:\n", "    if False:\n",
+        ["tests/test_hostile_run_folders.py::test_data_synthetic_never_overwrites_a_dataset_and_checks_its_numbers"]),
+    "superclasses from the run folder's classes.json": (
+        "cifar100/evaluate.py", "dataset.class_names, dataset.fine_to_coarse,",
+        'dataset.class_names, np.asarray(classes["fine_to_coarse"]),',
+        ["tests/test_hostile_run_folders.py::test_classes_json_is_checked_and_superclasses_come_from_the_data"]),
     "cutmix label weight from the drawn lam, not the pasted area": (
         "cifar100/sampling.py", "            lam = 1 - side * side / 1024\n", "",
         ["tests/test_sampling.py::test_mixing_gives_each_label_the_share_of_the_image_it_has"]),

@@ -95,4 +95,4 @@ def test_a_damaged_run_folder_is_named_and_the_others_are_still_compared(runs, c
     assert not {damaged, no_numbers} & {run.folder for run in found} and len(found) >= 6
     err = capsys.readouterr().err
     assert f"skipped: {damaged / 'results.json'}: damaged results.json" in err
-    assert f"skipped: {no_numbers / 'results.json'}: damaged results.json: no numeric test top1" in err
+    assert f"skipped: {no_numbers / 'results.json'}: damaged results.json: no test top1 and top5 between 0 and 1" in err

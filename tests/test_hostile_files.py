@@ -268,7 +268,7 @@ def test_own_data_pickled_by_python3_reads_back(folder, tmp_path, protocol):
 
 
 def test_data_not_checked_against_the_official_md5_says_so(folder, tmp_path, monkeypatch):
-    ds = copy_of(folder, tmp_path)
+    ds = tmp_path / "mine"
     write_data.write_official(ds, "cifar100", *[np.zeros((10, 32, 32, 3), np.uint8), np.arange(10)] * 2,
                         synthetic=False, source="my photos")
     loaded = data.load(ds)

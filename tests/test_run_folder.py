@@ -40,9 +40,12 @@ def smoke(dataset, run_dir, **overrides):
     ("reduce_lr_factor", 0, "must be > 0 and < 1, got 0"),
     ("dropout", 1.0, "must be >= 0 and < 1, got 1.0"),
     ("label_smoothing", -0.1, "must be >= 0 and < 1"),
-    ("early_stopping_patience", -1, "must be >= 0, got -1"),
+    ("early_stopping_patience", -1, "must be >= 0 and <= 100000, got -1"),
     ("reduce_lr_patience", 2.5, "must be an integer, got 2.5"),
-    ("seed", -3, "must be >= 0, got -3"),
+    ("seed", -3, "must be >= 0 and < 4294967296, got -3"),
+    ("image_size", 99999999999, "must be >= 1 and <= 1024, got 99999999999"),
+    pytest.param("batch_size", 10**5000, "must be >= 1 and <= 65536, got an integer of about 5000 digits",
+                 id="batch_size-5000-digits"),
     ("batch_size", True, "must be an integer, got True"),
     ("head_learning_rate", "fast", "must be a number, got 'fast'"),
     ("hem", "yes", "must be True or False, got 'yes'"),
@@ -122,7 +125,7 @@ def test_a_damaged_config_json_is_named_and_never_loses_progress(small_data, tmp
 def test_a_damaged_history_is_named_and_left_as_it_is(tmp_path):
     history = tmp_path / "history.csv"
     history.write_text("epoch,loss\n0,1.0\nthis is not, a row\n")
-    with pytest.raises(RunError, match=r"history.csv: damaged history .*ValueError"):
+    with pytest.raises(RunError, match=r"history.csv: damaged history .*line 3 is not a row"):
         run_folder.settle_phase(tmp_path, tmp_path / "backup", 0)
     assert history.read_text() == "epoch,loss\n0,1.0\nthis is not, a row\n"
 

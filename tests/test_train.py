@@ -58,8 +58,8 @@ def test_smoke_preset_learns_the_synthetic_signal(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     ({"backbone": "vgg99"}, r"setting 'backbone': unknown backbone 'vgg99'"),
     ({"backbone": "xception", "image_size": 64}, r"setting 'image_size': 64 px is below xception's minimum .* 71"),
-    ({"finetune_epochs": 0}, r"setting 'finetune_epochs' must be >= 1, got 0"),
-    ({"head_epochs": -1}, r"setting 'head_epochs' must be >= 1, got -1"),
+    ({"finetune_epochs": 0}, r"setting 'finetune_epochs' must be >= 1 and <= 100000, got 0"),
+    ({"head_epochs": -1}, r"setting 'head_epochs' must be >= 1 and <= 100000, got -1"),
     ({"data_dir": "/nonexistent/cifar"}, r"setting 'data_dir': /nonexistent/cifar: dataset folder not found"),
     ({"weights": "/nonexistent/w.weights.h5"}, r"setting 'weights': file /nonexistent/w.weights.h5 not found"),
     ({"backbone": "mobilenetv3small", "weights": str(WEIGHTS_DIR / "mobilenet_v2_1.0_imagenet_notop.weights.h5")},
