@@ -24,6 +24,23 @@ def synthetic_cifar100(tmp_path_factory) -> Path:
     return write_data.write_synthetic(tmp_path_factory.mktemp("syn") / "cifar-100-python", n_train=1000, n_test=200)
 
 
+@pytest.fixture(scope="session")
+def untrained_run(tmp_path_factory, synthetic_cifar100) -> Path:
+    """A run folder of the smoke preset, untrained (for tests that need its files, not its accuracy). Tests
+    that change it work on a copy."""
+    from cifar100 import data, models, run_folder, train
+    from cifar100.config import make_config
+
+    run = tmp_path_factory.mktemp("runs") / "run"
+    run.mkdir()
+    config = make_config("smoke", {"data_dir": str(synthetic_cifar100)})
+    config.save(run / "config.json")
+    models.build_model(config, num_classes=100).save(run / "best.keras")
+    train.save_class_info(run, data.load(synthetic_cifar100))
+    run_folder.write_state(run, model_format=run_folder.MODEL_FORMAT)
+    return run
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `python -m cifar100 ARGS` in a subprocess and return the finished process."""
     return subprocess.run([sys.executable, "-m", "cifar100", *args], capture_output=True, text=True,

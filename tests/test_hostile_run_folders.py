@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from cifar100 import compare, data, evaluate, models, plots, run_folder, train, write_data
+from cifar100 import compare, data, evaluate, plots, run_folder, train, write_data
 from cifar100.__main__ import main
 from cifar100.config import Config, ConfigError, make_config
 from cifar100.errors import DatasetError, RunError
@@ -22,16 +22,8 @@ from .test_compare import fake_run
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, synthetic_cifar100):
-    """A run folder of the smoke preset (untrained: these tests need its files, not its accuracy)."""
-    run = tmp_path_factory.mktemp("runs") / "run"
-    run.mkdir()
-    config = make_config("smoke", {"data_dir": str(synthetic_cifar100)})
-    config.save(run / "config.json")
-    models.build_model(config, num_classes=100).save(run / "best.keras")
-    train.save_class_info(run, data.load(synthetic_cifar100))
-    run_folder.write_state(run, model_format=run_folder.MODEL_FORMAT)
-    return run
+def run_dir(untrained_run):
+    return untrained_run
 
 
 def copy(run_dir, tmp_path, name="run"):
@@ -45,6 +37,7 @@ def test_a_link_in_a_run_folder_is_refused_and_nothing_is_written_through_it(run
     run = copy(run_dir, tmp_path)
     victim = tmp_path / "precious.txt"
     victim.write_text("keep me")
+    (run / name).unlink(missing_ok=True)
     os.symlink(victim, run / name)
     assert main(["evaluate", str(run)]) == 2
     err = capsys.readouterr().err
