@@ -15,7 +15,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, PercentFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter, PercentFormatter
 
 from cifar100 import data, run_folder
 from cifar100.errors import RunError, printable
@@ -94,6 +94,9 @@ def training_curves(history: dict[str, np.ndarray], phase_boundary: int | None =
     acc_ax.set_ylim(0, 1)
     lr_ax.plot(epochs, history["learning_rate"], "o-", color="tab:green")
     lr_ax.set_yscale("log")
+    # plain numbers: figure text is not parsed as mathtext (_plain_text), which the default log formatter writes
+    lr_ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    lr_ax.yaxis.set_minor_formatter(NullFormatter())
     lr_ax.set_xlabel("epoch")
     lr_ax.set_ylabel("learning rate (log scale)")
     lr_ax.set_title("Learning rate")

@@ -65,6 +65,9 @@ def test_training_curves_have_labelled_axes_and_the_phase_boundary():
     assert [line.get_label() for line in loss.get_lines()][:2] == ["training", "validation (from the training set)"]
     assert any(line.get_xdata()[0] == 2.5 for line in accuracy.get_lines())  # the boundary, between epochs 2 and 3
     assert "SYNTHETIC" in figure._suptitle.get_text()
+    figure.canvas.draw()  # tick labels are made when drawn: plain numbers, never raw mathtext
+    labels = [tick.get_text() for ax in figure.axes for tick in ax.get_yticklabels() + ax.get_xticklabels()]
+    assert labels and not [text for text in labels if "$" in text or "mathdefault" in text]
 
 
 def test_training_curves_show_what_mining_scored_and_backpropagated():
