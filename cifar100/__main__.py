@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cifar100 import data, download, run_folder, tflogs, write_data
 from cifar100.config import PRESETS, Config, make_config
-from cifar100.errors import UserError
+from cifar100.errors import RunError, UserError
 
 
 def _data_synthetic(args) -> None:
@@ -46,9 +46,12 @@ def _train(args) -> None:
 def _print_results(run_dir: Path) -> None:
 
     results = run_folder.read_json(run_dir / "results.json")
-    info = results.get("data", {})
-    note = data.caveat(bool(info.get("synthetic")), info.get("official"))
-    test = results["test"]
+    info = results.get("data") if isinstance(results.get("data"), dict) else {}
+    note = data.caveat(info.get("synthetic") is not False, info.get("official"))
+    test = results.get("test")
+    if not isinstance(test, dict) or not all(isinstance(test.get(k), int | float) for k in ("top1", "top5", "images")):
+        raise RunError(f"{run_dir / 'results.json'}: damaged results.json (no test top1, top5 and images); run "
+                       f"`python -m cifar100 evaluate {run_dir}` to write them again")
     print(f"{run_dir}: test top-1 {test['top1']:.4f}, top-5 {test['top5']:.4f} on {test['images']} images{note}")
 
 

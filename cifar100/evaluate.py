@@ -26,6 +26,13 @@ def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: in
     return np.asarray(model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float64)
 
 
+def inference_batch_size(config: Config) -> int:
+    """The batch size for prediction: at least the training batch (128 at the least), but at most what keeps
+    one batch of upsampled float32 images near 32 MB (2 images at 1024 px): memory bounded at any size."""
+    per_image = config.image_size * config.image_size * 3 * 4
+    return max(1, min(max(config.batch_size, 128), (32 << 20) // per_image))
+
+
 def basic_metrics(model: keras.Model, images: np.ndarray, labels: np.ndarray, num_classes: int,
                   batch_size: int = 256) -> dict:
     """Loss, top-1 and top-5 accuracy of `model` on a labelled set."""
@@ -165,13 +172,13 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,
     if classes["class_names"] != dataset.class_names:
         raise DatasetError(f"{dataset.path}: the dataset names its classes otherwise than the run {run_dir} (its "
                            "classes.json): evaluate it on a dataset of its own classes (--data)")
-    probabilities = predict_probabilities(model, dataset.x_test, max(config.batch_size, 128))
+    probabilities = predict_probabilities(model, dataset.x_test, inference_batch_size(config))
     # the superclasses are the dataset's (a run folder's classes.json only names them)
     metrics = detailed_metrics(probabilities, dataset.y_test, dataset.class_names, dataset.fine_to_coarse,
                                dataset.coarse_names)
     # test-time augmentation, reported beside (never instead of) the plain numbers: each image and its
     # mirror image, their probabilities averaged
-    mirrored = predict_probabilities(model, dataset.x_test[:, :, ::-1], max(config.batch_size, 128))
+    mirrored = predict_probabilities(model, dataset.x_test[:, :, ::-1], inference_batch_size(config))
     metrics["flip_tta"] = summary_metrics((probabilities + mirrored) / 2, dataset.y_test, dataset.num_classes)
     if Path(dataset.path).resolve() != Path(config.data_dir).resolve():
         return metrics
@@ -181,7 +188,8 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,
     results_path = run_dir / "results.json"
     results = run_folder.read_json(results_path) if results_path.exists() else {}
     results["test"] = metrics
-    results.setdefault("data", {}).update(synthetic=dataset.synthetic, official=dataset.official)
+    known = results.get("data") if isinstance(results.get("data"), dict) else {}
+    results["data"] = {**known, "synthetic": dataset.synthetic, "official": dataset.official}
     run_folder.write_json(results_path, results)
     return metrics
 
@@ -213,7 +221,7 @@ def predict_files(run_dir: str | Path, paths: list[str | Path],
                   top: int = 5) -> list[list[tuple[str, float]] | DatasetError]:
     """The top classes, with probabilities, for each image file; for a file that cannot be read, its
     DatasetError instead (the other files are still predicted)."""
-    _, model, classes = load_run(run_dir)
+    config, model, classes = load_run(run_dir)
     loaded = []
     for path in paths:
         try:
@@ -221,7 +229,7 @@ def predict_files(run_dir: str | Path, paths: list[str | Path],
         except DatasetError as exc:
             loaded.append(exc)
     readable = [image for image in loaded if isinstance(image, np.ndarray)]
-    rows = iter(predict_probabilities(model, np.stack(readable)) if readable else [])
+    rows = iter(predict_probabilities(model, np.stack(readable), inference_batch_size(config)) if readable else [])
     names = classes["class_names"]
     return [item if isinstance(item, DatasetError) else _top_classes(next(rows), names, top) for item in loaded]
 
@@ -247,7 +255,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, images: np.ndarray | No
         raise RunError(f"{out_dir} exists: export writes a new folder; name another one, or delete that one")
     config, model, classes = load_run(run_dir)
     images, source = (images, "the images given") if images is not None else _export_check_images(config)
-    expected = predict_probabilities(model, images).astype(np.float32)
+    expected = predict_probabilities(model, images, inference_batch_size(config)).astype(np.float32)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

@@ -24,7 +24,7 @@ def write(config: Config, run_dir: Path, splits, mining: keras.callbacks.Callbac
 
     best = evaluate.load_checkpoint(run_dir / "best.keras", config, splits.dataset.num_classes)
     val = evaluate.basic_metrics(best, splits.x_val, splits.y_val, splits.dataset.num_classes,
-                                 max(config.batch_size, 128))
+                                 evaluate.inference_batch_size(config))
     rows = run_folder.history_rows(run_dir)
     state = run_folder.read_state(run_dir)
     # the speed of training on images (phase 1 on cached features trains on features, not images)
@@ -55,7 +55,7 @@ def write(config: Config, run_dir: Path, splits, mining: keras.callbacks.Callbac
     }
     if mining is not None:  # the hardest training examples for the best model, to be shown
         indices, losses = hem.hardest_examples(best, splits.x_train, splits.y_train, config.hem_fraction,
-                                               config.hem_keep, config.seed, max(config.batch_size, 128))
+                                               config.hem_keep, config.seed, evaluate.inference_batch_size(config))
         results["hardest_examples"] = {"train_set_indices": splits.train_indices[indices].tolist(),
                                        "labels": splits.y_train[indices].tolist(),
                                        "losses": [round(float(v), 4) for v in losses]}

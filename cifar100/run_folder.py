@@ -315,7 +315,7 @@ def _history_row(header: list[str], values: list[str]) -> dict | None:
     if len(values) != len(header):
         return None
     try:
-        if not values[0].isdigit() or len(values[0]) > 9:
+        if not (values[0].isascii() and values[0].isdigit()) or len(values[0]) > 9:  # not '²', which int() refuses
             return None
         for value in values[1:]:
             if value and (len(value) > 40 or not isinstance(float(value), float)):

@@ -283,3 +283,23 @@ def test_figures_check_the_saved_predictions_and_hardest_examples(run_dir, tmp_p
     (run / "results.json").write_text(json.dumps(results))
     with pytest.raises(RunError, match=r"results.json: damaged hardest_examples"):
         plots.run_figures(run, dataset)
+
+
+def test_prediction_batches_stay_small_at_any_image_size():
+    sizes = {size: evaluate.inference_batch_size(Config(image_size=size, batch_size=64)) for size in (32, 160, 1024)}
+    assert sizes[32] == 128 and sizes[160] == 109 and sizes[1024] == 2
+
+
+def test_a_history_epoch_of_other_digits_and_results_of_the_wrong_shape_are_one_line(run_dir, tmp_path, capsys):
+    (tmp_path / "history.csv").write_text("epoch,loss\n0,1.0\n\u00b2,0.9\n")  # '²' is a digit to str.isdigit
+    with pytest.raises(RunError, match=r"line 3 is not a row of a later epoch"):
+        run_folder.history_rows(tmp_path)
+    run = copy(run_dir, tmp_path)
+    (run / "results.json").write_text('{"data": []}')
+    assert main(["evaluate", str(run)]) == 0  # the run's own data: the metrics written again
+    assert isinstance(json.loads((run / "results.json").read_text())["data"], dict)
+    (run / "results.json").write_text('{"test": {"top1": "x"}}')
+    from cifar100.__main__ import _print_results
+
+    with pytest.raises(RunError, match=r"results.json: damaged results.json \(no test top1, top5 and images\)"):
+        _print_results(run)
