@@ -8,7 +8,6 @@ runs whose settings differ only in the seed are one row: the mean and standard d
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import numpy as np
 from cifar100 import run_folder
 from cifar100.config import NOT_IDENTITY, Config
 from cifar100.errors import RunError, printable
+from cifar100.run_folder import is_number
 
 NOT_IN_LABELS = NOT_IDENTITY + ("data_dir", "seed")  # the data is the group's; seeds are averaged
 
@@ -110,14 +110,10 @@ def find_runs(runs_dir: str | Path = "models") -> list[Run]:
     return runs
 
 
-def _number(value, low: float = 0.0, high: float = math.inf) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
-
-
 def _checked_results(path: Path, results: dict) -> dict:
     """What the comparison reads of a results.json, each value of the type and range a run writes."""
     test, info = results.get("test"), results.get("data", {})
-    if not (isinstance(test, dict) and all(_number(test.get(k), 0, 1) for k in ("top1", "top5"))):
+    if not (isinstance(test, dict) and all(is_number(test.get(k), 0, 1) for k in ("top1", "top5"))):
         raise RunError(f"{path}: damaged results.json: no test top1 and top5 between 0 and 1")
     if not isinstance(info, dict):
         raise RunError(f"{path}: damaged results.json: 'data' is not an object")
@@ -127,9 +123,9 @@ def _checked_results(path: Path, results: dict) -> dict:
                         "synthetic": info.get("synthetic") is not False,
                         "official": info.get("official") if isinstance(info.get("official"), bool) else None},
                "backbone": printable(str(results.get("backbone", "?"))[:60]),
-               "image_size": results.get("image_size") if _number(results.get("image_size"), 1, 1e6) else None}
+               "image_size": results.get("image_size") if is_number(results.get("image_size"), 1, 1e6) else None}
     for key in ("train_seconds_total", "train_images_per_second"):
-        checked[key] = results[key] if _number(results.get(key), 0, 1e12) else None
+        checked[key] = results[key] if is_number(results.get(key), 0, 1e12) else None
     return checked
 
 
@@ -142,7 +138,7 @@ def _plain_settings(config: dict) -> dict:
             continue
         if isinstance(value, str):
             plain[key] = printable(value[:80])
-        elif value is None or isinstance(value, bool) or _number(value, -1e12, 1e12):
+        elif value is None or isinstance(value, bool) or is_number(value, -1e12, 1e12):
             plain[key] = value
     return plain
 

@@ -9,6 +9,7 @@ displays it, and figures made in a loop do not pile up in memory.
 from __future__ import annotations
 
 import functools
+import io
 import textwrap
 from pathlib import Path
 
@@ -41,8 +42,6 @@ def _subplots(*args, **kwargs) -> tuple[Figure, object]:
 
 def save(figure: Figure, run_dir: str | Path, name: str) -> Path:
     """The figure as run_dir/figures/<name>.png (written atomically, never through a link)."""
-    import io
-
     folder = Path(run_dir) / "figures"
     folder.mkdir(parents=True, exist_ok=True)
     if folder.is_symlink():
@@ -335,8 +334,6 @@ def run_figures(run_dir: str | Path, dataset) -> dict[str, Figure]:
 
 def _test_predictions(run_dir: Path, dataset) -> np.ndarray:
     """The run's saved test probabilities, checked against the dataset's test set."""
-    import io
-
     path = run_dir / "test_predictions.npz"
     stale = (f"{path}: does not hold this dataset's test predictions; run `python -m cifar100 evaluate "
              f"{run_dir}` to make them again")

@@ -279,14 +279,13 @@ def claim(config: Config, run_dir: Path) -> bool:
 def history_rows(run_dir: Path) -> list[dict]:
     """The rows of history.csv (CSVLogger's: an epoch, then numbers), each checked; a torn last row (a
     write cut short by a kill) is left out."""
-    rows, _ = _read_history(Path(run_dir) / HISTORY)
-    return rows
+    return _read_history(Path(run_dir) / HISTORY)[0]
 
 
-def _read_history(path: Path) -> tuple[list[dict], list[str]]:
-    """(rows, the file's lines without a torn last row)."""
+def _read_history(path: Path) -> tuple[list[dict], list[str], bool]:
+    """(rows, the file's lines without a torn last row, whether there was none)."""
     if not path.exists() and not path.is_symlink():
-        return [], []
+        return [], [], True
     damaged = (f"{path}: damaged history (expected CSVLogger's rows: epoch, metrics); delete the run folder "
                f"{path.parent} to start over")
     try:
@@ -295,7 +294,7 @@ def _read_history(path: Path) -> tuple[list[dict], list[str]]:
     except (UnicodeDecodeError, csv.Error) as exc:
         raise RunError(f"{damaged} ({type(exc).__name__}: {exc})") from None
     if not parsed:
-        return [], []
+        return [], [], True
     header, rows = parsed[0], []
     if not header or header[0] != "epoch" or len(set(header)) != len(header):
         raise RunError(f"{damaged}: its header is {header[:5]!r}")
@@ -303,10 +302,10 @@ def _read_history(path: Path) -> tuple[list[dict], list[str]]:
         row = _history_row(header, values)
         if row is None or (rows and int(row["epoch"]) <= int(rows[-1]["epoch"])):
             if index == len(parsed) - 1 and not lines[-1].endswith("\n"):  # the last line, cut short
-                return rows, lines[:-1]
+                return rows, lines[:-1], False
             raise RunError(f"{damaged}: line {index + 1} is not a row of a later epoch ({','.join(values)[:80]!r})")
         rows.append(row)
-    return rows, lines
+    return rows, lines, True
 
 
 def _history_row(header: list[str], values: list[str]) -> dict | None:
@@ -329,15 +328,14 @@ def trim_history(path: Path, first_dropped_epoch: int) -> None:
     """Keep the header and the rows of epochs before `first_dropped_epoch` (rewritten atomically); a torn
     last row goes too."""
     path = Path(path)
-    rows, lines = _read_history(path)
+    rows, lines, complete = _read_history(path)
     if not lines:
         return
     kept = lines[:1] + [line for row, line in zip(rows, lines[1:], strict=True)
                         if int(row["epoch"]) < first_dropped_epoch]
     if len(kept) == 1:
         kept = []  # no rows left: CSVLogger writes the header again
-    original = read_bytes(path, "history", MAX_HISTORY_BYTES).decode().splitlines(keepends=True)
-    if kept != original:
+    if kept != lines or not complete:
         write_atomic(path, "".join(kept))
 
 
@@ -357,7 +355,7 @@ def read_state(run_dir: Path) -> dict:
     for key, value in state.items():
         ok = (isinstance(value, bool) if key in flags else
               isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**6 if key in counts else
-              _plain_number(value, allow_none=True) if key == "head_feature_seconds" else
+              value is None or is_number(value) if key == "head_feature_seconds" else
               value is None or isinstance(value, dict) if key.endswith("_compiled") else True)
         if not ok:
             raise RunError(f"{path}: damaged state.json: {key} is {type(value).__name__} {str(value)[:40]!r}; "
@@ -499,7 +497,7 @@ def _read_callback_state(path: Path) -> dict | None:
         if part is None and key == "reduce_lr":
             continue
         if not isinstance(part, dict) or set(part) != set(names) or not all(
-                _plain_number(part[name], allow_none=name == "best") for name in names):
+                (name == "best" and part[name] is None) or is_number(part[name]) for name in names):
             raise RunError(f"{path}: damaged callback state: {key} is not {{{', '.join(names)}: numbers}}; "
                            f"delete the run folder {path.parents[2]} to start over")
     if not isinstance(state.get("stopped"), bool) or not isinstance(state.get("mining"), dict | None):
@@ -508,7 +506,6 @@ def _read_callback_state(path: Path) -> dict | None:
     return state
 
 
-def _plain_number(value, allow_none: bool = False) -> bool:
-    if value is None:
-        return allow_none
-    return isinstance(value, int | float) and not isinstance(value, bool) and abs(value) < 1e300
+def is_number(value, low: float = -1e300, high: float = 1e300) -> bool:
+    """True for an int or float (not a bool) between `low` and `high`: a number read from a file, checked."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
