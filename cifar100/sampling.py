@@ -93,8 +93,8 @@ class TrainBatches(keras.utils.PyDataset):
 
 class EpochOrder(keras.callbacks.Callback):
     """Draws the sampler's order for each epoch as Keras begins it, and restarts the model's random streams
-    (augmentation layers, dropout) from (epoch, layer): a model's weights file does not hold those streams,
-    so this is what lets a resumed run draw the same augmentations as an uninterrupted one."""
+    (augmentation layers, dropout): a model's weights file does not hold those streams, so this is what lets
+    a resumed run draw the same augmentations as an uninterrupted one."""
 
     def __init__(self, sampler: TrainBatches):
         super().__init__()
@@ -103,5 +103,13 @@ class EpochOrder(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.sampler.set_epoch(epoch)
         states = [v for v in self.model.variables if v.path.endswith("seed_generator_state")]
-        for index, state in enumerate(states):  # a distinct stream for each layer
-            state.assign(np.array([epoch + 1, self.sampler.seed * 1_000_003 + index], dtype=state.dtype))
+        for index, state in enumerate(states):
+            state.assign(np.array(stream_state(self.sampler.seed, epoch, index), dtype=state.dtype))
+
+
+def stream_state(seed: int, epoch: int, layer: int) -> list[int]:
+    """A Keras seed-generator state [key, counter] of its own for (seed, epoch, layer). Keras draws with
+    [key, counter + step]; the key differs for each triple and the counter starts at 0, so no two layers or
+    epochs walk one sequence. (TensorFlow reads a key modulo 2**31 - 2: it is drawn below that.)"""
+    key = int(np.random.SeedSequence([seed, epoch, layer]).generate_state(1)[0]) % (2**31 - 2)
+    return [key, 0]

@@ -88,6 +88,9 @@ MUTATIONS = {
         "cifar100/sampling.py", "return images, lam * labels + (1 - lam) * labels[partner]",
         "return images, labels",
         ["tests/test_sampling.py::test_mixing_gives_each_label_the_share_of_the_image_it_has"]),
+    "the layers' random streams overlap (a layer's index in Keras' counter slot)": (
+        "cifar100/sampling.py", "    return [key, 0]\n", "    return [epoch + 1, seed * 1_000_003 + layer]\n",
+        ["tests/test_training_levers.py::test_each_random_layer_draws_a_stream_of_its_own_each_epoch"]),
     "cap not stratified": (
         "cifar100/datasplit.py", CAP, "train_idx = train_idx[:cap]",
         ["tests/test_training_levers.py::test_the_cap_shrinks_training_not_validation"]),

@@ -79,9 +79,32 @@ def test_random_shift_moves_each_image_by_whole_pixels_and_compiles_with_xla():
     assert model.jit_compile is True  # every layer supports XLA, so Keras keeps it on
 
 
-def test_augmentation_layers_draw_apart():
-    layers = models.augmentation_layers(Config(augment="randaugment", seed=3))
-    assert len({layer.seed for layer in layers}) == len(layers)
+def test_each_random_layer_draws_a_stream_of_its_own_each_epoch():
+    """EpochOrder sets every seed generator of the training model (augmentation, dropout) at each epoch; Keras
+    then draws with [key, counter + step]. No two layers, and no layer in two epochs, may share a position."""
+    from cifar100.sampling import EpochOrder, TrainBatches
+
+    config = Config(backbone="tinycnn", weights=None, image_size=32, augment="randaugment", dropout=0.3, seed=3)
+    fit_model = models.training_model(models.build_model(config, 10), config)
+    images = np.zeros((8, 32, 32, 3), np.uint8)
+    order = EpochOrder(TrainBatches(images, np.arange(8) % 10, 10, 4, seed=3))
+    order.set_model(fit_model)
+    states = [v for v in fit_model.variables if v.path.endswith("seed_generator_state")]
+    assert len(states) >= 3  # flip, shift, RandAugment, dropout ...
+    positions = {}
+    for epoch in (0, 1, 2):
+        order.on_epoch_begin(epoch)
+        for layer, state in enumerate(states):
+            key, counter = (int(v) for v in keras.ops.convert_to_numpy(state.value))
+            for step in range(200):  # the first 200 draws of this layer in this epoch
+                assert (key, counter + step) not in positions, (
+                    f"layer {layer} in epoch {epoch} draws at step {step} what {positions[(key, counter + step)]} "
+                    "drew")
+                positions[(key, counter + step)] = (layer, epoch, step)
+    order.on_epoch_begin(1)  # a resumed run: the same streams for the same epoch
+    again = [tuple(keras.ops.convert_to_numpy(s.value)) for s in states]
+    order.on_epoch_begin(1)
+    assert again == [tuple(keras.ops.convert_to_numpy(s.value)) for s in states]
 
 
 def test_head_model_shares_the_classifier_and_the_features_are_the_backbones():
