@@ -137,6 +137,13 @@ class InferenceCheckpoint(keras.callbacks.ModelCheckpoint):
         super().set_model(self.inference if self.inference is not None else model)
 
 
+class HistoryLog(keras.callbacks.CSVLogger):
+    """CSVLogger, counting epochs from 1 as Keras' progress bar and the figures do."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch + 1, logs)
+
+
 def reduce_lr_on_plateau(config: Config) -> keras.callbacks.ReduceLROnPlateau | None:
     """The plateau schedule's callback; None under the cosine schedule, which sets the rate itself."""
     if config.lr_schedule == "cosine":
@@ -177,7 +184,7 @@ def callback_set(config: Config, run_dir: Path, phase: str, sampler: TrainBatche
                             mode="max", save_best_only=True, initial_value_threshold=best_so_far, verbose=0),
         *([reduce_lr] if reduce_lr is not None else []),
         early_stopping,
-        keras.callbacks.CSVLogger(run_dir / run_folder.HISTORY, append=True),
+        HistoryLog(run_dir / run_folder.HISTORY, append=True),
         ResumeState(backup, reduce_lr, early_stopping, mining, restored),
         keras.callbacks.BackupAndRestore(backup, double_checkpoint=True, delete_checkpoint=False),
         CommitEpoch(run_dir, backup),  # the epoch counts as done once this has run

@@ -67,9 +67,12 @@ def _note(synthetic: bool | str) -> str:
 
 
 def read_history(run_dir: str | Path) -> dict[str, np.ndarray]:
-    """history.csv as one array per column."""
+    """history.csv as one array per column, epochs counted from 1 (also in a run an earlier version wrote)."""
     rows = run_folder.history_rows(Path(run_dir))
-    return {key: np.array([float(r[key]) if r[key] else np.nan for r in rows]) for key in rows[0]} if rows else {}
+    history = {key: np.array([float(r[key]) if r[key] else np.nan for r in rows]) for key in rows[0]} if rows else {}
+    if rows and run_folder.read_state(Path(run_dir)).get("history_epochs_from") != 1:
+        history["epoch"] = history["epoch"] + 1
+    return history
 
 
 @_plain_text
@@ -77,7 +80,7 @@ def training_curves(history: dict[str, np.ndarray], phase_boundary: int | None =
                     synthetic: bool = False) -> Figure:
     """Loss and accuracy per epoch (training and validation), the learning rate, the phase boundary, and with
     hard-example mining the examples it scored (forward only) and backpropagated each epoch."""
-    epochs = history["epoch"] + 1
+    epochs = history["epoch"]
     mining = "examples_backprop" in history
     figure, axes = _subplots(1, 4 if mining else 3, figsize=(20 if mining else 15, 4))
     loss_ax, acc_ax, lr_ax = axes[:3]

@@ -41,7 +41,7 @@ def write(config: Config, run_dir: Path, splits, mining: keras.callbacks.Callbac
                  "test_images": int(len(splits.dataset.y_test))},
         "validation": val,
         "epochs_run": len(rows),
-        "best_epoch": int(np.argmax([float(r["val_accuracy"]) for r in rows])) if rows else None,
+        "best_epoch": int(rows[int(np.argmax([float(r["val_accuracy"]) for r in rows]))]["epoch"]) if rows else None,
         "wall_seconds_this_process": round(seconds, 1),
         "train_seconds_total": round(feature_seconds + sum(float(r["epoch_seconds"]) for r in rows
                                                            if r.get("epoch_seconds")), 1),

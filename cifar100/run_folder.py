@@ -255,6 +255,7 @@ def claim(config: Config, run_dir: Path) -> bool:
     check_model_format(run_dir)
     if read_state(run_dir).get("model_format") != MODEL_FORMAT:  # nothing trained here yet
         write_state(run_dir, model_format=MODEL_FORMAT)
+    count_epochs_from_1(run_dir)
     if saved.exists():
         try:
             previous = Config.load(saved)
@@ -324,19 +325,31 @@ def _history_row(header: list[str], values: list[str]) -> dict | None:
     return dict(zip(header, values, strict=True))
 
 
-def trim_history(path: Path, first_dropped_epoch: int) -> None:
-    """Keep the header and the rows of epochs before `first_dropped_epoch` (rewritten atomically); a torn
-    last row goes too."""
+def trim_history(path: Path, epochs_kept: int) -> None:
+    """Keep the header and the rows of epochs 1 to `epochs_kept` (rewritten atomically); a torn last row goes
+    too."""
     path = Path(path)
     rows, lines, complete = _read_history(path)
     if not lines:
         return
-    kept = lines[:1] + [line for row, line in zip(rows, lines[1:], strict=True)
-                        if int(row["epoch"]) < first_dropped_epoch]
+    kept = lines[:1] + [line for row, line in zip(rows, lines[1:], strict=True) if int(row["epoch"]) <= epochs_kept]
     if len(kept) == 1:
         kept = []  # no rows left: CSVLogger writes the header again
     if kept != lines or not complete:
         write_atomic(path, "".join(kept))
+
+
+def count_epochs_from_1(run_dir: Path) -> None:
+    """history.csv counts epochs from 1, as Keras' progress bar and the figures do; a folder whose history an
+    earlier version wrote from 0 is rewritten once (atomically), so that a resumed run continues its count."""
+    if read_state(run_dir).get("history_epochs_from") == 1:
+        return
+    path = Path(run_dir) / HISTORY
+    rows, lines, _ = _read_history(path)
+    if rows:
+        shifted = [line.split(",", 1) for line in lines[1:]]
+        write_atomic(path, lines[0] + "".join(f"{int(epoch) + 1},{rest}" for epoch, rest in shifted))
+    write_state(run_dir, history_epochs_from=1)
 
 
 def best_val_accuracy(run_dir: Path) -> float | None:
@@ -351,7 +364,7 @@ def read_state(run_dir: Path) -> dict:
         return {}
     state = read_json(path, "state.json")
     flags = ("finished", "finetune_done")
-    counts = ("head_epochs_done", "model_format")
+    counts = ("head_epochs_done", "model_format", "history_epochs_from")
     for key, value in state.items():
         ok = (isinstance(value, bool) if key in flags else
               isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**6 if key in counts else

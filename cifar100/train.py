@@ -75,7 +75,7 @@ def refuse_a_diverged_phase(run_dir: Path, phase: str) -> None:
     rows = run_folder.history_rows(run_dir)
     loss = rows[-1].get("loss") if rows else None
     if loss and not math.isfinite(float(loss)):
-        raise RunError(f"phase {phase!r}: the training loss became {loss} at epoch {int(rows[-1]['epoch']) + 1}, "
+        raise RunError(f"phase {phase!r}: the training loss became {loss} at epoch {int(rows[-1]['epoch'])}, "
                        "and TerminateOnNaN stopped the run; nothing was evaluated. Lower the phase's learning "
                        "rate (head_learning_rate, finetune_learning_rate) or set clipnorm, which trains a new run")
 

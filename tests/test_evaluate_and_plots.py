@@ -52,7 +52,7 @@ def test_top5_on_100_classes_counts_the_five_most_probable():
 
 
 def history():
-    return {"epoch": np.arange(4.0), "loss": np.array([3, 2, 1.5, 1.0]), "val_loss": np.array([3, 2.2, 1.8, 1.6]),
+    return {"epoch": np.arange(1.0, 5.0), "loss": np.array([3, 2, 1.5, 1.0]), "val_loss": np.array([3, 2.2, 1.8, 1.6]),
             "accuracy": np.array([.1, .3, .5, .6]), "val_accuracy": np.array([.1, .25, .4, .45]),
             "learning_rate": np.array([1e-3, 1e-3, 1e-4, 3e-5])}
 

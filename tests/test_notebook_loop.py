@@ -180,7 +180,7 @@ def test_change_rerun_compare_reuse_and_resume_in_a_live_kernel(kernel, tmp_path
     resumed_text = text(kernel.notebook.cells[finetune])
     assert re.search(r"resuming phase 'finetune' after epoch [12] \(of epochs 1-3\)", resumed_text), resumed_text
     assert "Epoch 1/3" not in resumed_text and "Warning" not in resumed_text
-    assert epochs_in(runs / resumed / "history.csv") == [0, 1, 2]  # random weights: no head phase
+    assert epochs_in(runs / resumed / "history.csv") == [1, 2, 3]  # random weights: no head phase
 
     # No TensorFlow C++ log line in any output of the whole session
     streams = "".join(o.get("text", "") for outputs in kernel.outputs for o in outputs)

@@ -138,7 +138,7 @@ def test_a_restarted_phase_keeps_only_what_committed_epochs_wrote(tmp_path):
     backup.mkdir(parents=True)
     keras_backup(backup, 2)
     run_folder.mark_committed(backup)
-    (tmp_path / "history.csv").write_text("epoch,val_accuracy\n0,0.5\n1,0.6\n2,0.9\n")
+    (tmp_path / "history.csv").write_text("epoch,val_accuracy\n1,0.5\n2,0.6\n3,0.9\n")
     checkpoints = tmp_path / run_folder.CHECKPOINTS
     checkpoints.mkdir()
     (tmp_path / "best.keras").write_text("epoch 0")
@@ -146,7 +146,7 @@ def test_a_restarted_phase_keeps_only_what_committed_epochs_wrote(tmp_path):
     (checkpoints / "best-0003.keras").write_text("epoch 2, never committed")
 
     assert run_folder.settle_phase(tmp_path, backup, 0) == 2
-    assert (tmp_path / "history.csv").read_text() == "epoch,val_accuracy\n0,0.5\n1,0.6\n"
+    assert (tmp_path / "history.csv").read_text() == "epoch,val_accuracy\n1,0.5\n2,0.6\n"
     assert (tmp_path / "best.keras").read_text() == "epoch 1" and list(checkpoints.iterdir()) == []
     assert run_folder.best_val_accuracy(tmp_path) == 0.6  # the next checkpoint must beat epoch 1, not the ghost
 

@@ -91,13 +91,35 @@ def test_mixing_gives_each_label_the_share_of_the_image_it_has(mix):
             assert labels[row, k] == pytest.approx(1 - share, abs=tolerance)
 
 
-def test_trim_history_drops_rows_from_the_restart_epoch(tmp_path):
+def test_trim_history_keeps_the_committed_epochs(tmp_path):
     path = tmp_path / "history.csv"
-    path.write_text("epoch,loss\n0,1.0\n1,0.9\n2,0.8\n")
+    path.write_text("epoch,loss\n1,1.0\n2,0.9\n3,0.8\n")
     trim_history(path, 2)
-    assert path.read_text() == "epoch,loss\n0,1.0\n1,0.9\n"
+    assert path.read_text() == "epoch,loss\n1,1.0\n2,0.9\n"
     trim_history(path, 0)
     assert path.read_text() == ""  # CSVLogger writes the header again
+
+
+def test_history_counts_epochs_from_1_and_an_earlier_folder_is_renumbered_once(tmp_path):
+    import keras
+
+    from cifar100 import run_folder
+    from cifar100.callbacks import HistoryLog
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    x, y = np.zeros((4, 2), np.float32), np.eye(2, dtype=np.float32)[[0, 1, 0, 1]]
+    model.fit(x, y, epochs=3, verbose=0, validation_data=(x, y),
+              callbacks=[HistoryLog(tmp_path / "history.csv", append=True)])
+    assert [row["epoch"] for row in run_folder.history_rows(tmp_path)] == ["1", "2", "3"]  # as the progress bar
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "history.csv").write_text("epoch,loss\n0,1.0\n1,0.9\n")  # an earlier version's, from 0
+    run_folder.count_epochs_from_1(old)
+    run_folder.count_epochs_from_1(old)  # once only
+    assert (old / "history.csv").read_text() == "epoch,loss\n1,1.0\n2,0.9\n"
+    assert run_folder.read_state(old)["history_epochs_from"] == 1
 
 
 def test_fit_input_reads_each_epochs_batches_as_the_sampler_then_makes_them_without_tf_data_autotuning():
