@@ -137,6 +137,18 @@ class InferenceCheckpoint(keras.callbacks.ModelCheckpoint):
         super().set_model(self.inference if self.inference is not None else model)
 
 
+class EpochLine(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar, whose line at an epoch's end leaves out the timing and mining counters (they are in
+    history.csv): loss, accuracy and the learning rate stay readable. Put last among the callbacks: Keras
+    then uses it instead of adding its own."""
+
+    QUIET = ("epoch_seconds", "train_seconds", "val_seconds", "other_seconds", "train_images_per_second",
+             "examples_forward", "forward_seconds", "examples_backprop", "backprop_seconds")
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, {k: v for k, v in (logs or {}).items() if k not in self.QUIET})
+
+
 class HistoryLog(keras.callbacks.CSVLogger):
     """CSVLogger, counting epochs from 1 as Keras' progress bar and the figures do."""
 

@@ -34,14 +34,26 @@ ROW_BYTES = 32 * 32 * 3
 # {"source": ..., "synthetic": true|false}. The loader then skips the official md5 check and says so.
 DATASET_MARKER = "DATASET.json"
 
+NAMES = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10"}
+
+
+def display_name(kind: str) -> str:
+    """A dataset kind as people write it: cifar10 -> CIFAR-10."""
+    return NAMES.get(kind, printable(str(kind))[:40])
+
+
 # What every number or figure on such data says beside it (data.caveat); one wording everywhere.
 SYNTHETIC_NOTE = " (SYNTHETIC data, not CIFAR-100)"
-UNVERIFIED_NOTE = " (not verified as the official files: md5 not checked)"
 
 
-def caveat(synthetic: bool, official: bool | None = True) -> str:
-    """The note for numbers on these data: synthetic, not the verified official files, or nothing."""
-    return SYNTHETIC_NOTE if synthetic else UNVERIFIED_NOTE if official is False else ""
+def caveat(synthetic: bool, official: bool | None = True, kind: str = "cifar100") -> str:
+    """The note for numbers on these data, naming them: synthetic, not the verified official files, or nothing."""
+    name = display_name(kind)
+    if synthetic:
+        return f" (SYNTHETIC data, not {name})"
+    if official is False:
+        return f" ({name}-format data, not verified as the official {name} files: md5 not checked)"
+    return ""
 
 
 @dataclass
@@ -63,12 +75,23 @@ class Dataset:
     official: bool = False  # True only when every file matched its official md5 sum
 
     @property
+    def name(self) -> str:
+        """What the data are, in a few words: 'CIFAR-10', or 'SYNTHETIC data in the CIFAR-100 format'."""
+        name = display_name(self.kind)
+        return f"SYNTHETIC data in the {name} format" if self.synthetic else \
+            name if self.official else f"{name}-format data ({self.source[:80]})"
+
+    @property
+    def caveat(self) -> str:
+        return caveat(self.synthetic, self.official, self.kind)
+
+    @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     def describe(self) -> str:
         lines = [
-            f"dataset: {self.kind} format at {self.path}" + caveat(self.synthetic, self.official),
+            f"dataset: {display_name(self.kind)} format at {self.path}{self.caveat}",
             f"source: {self.source}",
             f"train: {len(self.y_train)} images, test: {len(self.y_test)} images, {self.num_classes} classes",
         ]

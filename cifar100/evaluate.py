@@ -189,7 +189,8 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,
     results = run_folder.read_json(results_path) if results_path.exists() else {}
     results["test"] = metrics
     known = results.get("data") if isinstance(results.get("data"), dict) else {}
-    results["data"] = {**known, "synthetic": dataset.synthetic, "official": dataset.official}
+    results["data"] = {**known, "kind": dataset.kind, "path": str(dataset.path), "synthetic": dataset.synthetic,
+                       "official": dataset.official}
     run_folder.write_json(results_path, results)
     return metrics
 

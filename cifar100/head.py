@@ -84,7 +84,7 @@ def train_on_features(model: keras.Model, head: keras.Model, config, run_dir: Pa
     """Phase 1 on cached features: `head` (head_model(model), compiled) trains on them with the run's
     callbacks; best.keras is then the best epoch's full model."""
     from cifar100 import run_folder
-    from cifar100.callbacks import EpochTimer, HistoryLog, reduce_lr_on_plateau
+    from cifar100.callbacks import EpochLine, EpochTimer, HistoryLog, reduce_lr_on_plateau
     from cifar100.mining import LOG_KEYS
 
     num_classes = splits.dataset.num_classes
@@ -107,7 +107,7 @@ def train_on_features(model: keras.Model, head: keras.Model, config, run_dir: Pa
                  keras.callbacks.TerminateOnNaN(), *([reduce_lr] if reduce_lr is not None else []),
                  keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", restore_best_weights=True,
                                                patience=config.early_stopping_patience, verbose=1),
-                 HistoryLog(run_dir / run_folder.HISTORY, append=True), *callbacks])
+                 HistoryLog(run_dir / run_folder.HISTORY, append=True), *callbacks, EpochLine()])
     from cifar100.train import refuse_a_diverged_phase
 
     refuse_a_diverged_phase(run_dir, "head")

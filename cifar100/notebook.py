@@ -40,7 +40,7 @@ def show_user_errors(shell=None) -> None:
     """Show a UserError as `error: <message>` and an interrupt as one line, both without a traceback."""
     shell = shell or _ipython()
     if shell is not None:
-        shell.set_custom_exc((UserError, OSError, KeyboardInterrupt), _one_line_error)
+        shell.set_custom_exc((UserError, OSError, KeyboardInterrupt, NameError), _one_line_error)
 
 
 def _ipython():
@@ -51,7 +51,21 @@ def _ipython():
     return get_ipython()
 
 
+# The notebook's names that a cell above defines: a cell run before it gets one line naming that cell.
+DEFINED_BY = {"params": "the settings cell", "config": "the settings cell", "dataset": "the data cell",
+              "splits": "the data cell", "SYNTHETIC": "the data cell", "model": "the model cell",
+              "training": "the phase-1 cell", "run_dir": "the phase-2 cell", "results": "the evaluation cell"}
+
+
+def _defined_by(value: BaseException) -> str | None:
+    """The cell that defines the name a NameError is about, when it is one of the notebook's own."""
+    name = getattr(value, "name", None)
+    return "the parameters cell" if name in PARAMETERS else DEFINED_BY.get(name)
+
+
 def error_line(value: BaseException) -> str:
+    if isinstance(value, NameError):
+        return f"error: {value}: run {_defined_by(value)} first (or Run All)"
     if isinstance(value, KeyboardInterrupt):
         return ("interrupted. A training run keeps every finished epoch in its run folder: run the training "
                 "cell again to resume it.")
@@ -59,6 +73,9 @@ def error_line(value: BaseException) -> str:
 
 
 def _one_line_error(shell, etype, value, tb, tb_offset=None):
+    if isinstance(value, NameError) and _defined_by(value) is None:  # a name of the user's own: the usual traceback
+        shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
+        return None
     line = ["\x1b[31m" + error_line(value) + "\x1b[0m"]
     show = getattr(shell, "_showtraceback", None)
     if show is not None:
@@ -117,12 +134,17 @@ class Parameters:
 
 
     def figure(self, name: str):
-        """One of the run's figures (None when the run has none of that name), after `check()`."""
+        """One of the run's figures, after `check()`; for a figure that does not apply to this run, the line
+        that says why is printed and None returned."""
         self.check()
         if self.figures is None:
             raise ParametersChanged("this run's figures are not made yet: run the first cell under 'Figures', "
                                     "then this cell")
-        return self.figures.get(name)
+        figure = self.figures.get(name)
+        if isinstance(figure, str):
+            print(figure)
+            return None
+        return figure
 
 
 def check_run_folder(config: Config) -> None:

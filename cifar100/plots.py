@@ -55,10 +55,10 @@ def save(figure: Figure, run_dir: str | Path, name: str) -> Path:
 
 
 
-def data_note(synthetic: bool, official: bool | None = True) -> bool | str:
-    """The `synthetic` argument of the figures for a dataset: True (synthetic), or the note that real-looking
-    data are not the verified official files, or False."""
-    return True if synthetic else (data.UNVERIFIED_NOTE if official is False else False)
+def data_note(synthetic: bool, official: bool | None = True, kind: str = "cifar100") -> str | bool:
+    """The `synthetic` argument of the figures for a dataset: the note naming data that are synthetic or not
+    the verified official files (data.caveat), or False."""
+    return data.caveat(synthetic, official, kind) or False
 
 
 def _note(synthetic: bool | str) -> str:
@@ -94,13 +94,21 @@ def training_curves(history: dict[str, np.ndarray], phase_boundary: int | None =
         ax.set_ylabel(label)
         ax.set_title(label.capitalize() + " per epoch")
     acc_ax.set_ylim(0, 1)
-    lr_ax.plot(epochs, history["learning_rate"], "o-", color="tab:green")
-    lr_ax.set_yscale("log")
+    rates = history["learning_rate"]
+    lr_ax.plot(epochs, rates, "o-", color="tab:green")
+    positive = rates[np.isfinite(rates) & (rates > 0)]
+    if len(positive) and np.nanmin(rates) <= 0:  # a schedule that ends at 0 (cosine): keep its 0 in view
+        lr_ax.set_yscale("symlog", linthresh=float(positive.min()), linscale=0.5)
+        lr_ax.set_ylim(bottom=0)
+        scale = f"log scale; linear below {positive.min():g}"
+    else:
+        lr_ax.set_yscale("log")
+        scale = "log scale"
     # plain numbers: figure text is not parsed as mathtext (_plain_text), which the default log formatter writes
     lr_ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     lr_ax.yaxis.set_minor_formatter(NullFormatter())
     lr_ax.set_xlabel("epoch")
-    lr_ax.set_ylabel("learning rate (log scale)")
+    lr_ax.set_ylabel(f"learning rate ({scale})")
     lr_ax.set_title("Learning rate")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -197,6 +205,75 @@ def superclass_confusion(labels: np.ndarray, predicted: np.ndarray, fine_to_coar
     return figure
 
 
+def class_order(num_classes: int, fine_to_coarse: np.ndarray | None = None) -> np.ndarray:
+    """The classes in the order the figures list them: grouped by superclass when there are superclasses."""
+    classes = np.arange(num_classes)
+    return classes if fine_to_coarse is None else np.lexsort((classes, fine_to_coarse))
+
+
+@_plain_text
+def class_confusion(labels: np.ndarray, predicted: np.ndarray, class_names: list[str],
+                    fine_to_coarse: np.ndarray | None = None, synthetic: bool = False) -> Figure:
+    """The confusion matrix of the classes, each row normalised to its test images, ordered by superclass
+    (lines between them). The colour scale is a square root, so that the small shares of 100 classes show."""
+    from matplotlib.colors import PowerNorm
+    from sklearn.metrics import confusion_matrix
+
+    n = len(class_names)
+    order = class_order(n, fine_to_coarse)
+    matrix = confusion_matrix(labels, predicted, labels=order)
+    shares = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    side = 4.5 + 0.11 * n
+    figure, ax = _subplots(figsize=(side + 1.5, side))
+    image = ax.imshow(shares, cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1), interpolation="nearest")
+    names = [class_names[k].replace("_", " ") for k in order]
+    size = 9 if n <= 20 else 5.5
+    ax.set_xticks(range(n), names, rotation=90, fontsize=size)
+    ax.set_yticks(range(n), names, fontsize=size)
+    if fine_to_coarse is not None:  # the superclasses' borders
+        for edge in np.flatnonzero(np.diff(fine_to_coarse[order])) + 0.5:
+            ax.axhline(edge, color="grey", linewidth=0.4)
+            ax.axvline(edge, color="grey", linewidth=0.4)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j]:
+                    ax.text(j, i, f"{shares[i, j]:.0%}", ha="center", va="center", fontsize=7,
+                            color="white" if shares[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    figure.colorbar(image, ax=ax, shrink=0.8, label="share of the true class's test images (square-root scale)")
+    grouped = ", ordered by superclass" if fine_to_coarse is not None else ""
+    ax.set_title(f"Confusion of the {n} classes on the test set{grouped}" + _note(synthetic))
+    figure.tight_layout()
+    return figure
+
+
+@_plain_text
+def per_class_accuracy(labels: np.ndarray, predicted: np.ndarray, class_names: list[str],
+                       synthetic: bool = False) -> Figure:
+    """Test top-1 accuracy of each class (its recall), worst first, with the mean over the classes."""
+    n = len(class_names)
+    support = np.bincount(labels, minlength=n)
+    correct = np.bincount(labels[labels == predicted], minlength=n)
+    accuracy = np.divide(correct, support, out=np.full(n, np.nan), where=support > 0)
+    order = np.argsort(np.nan_to_num(accuracy, nan=2.0), kind="stable")
+    figure, ax = _subplots(figsize=(max(6.0, 0.16 * n + 2), 4))
+    ax.bar(range(n), np.nan_to_num(accuracy[order]), color="tab:blue")
+    ax.set_xticks(range(n), [class_names[k] for k in order], rotation=90, fontsize=9 if n <= 20 else 6)
+    mean = float(np.nanmean(accuracy)) if np.isfinite(accuracy).any() else 0.0
+    ax.axhline(mean, color="tab:red", linestyle="--", label=f"mean over the classes {mean:.1%}")
+    ax.set_ylim(0, 1)
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_ylabel("test top-1 of the class")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title("Test top-1 per class, worst first" + _note(synthetic))
+    figure.tight_layout()
+    return figure
+
+
 @_plain_text
 def confused_pairs(most_confused: list[dict], synthetic: bool = False) -> Figure:
     """The most frequent (true -> predicted) mistakes between fine classes."""
@@ -244,10 +321,13 @@ def misclassified(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray,
 
 @_plain_text
 def hardest_examples(images: np.ndarray, labels: np.ndarray, losses: np.ndarray, class_names: list[str],
-                     synthetic: bool = False) -> Figure:
-    """The training examples that hard-example mining found hardest, with their cross-entropy."""
-    captions = [f"{class_names[y]}\nloss {loss:.2f}" for y, loss in zip(labels, losses, strict=True)]
-    return image_grid(images, captions, "Hardest training examples found by hard-example mining"
+                     synthetic: bool = False, predicted: np.ndarray | None = None) -> Figure:
+    """The training examples that the best model finds hardest: their label, what it predicted, the
+    cross-entropy."""
+    captions = [f"label: {class_names[y]}\n" + (f"pred: {class_names[predicted[i]]}\n" if predicted is not None
+                                                else "") + f"loss {loss:.2f}"
+                for i, (y, loss) in enumerate(zip(labels, losses, strict=True))]
+    return image_grid(images, captions, "Hardest training examples for the best model (the kind mining emphasised)"
                       + _note(synthetic))
 
 
@@ -291,26 +371,28 @@ def samples_per_class(images: np.ndarray, labels: np.ndarray, class_names: list[
 
 @_plain_text
 def class_balance(labels: np.ndarray, class_names: list[str], synthetic: bool = False) -> Figure:
-    """Training images per class."""
+    """Images per class of `labels`: the images that train (after the validation split and any cap)."""
     counts = np.bincount(labels, minlength=len(class_names))
     figure, ax = _subplots(figsize=(14, 3.5))
     ax.bar(range(len(counts)), counts)
     step = max(1, len(class_names) // 50)
     ax.set_xticks(range(0, len(counts), step), class_names[::step], rotation=90, fontsize=7)
-    ax.set_ylabel("training images")
-    ax.set_title(f"Class balance: {counts.min()} to {counts.max()} images per class" + _note(synthetic))
+    ax.set_ylabel("images that train")
+    ax.set_title(f"Class balance of the {counts.sum():,} images that train: {counts.min()} to {counts.max()} per "
+                 "class" + _note(synthetic))
     figure.tight_layout()
     return figure
 
 
-def run_figures(run_dir: str | Path, dataset) -> dict[str, Figure]:
-    """Every figure of one finished run (after evaluation), saved as PNG into run_dir/figures/."""
+def run_figures(run_dir: str | Path, dataset) -> dict[str, Figure | str]:
+    """Every figure of one finished run (after evaluation), saved as PNG into run_dir/figures/. A figure that
+    does not apply to this run is a line saying why instead (a str)."""
     run_dir = Path(run_dir)
     run_folder.refuse_links(run_dir)
     results = run_folder.read_json(run_dir / "results.json")
     state = run_folder.read_state(run_dir)
     info = results.get("data") if isinstance(results.get("data"), dict) else {}
-    synthetic = data_note(info.get("synthetic") is not False, info.get("official"))
+    synthetic = data_note(info.get("synthetic") is not False, info.get("official"), dataset.kind)
     names = dataset.class_names
     labels, predicted = dataset.y_test, _test_predictions(run_dir, dataset).argmax(1)
     title = printable(f"{results.get('run', run_dir.name)}: {results.get('backbone')} at "
@@ -319,19 +401,30 @@ def run_figures(run_dir: str | Path, dataset) -> dict[str, Figure]:
     if not {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"} <= set(history):
         raise RunError(f"{run_dir / run_folder.HISTORY}: no epochs with loss, accuracy and learning rate: not a "
                        "finished run")
-    figures = {"training_curves": training_curves(history, state.get("head_epochs_done"), title, synthetic)}
+    figures: dict[str, Figure | str] = {
+        "training_curves": training_curves(history, state.get("head_epochs_done"), title, synthetic),
+        "class_confusion": class_confusion(labels, predicted, names, dataset.fine_to_coarse, synthetic),
+        "per_class_accuracy": per_class_accuracy(labels, predicted, names, synthetic)}
     if dataset.fine_to_coarse is not None:
         figures["superclass_confusion"] = superclass_confusion(labels, predicted, dataset.fine_to_coarse,
                                                                dataset.coarse_names, synthetic)
+    else:
+        figures["superclass_confusion"] = (f"no superclass confusion: {data.display_name(dataset.kind)} has no "
+                                           "superclasses (CIFAR-100 groups its classes in 20 of 5)")
     figures["confused_pairs"] = confused_pairs(_most_confused(results, names), synthetic)
     figures["misclassified"] = misclassified(dataset.x_test, labels, predicted, names, synthetic=synthetic)
     hardest = _hardest(run_dir, results.get("hardest_examples"), dataset)
     if hardest:
-        indices, hard_labels, losses = hardest
+        indices, hard_labels, losses, hard_predicted = hardest
         figures["hardest_examples"] = hardest_examples(dataset.x_train[indices], hard_labels, losses, names,
-                                                       synthetic)
+                                                       synthetic, hard_predicted)
+    else:
+        figures["hardest_examples"] = ("no hardest examples: hard-example mining was off in this run (with "
+                                       "HARD_EXAMPLE_MINING = True a run records the training examples its best "
+                                       "model finds hardest)")
     for name, figure in figures.items():
-        save(figure, run_dir, name)
+        if isinstance(figure, Figure):
+            save(figure, run_dir, name)
     return figures
 
 
@@ -362,18 +455,21 @@ def _most_confused(results: dict, names: list[str], top: int = 10) -> list[dict]
 
 
 def _hardest(run_dir: Path, hardest, dataset, keep: int = 24):
-    """(train-set indices, labels, losses) of the hardest examples that results.json names, checked."""
+    """(train-set indices, labels, losses, predicted classes or None) of the hardest examples that results.json
+    names, checked."""
     if not hardest:
         return None
     try:
         indices, labels, losses = (np.asarray(hardest[k][:keep]) for k in ("train_set_indices", "labels", "losses"))
-        ok = (indices.dtype.kind in "iu" and labels.dtype.kind in "iu" and losses.dtype.kind in "fiu"
-              and indices.shape == labels.shape == losses.shape and indices.ndim == 1
-              and np.all((0 <= indices) & (indices < len(dataset.y_train)))
-              and np.all((0 <= labels) & (labels < dataset.num_classes)))
+        predicted = np.asarray(hardest["predicted"][:keep]) if "predicted" in hardest else None  # since 2026-12
+        classes = [labels] + ([predicted] if predicted is not None else [])
+        ok = (indices.dtype.kind in "iu" and losses.dtype.kind in "fiu" and indices.ndim == 1
+              and all(c.dtype.kind in "iu" and c.shape == indices.shape for c in classes)
+              and indices.shape == losses.shape and np.all((0 <= indices) & (indices < len(dataset.y_train)))
+              and all(np.all((0 <= c) & (c < dataset.num_classes)) for c in classes))
     except (TypeError, KeyError, ValueError, OverflowError):
         ok = False
     if not ok:
         raise RunError(f"{run_dir / 'results.json'}: damaged hardest_examples (expected train-set indices, labels "
                        "and losses, one each)")
-    return indices, labels, losses.astype(np.float64)
+    return indices, labels, losses.astype(np.float64), predicted

@@ -56,8 +56,11 @@ def write(config: Config, run_dir: Path, splits, mining: keras.callbacks.Callbac
     if mining is not None:  # the hardest training examples for the best model, to be shown
         indices, losses = hem.hardest_examples(best, splits.x_train, splits.y_train, config.hem_fraction,
                                                config.hem_keep, config.seed, evaluate.inference_batch_size(config))
+        predicted = best.predict(splits.x_train[indices], batch_size=evaluate.inference_batch_size(config),
+                                 verbose=0).argmax(1)
         results["hardest_examples"] = {"train_set_indices": splits.train_indices[indices].tolist(),
                                        "labels": splits.y_train[indices].tolist(),
+                                       "predicted": predicted.tolist(),
                                        "losses": [round(float(v), 4) for v in losses]}
     run_folder.write_json(run_dir / "results.json", results)
     results["test"] = evaluate.evaluate_run(run_dir, dataset=splits.dataset)  # the test set, once, at the end

@@ -110,12 +110,50 @@ def test_confused_pairs_and_image_grids_show_names():
     grid = plots.misclassified(images, LABELS, PROBABILITIES.argmax(1), NAMES)
     titles = [ax.get_title() for ax in grid.axes if ax.get_title()]
     assert titles[0] == "true: cat\npred: dog" and len(titles) == 4
-    hardest = plots.hardest_examples(images[:2], np.array([3, 1]), np.array([4.2, 3.1]), NAMES)
-    assert [ax.get_title() for ax in hardest.axes][:2] == ["bus\nloss 4.20", "dog\nloss 3.10"]
+    hardest = plots.hardest_examples(images[:2], np.array([3, 1]), np.array([4.2, 3.1]), NAMES,
+                                     predicted=np.array([0, 2]))
+    assert [ax.get_title() for ax in hardest.axes][:2] == ["label: bus\npred: cat\nloss 4.20",
+                                                           "label: dog\npred: car\nloss 3.10"]
     samples = plots.samples_per_class(np.zeros((40, 32, 32, 3), np.uint8), np.arange(40) % 4, NAMES, classes=4)
     assert [samples.axes[i * 8].get_ylabel() for i in range(4)] == NAMES
     balance = plots.class_balance(np.arange(40) % 4, NAMES).axes[0]
-    assert balance.get_ylabel() == "training images" and "10 to 10" in balance.get_title()
+    assert balance.get_ylabel() == "images that train" and "the 40 images that train: 10 to 10" in balance.get_title()
+
+
+def test_the_class_confusion_is_ordered_by_superclass_and_row_normalised():
+    # classes 0..3 in superclasses [1, 0, 1, 0]: the figure lists dog, bus (superclass 0), then cat, car
+    fine_to_coarse = np.array([1, 0, 1, 0])
+    predicted = PROBABILITIES.argmax(1)
+    figure = plots.class_confusion(LABELS, predicted, NAMES, fine_to_coarse)
+    ax = figure.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["dog", "bus", "cat", "car"]
+    shares = ax.get_images()[0].get_array()
+    order = [1, 3, 0, 2]
+    for i, true in enumerate(order):
+        for j, guess in enumerate(order):
+            expected = np.mean(predicted[LABELS == true] == guess)
+            assert shares[i, j] == pytest.approx(expected)
+    assert [line.get_ydata()[0] for line in ax.get_lines() if len(set(line.get_ydata())) == 1][:1] == [1.5]
+    big = plots.class_confusion(np.arange(100), np.arange(100), [f"c{k}" for k in range(100)])
+    assert big.axes[0].get_images()[0].get_array().shape == (100, 100) and "100 classes" in big.axes[0].get_title()
+
+
+def test_per_class_accuracy_lists_the_classes_worst_first():
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    predicted = np.array([0, 0, 1, 0, 3, 3, 3, 0])  # cat 100%, dog 50%, car 0%, bus 50%
+    ax = plots.per_class_accuracy(labels, predicted, NAMES).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["car", "dog", "bus", "cat"]
+    assert [bar.get_height() for bar in ax.patches] == [0.0, 0.5, 0.5, 1.0]
+    assert "mean over the classes 50.0%" in ax.get_legend().get_texts()[0].get_text()
+
+
+def test_the_learning_rate_panel_keeps_a_schedule_that_ends_at_zero_in_view():
+    cosine = {**history(), "learning_rate": np.array([1e-3, 7e-4, 2e-4, 0.0])}
+    lr = plots.training_curves(cosine).axes[2]
+    low, _ = lr.get_ylim()
+    assert lr.get_yscale() == "symlog" and low <= 0.0  # on a log axis the final 0 would fall off the panel
+    lr.figure.canvas.draw()
+    assert "0" in [tick.get_text() for tick in lr.get_yticklabels()]
 
 
 def test_figures_are_saved_as_png(tmp_path):

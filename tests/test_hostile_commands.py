@@ -72,12 +72,13 @@ def test_evaluate_says_when_the_data_is_not_the_official_files(run_dir, tmp_path
     shutil.copytree(run_dir, evaluated)
     assert main(["evaluate", str(evaluated), "--data", str(mine)]) == 0
     out = capsys.readouterr().out
-    assert f"{evaluated} on {mine}: test top-1" in out and "(not verified as the official files: md5 not" in out
+    assert f"{evaluated} on {mine}: test top-1" in out
+    assert "(CIFAR-100-format data, not verified as the official CIFAR-100 files: md5 not checked)" in out
     assert "its results.json is left as it is" in out and not (evaluated / "results.json").exists()
 
     config = Config.load(evaluated / "config.json").replace(data_dir=str(mine))  # now it is the run's own data
     config.save(evaluated / "config.json")
     assert main(["evaluate", str(evaluated)]) == 0
-    assert "(not verified as the official files: md5 not checked)" in capsys.readouterr().out
+    assert "not verified as the official CIFAR-100 files: md5 not checked)" in capsys.readouterr().out
     results = json.loads((evaluated / "results.json").read_text())
-    assert results["data"] == {"synthetic": False, "official": False}
+    assert results["data"] == {"kind": "cifar100", "path": str(mine), "synthetic": False, "official": False}

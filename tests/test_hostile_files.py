@@ -272,7 +272,7 @@ def test_data_not_checked_against_the_official_md5_says_so(folder, tmp_path, mon
     write_data.write_official(ds, "cifar100", *[np.zeros((10, 32, 32, 3), np.uint8), np.arange(10)] * 2,
                         synthetic=False, source="my photos")
     loaded = data.load(ds)
-    assert not loaded.official and "not verified as the official files: md5 not checked" in loaded.describe()
+    assert not loaded.official and "not verified as the official CIFAR-100 files: md5 not checked" in loaded.describe()
     (ds / data.DATASET_MARKER).unlink()
     assert not data.load(ds, check_md5=False).official
     monkeypatch.setitem(data.OFFICIAL_MD5, "cifar100", {n: data.md5sum(ds / n) for n in data.CIFAR100_FILES})

@@ -72,6 +72,9 @@ class FakeShell:
     def _showtraceback(self, etype, value, lines):
         self.shown = lines
 
+    def showtraceback(self, exc_tuple, tb_offset=None):
+        self.shown = ["the usual traceback"]
+
 
 def test_a_user_error_shows_as_one_line_without_a_traceback():
     shell = FakeShell()
@@ -82,6 +85,21 @@ def test_a_user_error_shows_as_one_line_without_a_traceback():
     assert len(shell.shown) == 1 and "error: setting 'x': bad" in shell.shown[0]
     shell.handler(shell, KeyboardInterrupt, KeyboardInterrupt(), None)
     assert "run the training cell again to resume" in shell.shown[0]
+
+
+def test_a_cell_run_before_the_one_that_defines_its_names_says_which_cell_to_run():
+    shell = FakeShell()
+    notebook.show_user_errors(shell)
+    try:
+        dataset  # noqa: F821, B018  (the figures cell run before the data cell)
+    except NameError as exc:
+        shell.handler(shell, NameError, exc, None)
+    assert shell.shown == ["\x1b[31merror: name 'dataset' is not defined: run the data cell first (or Run All)\x1b[0m"]
+    try:
+        my_own_name  # noqa: F821, B018  (a name of the user's own edit: the usual traceback)
+    except NameError as exc:
+        shell.handler(shell, NameError, exc, None)
+    assert shell.shown == ["the usual traceback"]
 
 
 @pytest.mark.parametrize("settings,message", [

@@ -104,6 +104,22 @@ def test_cli_train_shows_progress_and_writes_the_run(cli_run):
     run_dir, result = cli_run
     assert "Epoch 2/2" in result.stdout and "SYNTHETIC data, not CIFAR-100" in result.stdout
     assert json.loads((run_dir / "config.json").read_text())["finetune_epochs"] == 2
+    # to a pipe: a line per epoch (not a bar redrawn per step), no terminal escapes, no timing counters
+    epoch_lines = [line for line in result.stdout.splitlines() if "/step" in line]
+    assert len(epoch_lines) == 2 and "\x1b[" not in result.stdout, result.stdout[-2000:]
+    assert all("val_accuracy" in line and "epoch_seconds" not in line and len(line) < 200 for line in epoch_lines)
+
+
+@pytest.mark.slow  # over 5 s: left out of `make test-fast`
+def test_cli_figures_draws_every_figure_of_a_run_and_says_why_one_does_not_apply(cli_run):
+    run_dir, _ = cli_run
+    result = run_cli("figures", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    drawn = {path.stem for path in (run_dir / "figures").glob("*.png")}
+    assert {"training_curves", "class_confusion", "per_class_accuracy", "superclass_confusion", "confused_pairs",
+            "misclassified"} <= drawn
+    assert f"{run_dir / 'figures' / 'class_confusion'}.png" in result.stdout
+    assert "(hardest_examples: no hardest examples: hard-example mining was off in this run" in result.stdout
 
 
 @pytest.mark.slow  # over 5 s: left out of `make test-fast`
