@@ -62,9 +62,23 @@ class Row:
         return float(np.mean(self.values(key)))
 
     def std(self, key: str) -> float:
-        """The sample standard deviation over the seeds (0 for one run)."""
+        """The sample standard deviation over the row's runs (0 for one run)."""
         values = self.values(key)
         return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+    def runs_text(self) -> str:
+        """What the row's numbers are, said the same way by the table and the figure: "1 run", "mean of 3
+        seeds", or "mean of 2 runs, 1 seed" (runs of the same seed again, e.g. under another run name)."""
+        count = len(self.runs)
+        if count == 1:
+            return "1 run"
+        seeds = [run.config.get("seed") for run in self.runs]
+        if None in seeds:
+            return f"mean of {count} runs, seeds not all recorded"
+        distinct = len(set(seeds))
+        if distinct == count:
+            return f"mean of {count} seeds"
+        return f"mean of {count} runs, {distinct} seed" + ("s" if distinct > 1 else "")
 
 
 @dataclass
@@ -201,16 +215,13 @@ def format_table(groups: list[Group], current: str | None = None) -> str:
         lines = [header]
         for row in group.rows:
             mark = "* " if current and current in [run.name for run in row.runs] else ""
-            seeds = len({run.config.get("seed") for run in row.runs})
-            seeds = "1" if len(row.runs) == 1 else f"{seeds} seeds" if seeds == len(row.runs) else \
-                f"{len(row.runs)} runs, {seeds} seed(s)"
-            lines.append((mark + row.label, seeds, _mean_std(row, "top1"), _mean_std(row, "top5"),
+            lines.append((mark + row.label, row.runs_text(), _mean_std(row, "top1"), _mean_std(row, "top5"),
                           _duration(row.mean("train_seconds_total")), f"{row.mean('train_images_per_second'):.0f}",
                           ", ".join(run.name for run in row.runs)))
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
         text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
                 for line in lines]
         blocks.append(f"{group.title}: {sum(len(r.runs) for r in group.rows)} run(s)\n" + "\n".join(text))
-    note = "\n(* this run; train time is the sum of the epochs' wall time; ± is the std over seeds)" if current \
-        else "\n(train time is the sum of the epochs' wall time; ± is the std over seeds)"
+    note = "\n(* this run; train time is the sum of the epochs' wall time; ± is the std over a row's runs)" if current \
+        else "\n(train time is the sum of the epochs' wall time; ± is the std over a row's runs)"
     return "\n\n".join(blocks) + note

@@ -153,7 +153,7 @@ def _compare_panel(ax, group, current: str | None) -> None:
         ax.bar(positions + offset, means, width=0.4, yerr=errors, capsize=4, label=name, alpha=alpha)
         for x, mean, row in zip(positions + offset, means, rows, strict=True):
             ax.text(x, mean + row.std(key) + 0.015, f"{mean:.1%}", ha="center", va="bottom", fontsize=7.5)
-    labels = [row.label.replace(", ", "\n") + (f"\n(mean of {len(row.runs)} seeds)" if len(row.runs) > 1 else "")
+    labels = [row.label.replace(", ", "\n") + (f"\n({row.runs_text()})" if len(row.runs) > 1 else "")
               for row in rows]
     ax.set_xticks(positions, labels, fontsize=8)
     for tick, row in zip(ax.get_xticklabels(), rows, strict=True):

@@ -54,6 +54,20 @@ def test_runs_are_grouped_by_dataset_and_labelled_by_what_differs(runs):
     assert real.rows[0].mean("train_seconds_total") == 600.0
 
 
+def test_runs_of_one_seed_are_not_called_seeds_in_the_table_nor_in_the_figure(tmp_path):
+    # `make demo` (RUN_NAME demo) and the auto-named run of the same settings: two runs, one seed
+    fake_run(tmp_path, "/data/syn", True, 0.50, name="demo")
+    fake_run(tmp_path, "/data/syn", True, 0.52)
+    for seed in (0, 1, 2):
+        fake_run(tmp_path, "/data/syn", True, 0.40, seed=seed, hem=True)
+    groups = compare.group_runs(compare.find_runs(tmp_path))
+    table = compare.format_table(groups)
+    lines = {line.split("  ")[0]: line for line in table.splitlines()}
+    assert "mean of 2 runs, 1 seed " in lines["hem=False"] and "mean of 3 seeds" in lines["hem=True"], table
+    ticks = [t.get_text() for t in plots.compare_runs(groups).axes[0].get_xticklabels()]
+    assert sorted(ticks) == ["hem=False\n(mean of 2 runs, 1 seed)", "hem=True\n(mean of 3 seeds)"]
+
+
 def test_the_table_and_the_command_line_show_the_same(runs):
     table = compare.format_table(compare.group_runs(compare.find_runs(runs)))
     assert "SYNTHETIC" in table and "CIFAR-100 in /data/real: 1 run(s)" in table
