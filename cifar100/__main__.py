@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", help="a new folder for the exported files")
     export.set_defaults(func=_export)
 
-    compare = command("compare", "a table of every finished run, grouped by dataset")
+    compare = command("compare", "a table of every finished run, grouped by dataset, best validation top-1 first")
     compare.add_argument("runs_dir", nargs="?", default="models", help="the runs folder (default: models)")
     compare.set_defaults(func=_compare)
     return parser

@@ -3,6 +3,10 @@
 Runs are grouped by the dataset they were trained and tested on (synthetic data never sits beside real
 data); within a group each row is labelled by the settings in which it differs from the other rows, and
 runs whose settings differ only in the seed are one row: the mean and standard deviation over the seeds.
+
+Settings are compared, and rows ordered, by VALIDATION top-1 (the split carved from the training set):
+choosing settings by the test top-1 would make the test number of the chosen settings biased upwards. The
+test top-1 is shown apart, as the report of a choice already made.
 """
 
 from __future__ import annotations
@@ -54,17 +58,33 @@ class Row:
     runs: list[Run]
 
     def values(self, key: str) -> np.ndarray:
-        if key in ("top1", "top5"):
-            return np.array([run.results["test"][key] for run in self.runs], dtype=float)
+        """One value per run: "validation.top1", "test.top1" (a split's metric) or a results.json number."""
+        split, _, metric = key.partition(".")
+        if metric:
+            return np.array([run.results[split][metric] for run in self.runs], dtype=float)
         return np.array([run.results.get(key) or np.nan for run in self.runs], dtype=float)
 
     def mean(self, key: str) -> float:
         return float(np.mean(self.values(key)))
 
     def std(self, key: str) -> float:
-        """The sample standard deviation over the seeds (0 for one run)."""
+        """The sample standard deviation over the row's runs (0 for one run)."""
         values = self.values(key)
         return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+    def runs_text(self) -> str:
+        """What the row's numbers are, said the same way by the table and the figure: "1 run", "mean of 3
+        seeds", or "mean of 2 runs, 1 seed" (runs of the same seed again, e.g. under another run name)."""
+        count = len(self.runs)
+        if count == 1:
+            return "1 run"
+        seeds = [run.config.get("seed") for run in self.runs]
+        if None in seeds:
+            return f"mean of {count} runs, seeds not all recorded"
+        distinct = len(set(seeds))
+        if distinct == count:
+            return f"mean of {count} seeds"
+        return f"mean of {count} runs, {distinct} seed" + ("s" if distinct > 1 else "")
 
 
 @dataclass
@@ -77,6 +97,17 @@ class Group:
     rows: list[Row] = field(default_factory=list)
 
     @property
+    def classes(self) -> int | None:
+        """The number of classes of the group's data (None when no run recorded it)."""
+        counts = [run.results["data"].get("classes") for row in self.rows for run in row.runs]
+        return max((count for count in counts if count), default=None)
+
+    @property
+    def shows_top5(self) -> bool:
+        """Top-5 says little of 10 classes or fewer (half of them); it is shown for more (or an unknown count)."""
+        return self.classes is None or self.classes > 10
+
+    @property
     def title(self) -> str:
         name = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10"}.get(self.kind, self.kind)
         if self.synthetic:
@@ -87,11 +118,13 @@ class Group:
 
 
 MAX_RUNS = 10_000
+KNOWN_CLASSES = {"cifar100": 100, "cifar10": 10}
 
 
 def find_runs(runs_dir: str | Path = "models") -> list[Run]:
-    """Every finished run (a results.json with test metrics) in the folders of runs_dir, by folder name. A
-    folder whose files are damaged or hostile is skipped with a one-line note; the others are still read."""
+    """Every finished run (a results.json with validation and test metrics) in the folders of runs_dir, by
+    folder name. A folder whose files are damaged or hostile is skipped with a one-line note; the others are
+    still read."""
     runs = []
     folders = sorted(path for path in Path(runs_dir).iterdir() if path.is_dir())[:MAX_RUNS]
     for folder in folders:
@@ -112,13 +145,19 @@ def find_runs(runs_dir: str | Path = "models") -> list[Run]:
 
 def _checked_results(path: Path, results: dict) -> dict:
     """What the comparison reads of a results.json, each value of the type and range a run writes."""
-    test, info = results.get("test"), results.get("data", {})
-    if not (isinstance(test, dict) and all(is_number(test.get(k), 0, 1) for k in ("top1", "top5"))):
-        raise RunError(f"{path}: damaged results.json: no test top1 and top5 between 0 and 1")
+    info = results.get("data", {})
+    for split in ("test", "validation"):
+        metrics = results.get(split)
+        if not (isinstance(metrics, dict) and all(is_number(metrics.get(k), 0, 1) for k in ("top1", "top5"))):
+            raise RunError(f"{path}: damaged results.json: no {split} top1 and top5 between 0 and 1")
     if not isinstance(info, dict):
         raise RunError(f"{path}: damaged results.json: 'data' is not an object")
-    checked = {"test": {"top1": test["top1"], "top5": test["top5"]},
-               "data": {"kind": printable(str(info.get("kind", "?"))[:40]),
+    kind = printable(str(info.get("kind", "?"))[:40])
+    classes = info.get("classes")  # a results.json written before the count was recorded: the format's count
+    classes = classes if isinstance(classes, int) and is_number(classes, 2, 1e6) else KNOWN_CLASSES.get(kind)
+    checked = {"validation": {k: results["validation"][k] for k in ("top1", "top5")},
+               "test": {k: results["test"][k] for k in ("top1", "top5")},
+               "data": {"kind": kind, "classes": classes,
                         "path": printable(str(info.get("path", "?"))[:300]),
                         "synthetic": info.get("synthetic") is not False,
                         "official": info.get("official") if isinstance(info.get("official"), bool) else None},
@@ -149,7 +188,8 @@ def _value(value) -> str:
 
 def group_runs(runs: list[Run]) -> list[Group]:
     """Runs grouped by dataset (real data first); in each group one row per distinct settings, labelled by
-    the settings that differ between the rows (a group of one row: by its folder name)."""
+    the settings that differ between the rows (a group of one row: by its folder name), the rows ordered by
+    validation top-1, best first."""
     groups: dict[tuple, Group] = {}
     for run in runs:
         kind, path, synthetic = run.dataset()
@@ -164,6 +204,7 @@ def group_runs(runs: list[Run]) -> list[Group]:
         for settings, same in zip(distinct, by_settings.values(), strict=True):
             label = ", ".join(f"{k}={_value(settings.get(k))}" for k in varying) or same[0].name
             group.rows.append(Row(label, same))
+        group.rows.sort(key=lambda row: (-row.mean("validation.top1"), row.label))  # best on validation first
     return sorted(groups.values(), key=lambda g: (g.synthetic, g.kind, g.path))  # real data first
 
 
@@ -191,26 +232,29 @@ def _mean_std(row: Row, key: str) -> str:
 
 
 def format_table(groups: list[Group], current: str | None = None) -> str:
-    """The comparison as text: one block per dataset, one line per settings. `current` (a run folder's
-    name) is marked with *."""
+    """The comparison as text: one block per dataset, one line per settings, ordered by validation top-1
+    (best first); the test top-1 last, apart, as a report. `current` (a run folder's name) is marked with *."""
     if not groups:
         return "no finished runs found"
-    header = ("settings (what differs)", "runs", "test top-1", "test top-5", "train time", "images/s", "run folders")
     blocks = []
     for group in groups:
+        top5 = group.shows_top5
+        header = ("settings (what differs)", "runs", "val top-1", *(("val top-5",) if top5 else ()), "train time",
+                  "images/s", "run folders", "| test top-1 (report)")
         lines = [header]
         for row in group.rows:
             mark = "* " if current and current in [run.name for run in row.runs] else ""
-            seeds = len({run.config.get("seed") for run in row.runs})
-            seeds = "1" if len(row.runs) == 1 else f"{seeds} seeds" if seeds == len(row.runs) else \
-                f"{len(row.runs)} runs, {seeds} seed(s)"
-            lines.append((mark + row.label, seeds, _mean_std(row, "top1"), _mean_std(row, "top5"),
+            lines.append((mark + row.label, row.runs_text(), _mean_std(row, "validation.top1"),
+                          *((_mean_std(row, "validation.top5"),) if top5 else ()),
                           _duration(row.mean("train_seconds_total")), f"{row.mean('train_images_per_second'):.0f}",
-                          ", ".join(run.name for run in row.runs)))
+                          ", ".join(run.name for run in row.runs), "| " + _mean_std(row, "test.top1")))
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
         text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
                 for line in lines]
-        blocks.append(f"{group.title}: {sum(len(r.runs) for r in group.rows)} run(s)\n" + "\n".join(text))
-    note = "\n(* this run; train time is the sum of the epochs' wall time; ± is the std over seeds)" if current \
-        else "\n(train time is the sum of the epochs' wall time; ± is the std over seeds)"
-    return "\n\n".join(blocks) + note
+        classes = f", {group.classes} classes" if group.classes else ""
+        blocks.append(f"{group.title}: {sum(len(r.runs) for r in group.rows)} run(s){classes}\n" + "\n".join(text))
+    notes = ["rows by validation top-1, best first: choose settings by it; the test top-1 reports a choice already "
+             "made (choosing by it would bias it)", *(["* this run"] if current else []),
+             "train time is the sum of the epochs' wall time; ± is the std over a row's runs",
+             *(["no top-5 for 10 classes or fewer"] if not all(g.shows_top5 for g in groups) else [])]
+    return "\n\n".join(blocks) + "\n(" + ";\n ".join(notes) + ")"

@@ -134,22 +134,28 @@ def _mining_panel(ax, epochs: np.ndarray, history: dict[str, np.ndarray]) -> Non
     ax.legend(fontsize=8)
 
 
+TEST_REPORT = "test top-1, reported, not used to choose"
+
+
 @_plain_text
 def compare_runs(groups: list, current: str | None = None) -> Figure:
-    """Test top-1 and top-5 of every finished run (`cifar100.compare.group_runs`): one panel per dataset,
-    each bar labelled by the settings in which its runs differ from the others; several seeds of the same
-    settings are one bar, the mean, with the standard deviation as an error bar. `current` (a run folder's
-    name) is written in bold."""
+    """Validation top-1 (and top-5, for more than 10 classes) of every finished run
+    (`cifar100.compare.group_runs`): one panel per dataset, its bars ordered by validation top-1, best first,
+    each labelled by the settings in which its runs differ from the others; several runs of the same
+    settings are one bar, the mean, with the standard deviation as an error bar. The test top-1 is drawn
+    apart, as a black marker on each top-1 bar: the report of a choice made on validation. `current` (a run
+    folder's name) is written in bold."""
     if not groups:
         figure, ax = _subplots(figsize=(6, 2))
         ax.text(0.5, 0.5, "no finished runs found", ha="center", va="center")
         ax.set_axis_off()
         return figure
     most = max(len(group.rows) for group in groups)
-    figure, axes = _subplots(len(groups), 1, figsize=(max(7.0, 1.8 * most + 3), 4.6 * len(groups)), squeeze=False)
+    figure, axes = _subplots(len(groups), 1, figsize=(max(9.0, 1.8 * most + 5), 4.6 * len(groups)), squeeze=False)
     for ax, group in zip(axes[:, 0], groups, strict=True):
         _compare_panel(ax, group, current)
-    figure.suptitle("Test accuracy of every finished run, by dataset")
+    figure.suptitle("Validation accuracy of every finished run, by dataset, best first (settings are chosen by "
+                    "it;\nthe test top-1 is only reported)")
     figure.tight_layout()
     return figure
 
@@ -157,14 +163,27 @@ def compare_runs(groups: list, current: str | None = None) -> Figure:
 def _compare_panel(ax, group, current: str | None) -> None:
     rows = group.rows
     positions = np.arange(len(rows))
-    seeds = any(len(row.runs) > 1 for row in rows)
-    for offset, key, name, alpha in ((-0.2, "top1", "top-1", 1.0), (0.2, "top5", "top-5", 0.55)):
+    several = any(len(row.runs) > 1 for row in rows)
+    bars = [("validation.top1", "validation top-1", 1.0)]
+    if group.shows_top5:
+        bars.append(("validation.top5", "validation top-5", 0.55))
+    width = 0.8 / len(bars) if len(bars) > 1 else 0.5
+    offsets = (np.arange(len(bars)) - (len(bars) - 1) / 2) * width
+    tests = [row.mean("test.top1") for row in rows]
+    handles = []
+    for offset, (key, name, alpha) in zip(offsets, bars, strict=True):
         means = [row.mean(key) for row in rows]
-        errors = [row.std(key) if len(row.runs) > 1 else np.nan for row in rows] if seeds else None
-        ax.bar(positions + offset, means, width=0.4, yerr=errors, capsize=4, label=name, alpha=alpha)
-        for x, mean, row in zip(positions + offset, means, rows, strict=True):
-            ax.text(x, mean + row.std(key) + 0.015, f"{mean:.1%}", ha="center", va="bottom", fontsize=7.5)
-    labels = [row.label.replace(", ", "\n") + (f"\n(mean of {len(row.runs)} seeds)" if len(row.runs) > 1 else "")
+        errors = [row.std(key) if len(row.runs) > 1 else np.nan for row in rows] if several else None
+        handles.append(ax.bar(positions + offset, means, width=width, yerr=errors, capsize=4, label=name,
+                              alpha=alpha))
+        for x, mean, test, row in zip(positions + offset, means, tests, rows, strict=True):
+            top = mean + row.std(key) + 0.015
+            if key == "validation.top1":
+                top = max(top, test + 0.035)  # above the test marker
+            ax.text(x, top, f"{mean:.1%}", ha="center", va="bottom", fontsize=7.5)
+    handles += ax.plot(positions + offsets[0], tests, linestyle="none", marker="D", markersize=6,
+                       markerfacecolor="white", markeredgecolor="black", label=TEST_REPORT)  # apart: a marker
+    labels = [row.label.replace(", ", "\n") + (f"\n({row.runs_text()})" if len(row.runs) > 1 else "")
               for row in rows]
     ax.set_xticks(positions, labels, fontsize=8)
     for tick, row in zip(ax.get_xticklabels(), rows, strict=True):
@@ -174,9 +193,10 @@ def _compare_panel(ax, group, current: str | None) -> None:
     ax.set_xlim(-0.6 - spare, len(rows) - 0.4 + spare)
     ax.set_ylim(0, 1.12)
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("validation accuracy")
     ax.set_title(textwrap.fill(group.title, 90), fontsize=10, color="tab:red" if group.synthetic else "black")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)  # outside: hides no bar
+    # outside the axes: the legend hides no bar
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     ax.grid(axis="y", alpha=0.3)
 
 

@@ -36,7 +36,7 @@ def write(config: Config, run_dir: Path, splits, mining: keras.callbacks.Callbac
         "backbone": config.backbone,
         "image_size": config.image_size,
         "data": {"kind": splits.dataset.kind, "path": str(splits.dataset.path), "synthetic": splits.dataset.synthetic,
-                 "official": splits.dataset.official,
+                 "official": splits.dataset.official, "classes": splits.dataset.num_classes,
                  "train_images": int(len(splits.train_indices)), "val_images": int(len(splits.val_indices)),
                  "test_images": int(len(splits.dataset.y_test))},
         "validation": val,

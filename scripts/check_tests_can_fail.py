@@ -136,6 +136,14 @@ MUTATIONS = {
     "image-size rows report plain accuracy as flip TTA": (
         "benchmarks/common.py", 'else f"{tta:.1%}"', "else f\"{test['top1']:.1%}\"",
         ["tests/test_benchmarks.py::test_run_rows_and_the_image_size_figure"]),
+    "compare ranks settings by the test top-1": (
+        "cifar100/compare.py", 'row: (-row.mean("validation.top1"), row.label)',
+        'row: (-row.mean("test.top1"), row.label)',
+        ["tests/test_compare.py::test_rows_are_ordered_and_valued_by_validation_top1_and_the_test_top1_is_"
+         "reported_apart"]),
+    "compare shows a run without validation numbers": (
+        "cifar100/compare.py", '    for split in ("test", "validation"):\n', '    for split in ("test",):\n',
+        ["tests/test_compare.py::test_a_run_folder_without_validation_numbers_is_skipped_in_one_line"]),
     "a phase fits without being compiled afresh": (
         "cifar100/train.py", "        if self.compiled != phase and not", "        if False and not",
         ["tests/test_train.py::test_the_steps_of_a_phase_out_of_order_are_refused_and_train_nothing"]),
