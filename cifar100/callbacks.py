@@ -10,6 +10,7 @@ import keras
 
 from cifar100 import run_folder
 from cifar100.config import Config
+from cifar100.errors import RunError
 from cifar100.mining import HardExampleMining, SelectiveBackprop
 from cifar100.sampling import EpochOrder, TrainBatches
 
@@ -149,6 +150,49 @@ class EpochLine(keras.callbacks.ProgbarLogger):
         super().on_epoch_end(epoch, {k: v for k, v in (logs or {}).items() if k not in self.QUIET})
 
 
+class TensorBoardLog(keras.callbacks.Callback):
+    """The run's history.csv as TensorBoard scalars in run_dir/logs (`tensorboard --logdir models`), written
+    after each epoch is committed: one event file per epoch and split, so an epoch is never logged twice
+    and a committed epoch that a kill left out is filled in at the next one. (Keras' TensorBoard callback
+    writes each epoch as it ends, so an epoch redone after a kill would appear twice.)"""
+
+    def __init__(self, run_dir: Path):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+
+    def on_epoch_end(self, epoch, logs=None):
+        write_tensorboard(self.run_dir)
+
+
+def write_tensorboard(run_dir: Path) -> None:
+    """Write the history rows that have no TensorBoard event file yet (train/ and validation/, as Keras'
+    TensorBoard names them: epoch_loss, epoch_accuracy, ...)."""
+    try:
+        import tensorflow as tf
+    except ImportError:  # another backend without TensorFlow installed: no TensorBoard logs
+        return
+    logs = Path(run_dir) / "logs"
+    if logs.is_symlink():
+        raise RunError(f"{logs}: a symbolic link in the run folder; this project writes only regular files there")
+    run_folder.refuse_links(logs)
+    for row in run_folder.history_rows(run_dir):
+        epoch = int(row["epoch"])
+        suffix = f".epoch-{epoch:06d}.v2"
+        if any(logs.glob(f"*/*{suffix}")):
+            continue
+        for split in ("train", "validation"):
+            validation = split == "validation"
+            values = {key.removeprefix("val_"): value for key, value in row.items()
+                      if key != "epoch" and value and key.startswith("val_") == validation}
+            folder = logs / split
+            folder.mkdir(parents=True, exist_ok=True)
+            writer = tf.summary.create_file_writer(str(folder), filename_suffix=suffix)
+            with writer.as_default():
+                for key, value in values.items():
+                    tf.summary.scalar(f"epoch_{key}", float(value), step=epoch)
+            writer.close()
+
+
 class HistoryLog(keras.callbacks.CSVLogger):
     """CSVLogger, counting epochs from 1 as Keras' progress bar and the figures do."""
 
@@ -200,5 +244,6 @@ def callback_set(config: Config, run_dir: Path, phase: str, sampler: TrainBatche
         ResumeState(backup, reduce_lr, early_stopping, mining, restored),
         keras.callbacks.BackupAndRestore(backup, double_checkpoint=True, delete_checkpoint=False),
         CommitEpoch(run_dir, backup),  # the epoch counts as done once this has run
+        *([TensorBoardLog(run_dir)] if config.tensorboard else []),
     ]
     return callbacks

@@ -27,7 +27,7 @@ CHOICES = {"augment": AUGMENTATIONS, "interpolation": INTERPOLATIONS, "distribut
            "lr_schedule": SCHEDULES, "head_features": HEAD_FEATURES,
            "hem_mode": HEM_MODES}
 # Settings that do not change what a run learns: left out of its identity (the hash in its folder name).
-NOT_IDENTITY = ("name", "preset", "runs_dir", "distribution_timeout")
+NOT_IDENTITY = ("name", "preset", "runs_dir", "distribution_timeout", "tensorboard")
 # Also left out of the readable part of a run's folder name (still in its hash): usually a long path.
 NOT_IN_NAME = NOT_IDENTITY + ("data_dir",)
 MAX_NAME_LENGTH = 100
@@ -100,6 +100,7 @@ class Config:
     # scales them k times (the linear scaling rule). None: the rates are used as they are
     reference_batch_size: int | None = None
     distribution_timeout: float = 300.0  # seconds to wait for the other workers of a multi-worker run
+    tensorboard: bool = True  # each epoch's metrics in the run folder's logs/: `tensorboard --logdir models`
 
     def __post_init__(self):
         # one spelling of each choice, used everywhere: "MixUp" -> "mixup", None -> "none"

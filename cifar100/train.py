@@ -20,7 +20,7 @@ import numpy as np
 
 from cifar100 import data, distribution, head, keras_internals, models, results, run_folder
 from cifar100 import mining as hem
-from cifar100.callbacks import EpochLine, callback_set
+from cifar100.callbacks import EpochLine, callback_set, write_tensorboard
 from cifar100.compiling import compile_model, learning_rate_for, precision_policy
 from cifar100.config import Config, ConfigError
 from cifar100.datasplit import Splits, prepare_data, splits_key
@@ -277,6 +277,8 @@ class Training:
         self.model.save_weights(tmp)
         os.replace(tmp, self.run_dir / PHASE1_WEIGHTS)
         run_folder.write_state(self.run_dir, head_epochs_done=len(run_folder.history_rows(self.run_dir)))
+        if config.tensorboard and self.pretrained:  # phase 1 on cached features is atomic: logged once done
+            write_tensorboard(self.run_dir)
 
     def finish(self) -> Path:
         """Evaluate the best checkpoint and write results.json; the backups go. Returns the run folder."""

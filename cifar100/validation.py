@@ -63,6 +63,8 @@ def validate(config: Config, check_data: bool = True, check_files: bool = True) 
 
     for name in RANGES:
         _check_number(name, getattr(config, name))
+    if not isinstance(config.tensorboard, bool):
+        raise ConfigError(f"setting 'tensorboard' must be true or false, got {shown(config.tensorboard)}")
     if not isinstance(config.hem, bool):
         raise ConfigError(f"setting 'hem' must be True or False, got {shown(config.hem)}")
     for name in ("name", "data_dir", "runs_dir", "backbone"):

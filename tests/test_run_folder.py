@@ -229,6 +229,38 @@ def test_a_second_process_on_a_locked_run_folder_says_who_holds_it(small_data, t
         pass
 
 
+# --- TensorBoard ----------------------------------------------------------------------------------------
+
+def tensorboard_scalars(logs) -> dict:
+    """{(split, tag): [(step, value), ...]} of every TensorBoard event file under logs/, in step order."""
+    import tensorflow as tf
+
+    scalars = {}
+    for path in sorted(logs.glob("*/events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                number = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") else value.simple_value
+                scalars.setdefault((path.parent.name, value.tag), []).append((event.step, round(number, 6)))
+    return {key: sorted(points) for key, points in scalars.items()}
+
+
+def test_tensorboard_logs_each_committed_epoch_once_and_fills_in_one_left_out(tmp_path):
+    from cifar100.callbacks import write_tensorboard
+
+    history = tmp_path / "history.csv"
+    history.write_text("epoch,loss,val_loss,val_accuracy,learning_rate\n1,2.0,2.5,0.1,0.001\n2,1.5,2.0,0.3,0.001\n")
+    write_tensorboard(tmp_path)
+    write_tensorboard(tmp_path)  # a second call (a resumed process) writes nothing again
+    with history.open("a") as handle:  # epoch 3 committed, its logging killed; epoch 4 logs both
+        handle.write("3,1.2,1.9,0.4,0.0003\n4,1.0,1.8,0.5,0.0001\n")
+    write_tensorboard(tmp_path)
+    scalars = tensorboard_scalars(tmp_path / "logs")
+    assert scalars[("train", "epoch_loss")] == [(1, 2.0), (2, 1.5), (3, 1.2), (4, 1.0)]
+    assert scalars[("validation", "epoch_loss")] == [(1, 2.5), (2, 2.0), (3, 1.9), (4, 1.8)]
+    assert scalars[("validation", "epoch_accuracy")] == [(1, 0.1), (2, 0.3), (3, 0.4), (4, 0.5)]
+    assert [step for step, _ in scalars[("train", "epoch_learning_rate")]] == [1, 2, 3, 4]
+
+
 # --- the best checkpoint ----------------------------------------------------------------------------------
 
 def test_best_keras_is_the_best_validation_epoch_not_the_last(tmp_path):
@@ -386,3 +418,7 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run(small_data, rand
     assert got["validation"] == expected["validation"]
     assert got["hardest_examples"] == expected["hardest_examples"]
     assert not (run_dir / "backup").exists() and not (run_dir / run_folder.CHECKPOINTS).exists()
+    # TensorBoard: every epoch once, as the uninterrupted run logged it (an epoch redone after a kill not twice)
+    logged = tensorboard_scalars(run_dir / "logs")
+    assert logged == tensorboard_scalars(uninterrupted / "logs")
+    assert [step for step, _ in logged[("validation", "epoch_accuracy")]] == list(range(1, 7))
