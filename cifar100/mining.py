@@ -18,7 +18,7 @@ The callback owns the schedule and the logs; in the selective mode, the training
 `examples_forward` / `forward_seconds` (the scoring passes), `examples_backprop` / `backprop_seconds` (the
 training passes). In both, `loss` and the compiled metrics are those of the training passes, as in a run
 without mining; the selective mode logs its scoring passes' apart, as `scored_loss` (the plain cross-entropy
-that it ranks) and `scored_accuracy`.
+that it ranks) and `scored_accuracy` (`log_keys` lists a mode's columns).
 """
 
 from __future__ import annotations
@@ -34,6 +34,15 @@ from cifar100.sampling import TrainBatches
 
 LOG_KEYS = ("examples_forward", "forward_seconds", "examples_backprop", "backprop_seconds", "backprop_fraction")
 COUNTERS = LOG_KEYS[:4]
+SCORED_KEYS = ("scored_loss", "scored_accuracy")  # the selective mode's scoring passes (not counters)
+
+
+def log_keys(config: Config) -> tuple[str, ...]:
+    """The history.csv columns that mining adds under `config`: none without `hem`, LOG_KEYS in either mode,
+    and in the selective mode SCORED_KEYS too."""
+    if not config.hem:
+        return ()
+    return LOG_KEYS + (SCORED_KEYS if config.hem_mode == "selective" else ())
 
 
 def per_example_cross_entropy(model: keras.Model, images: np.ndarray, labels: np.ndarray,

@@ -2,6 +2,7 @@
 (each step backpropagates only the high-loss examples), tested through Keras' own fit()."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from cifar100.mining import HardExampleMining, SelectiveBackprop, mining_weights, per_example_cross_entropy
+from cifar100.mining import HardExampleMining, SelectiveBackprop, log_keys, mining_weights, per_example_cross_entropy
 from cifar100.sampling import EpochOrder, TrainBatches, one_hot
 
 from .conftest import ROOT
@@ -223,7 +224,10 @@ def test_selective_backprop_under_a_mirrored_strategy_of_two_replicas():
 
 
 @pytest.mark.slow  # over 5 s: left out of `make test-fast`
-def test_a_selective_run_mines_in_both_phases_and_records_it(synthetic_cifar100, tmp_path):
+@pytest.mark.parametrize("head_features", ["live", "cached"])
+def test_a_selective_run_mines_in_both_phases_and_records_it(synthetic_cifar100, tmp_path, head_features):
+    """With phase 1 on cached features, mining does not run there and fills its columns (history.csv keeps
+    the columns of its first epoch)."""
     from cifar100 import models, train
     from cifar100.config import make_config
     from cifar100.run_folder import history_rows
@@ -232,14 +236,18 @@ def test_a_selective_run_mines_in_both_phases_and_records_it(synthetic_cifar100,
     models.tiny_cnn().save_weights(weights)
     config = make_config("smoke", {"data_dir": str(synthetic_cifar100), "runs_dir": str(tmp_path),
                                    "weights": str(weights), "head_epochs": 1, "finetune_epochs": 1, "hem": True,
-                                   "hem_mode": "selective",
+                                   "hem_mode": "selective", "head_features": head_features,
                                    "hem_selectivity": 0.4})
     run_dir = train.run(config, verbose=0)
     rows = history_rows(run_dir)
     assert len(rows) == 2  # one epoch of each phase
-    for row in rows:
+    assert set(log_keys(config)) <= set(rows[0])  # the header's columns, every row's
+    if head_features == "cached":
+        assert int(rows[0]["examples_forward"]) == 0 and math.isnan(float(rows[0]["scored_loss"]))
+    for row in rows if head_features == "live" else rows[1:]:
         assert int(row["examples_forward"]) == 900  # 1,000 images less the validation split, every one scored
         assert 200 < int(row["examples_backprop"]) < 600 and float(row["backprop_seconds"]) > 0
+        assert float(row["scored_loss"]) > 0 and 0 <= float(row["scored_accuracy"]) <= 1
     results = json.loads((run_dir / "results.json").read_text())
     assert results["mining"]["mode"] == "selective"
     assert results["mining"]["examples_backprop"] == sum(int(r["examples_backprop"]) for r in rows)
