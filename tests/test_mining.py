@@ -252,3 +252,19 @@ def test_a_selective_run_mines_in_both_phases_and_records_it(synthetic_cifar100,
     assert results["mining"]["mode"] == "selective"
     assert results["mining"]["examples_backprop"] == sum(int(r["examples_backprop"]) for r in rows)
     assert len(results["hardest_examples"]["losses"]) == 64
+
+
+def test_the_run_totals_sum_the_counters_and_average_the_backprop_fraction():
+    from cifar100.config import make_config
+    from cifar100.results import _mining_totals
+
+    config = make_config("smoke", {"hem": True, "hem_mode": "selective"})
+    unmined = {"examples_forward": "0", "forward_seconds": "0", "examples_backprop": "0", "backprop_seconds": "0",
+               "backprop_fraction": "0", "scored_loss": "nan", "scored_accuracy": "nan"}  # phase 1 on features
+    mined = [{"examples_forward": "900", "forward_seconds": "1.5", "examples_backprop": str(n),
+              "backprop_seconds": "2.25", "backprop_fraction": str(n / 900), "scored_loss": "1.2",
+              "scored_accuracy": "0.5"} for n in (360, 450)]
+    totals = _mining_totals(config, [unmined, *mined])
+    assert totals == {"mode": "selective", "examples_forward": 1800, "forward_seconds": 3.0, "examples_backprop": 810,
+                      "backprop_seconds": 4.5, "backprop_fraction": 0.45}
+    assert _mining_totals(config.replace(hem=False), mined) is None
