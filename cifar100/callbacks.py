@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -189,7 +190,8 @@ def write_tensorboard(run_dir: Path) -> None:
             writer = tf.summary.create_file_writer(str(folder), filename_suffix=suffix)
             with writer.as_default():
                 for key, value in values.items():
-                    tf.summary.scalar(f"epoch_{key}", float(value), step=epoch)
+                    if math.isfinite(float(value)):  # nan: a column this phase does not fill
+                        tf.summary.scalar(f"epoch_{key}", float(value), step=epoch)
             writer.close()
 
 

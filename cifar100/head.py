@@ -85,7 +85,7 @@ def train_on_features(model: keras.Model, head: keras.Model, config, run_dir: Pa
     callbacks; best.keras is then the best epoch's full model."""
     from cifar100 import run_folder
     from cifar100.callbacks import EpochLine, EpochTimer, HistoryLog, reduce_lr_on_plateau
-    from cifar100.mining import LOG_KEYS
+    from cifar100.mining import LOG_KEYS, log_keys
 
     num_classes = splits.dataset.num_classes
     features = cached_features(model, splits.x_train, splits.y_train, splits.x_val, config.batch_size,
@@ -97,8 +97,10 @@ def train_on_features(model: keras.Model, head: keras.Model, config, run_dir: Pa
                              config.seed)
     (run_dir / run_folder.HISTORY).unlink(missing_ok=True)  # a killed attempt's rows: this phase starts afresh
     # mining is not applied to the head on features (the backbone, whose cost it saves, does not run); its
-    # columns are filled so that history.csv keeps one set of columns across the phases
-    filler = [keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: logs.update(dict.fromkeys(LOG_KEYS, 0)))]
+    # columns are filled so that history.csv keeps one set of columns across the phases (CSVLogger takes its
+    # columns from its first epoch): no example mined, and no scoring pass measured (NaN, not a loss of 0)
+    unmined = {key: 0 if key in LOG_KEYS else float("nan") for key in log_keys(config)}
+    filler = [keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: logs.update(unmined))]
     reduce_lr = reduce_lr_on_plateau(config)
     validation = (features["val"], one_hot(splits.y_val, num_classes))
     head.fit(keras_internals.fit_input(batches), validation_data=validation,

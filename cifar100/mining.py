@@ -16,7 +16,9 @@ Two modes, each a Keras callback that a run switches on like the others (`hem=Tr
 The callback owns the schedule and the logs; in the selective mode, the training step does the selection
 (it replaces the model's `train_step` while `fit` runs). Both log, per epoch, in history.csv:
 `examples_forward` / `forward_seconds` (the scoring passes), `examples_backprop` / `backprop_seconds` (the
-training passes).
+training passes). In both, `loss` and the compiled metrics are those of the training passes, as in a run
+without mining; the selective mode logs its scoring passes' apart, as `scored_loss` (the plain cross-entropy
+that it ranks) and `scored_accuracy` (`log_keys` lists a mode's columns).
 """
 
 from __future__ import annotations
@@ -32,6 +34,15 @@ from cifar100.sampling import TrainBatches
 
 LOG_KEYS = ("examples_forward", "forward_seconds", "examples_backprop", "backprop_seconds", "backprop_fraction")
 COUNTERS = LOG_KEYS[:4]
+SCORED_KEYS = ("scored_loss", "scored_accuracy")  # the selective mode's scoring passes (not counters)
+
+
+def log_keys(config: Config) -> tuple[str, ...]:
+    """The history.csv columns that mining adds under `config`: none without `hem`, LOG_KEYS in either mode,
+    and in the selective mode SCORED_KEYS too."""
+    if not config.hem:
+        return ()
+    return LOG_KEYS + (SCORED_KEYS if config.hem_mode == "selective" else ())
 
 
 def per_example_cross_entropy(model: keras.Model, images: np.ndarray, labels: np.ndarray,
@@ -121,6 +132,11 @@ class SelectiveBackprop(keras.callbacks.Callback):
     """The "selective" mode: while `fit` runs, the model's training step backpropagates only the examples
     whose loss ranks high among the last `window` losses seen (see the module's docstring).
 
+    `loss` and the compiled metrics are logged as Keras' own step logs them, from the training pass (in
+    training mode, over the kept examples); the scoring pass (in inference mode, over the whole batch) is
+    logged as `scored_loss` (the mean plain cross-entropy, unweighted: what the selection ranks) and
+    `scored_accuracy`.
+
     Needs the TensorFlow backend: the kept examples form a batch of varying size, which TensorFlow's graphs
     allow and JAX's jit (static shapes) does not. XLA is turned off for the same reason. Works under a
     tf.distribute strategy (each replica selects from its part of the batch; the window holds the first
@@ -160,6 +176,8 @@ class SelectiveBackprop(keras.callbacks.Callback):
                                        name="sb_seen")
             self.counters = {key: keras.metrics.Sum(name=key) for key in COUNTERS}
             self.loss_metric = keras.metrics.Mean(name="loss")
+            self.scored = {"scored_loss": keras.metrics.Mean(name="scored_loss"),
+                           "scored_accuracy": keras.metrics.CategoricalAccuracy(name="scored_accuracy")}
         self._state_for = model
 
     def _train_step(self, data):
@@ -196,12 +214,17 @@ class SelectiveBackprop(keras.callbacks.Callback):
         self.counters["examples_backprop"].update_state(tf.cast(tf.size(chosen), tf.float32))
         self.counters["forward_seconds"].update_state(tf.cast(scored - started, tf.float32))
         self.counters["backprop_seconds"].update_state(tf.cast(trained - scored, tf.float32))
-        # loss and accuracy of the scoring pass, over every example of the batch
+        # loss and compiled metrics of the training pass, as Keras' own step logs them: the unscaled loss (not
+        # the one mixed precision scales), times the replicas (compute_loss divides by their number), weighted
+        # by the examples it saw
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        whole_loss = model.compute_loss(x=x, y=y, y_pred=scores, sample_weight=sample_weight, training=False)
-        self.loss_metric.update_state(whole_loss * replicas, sample_weight=batch)
-        logs = model.compute_metrics(x, y, scores, sample_weight=sample_weight)
+        self.loss_metric.update_state(loss * replicas, sample_weight=tf.size(chosen))
+        logs = model.compute_metrics(x_kept, y_kept, predictions, sample_weight=weight_kept)
         logs["loss"] = self.loss_metric.result()
+        # the scoring pass, over every example of the batch, apart: the cross-entropy it ranks, and accuracy
+        self.scored["scored_loss"].update_state(losses)
+        self.scored["scored_accuracy"].update_state(y, scores)
+        logs.update({key: metric.result() for key, metric in self.scored.items()})
         # a key that the model's metrics do not have: Keras then reports these logs, not its own loss tracker
         logs["backprop_fraction"] = (self.counters["examples_backprop"].result()
                                      / tf.maximum(self.counters["examples_forward"].result(), 1.0))
@@ -245,7 +268,7 @@ class SelectiveBackprop(keras.callbacks.Callback):
         self.seen.assign_add(tf.cast(count, tf.int64))
 
     def on_epoch_begin(self, epoch, logs=None):
-        for metric in [*self.counters.values(), self.loss_metric]:
+        for metric in [*self.counters.values(), self.loss_metric, *self.scored.values()]:
             metric.reset_state()
 
     def on_epoch_end(self, epoch, logs=None):

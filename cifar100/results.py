@@ -68,11 +68,15 @@ def write(config: Config, run_dir: Path, splits, mining: keras.callbacks.Callbac
 
 
 def _mining_totals(config: Config, rows: list[dict]) -> dict | None:
-    """What hard-example mining did over the run: examples and seconds of its scoring and training passes."""
+    """What hard-example mining did over the run: examples and seconds of its scoring and training passes,
+    and the mean fraction of an epoch's examples backpropagated, over the epochs it trained (not phase 1 on
+    cached features, which logs 0). Only the counters are summed (not the scoring pass's loss or accuracy)."""
     if not config.hem:
         return None
-    totals = {key: sum(float(r.get(key) or 0) for r in rows) for key in hem.LOG_KEYS}
-    return {"mode": config.hem_mode, **{k: round(v, 1) if k.endswith("seconds") else int(v) for k, v in totals.items()}}
+    totals = {key: sum(float(r.get(key) or 0) for r in rows) for key in hem.COUNTERS}
+    fractions = [float(r.get("backprop_fraction") or 0) for r in rows if float(r.get("examples_backprop") or 0) > 0]
+    return {"mode": config.hem_mode, **{k: round(v, 1) if k.endswith("seconds") else int(v) for k, v in totals.items()},
+            "backprop_fraction": round(float(np.mean(fractions)), 4) if fractions else None}
 
 
 def _mean(values) -> float | None:

@@ -2,6 +2,7 @@
 (each step backpropagates only the high-loss examples), tested through Keras' own fit()."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,8 +11,8 @@ import keras
 import numpy as np
 import pytest
 
-from cifar100.mining import HardExampleMining, SelectiveBackprop, mining_weights, per_example_cross_entropy
-from cifar100.sampling import EpochOrder, TrainBatches
+from cifar100.mining import HardExampleMining, SelectiveBackprop, log_keys, mining_weights, per_example_cross_entropy
+from cifar100.sampling import EpochOrder, TrainBatches, one_hot
 
 from .conftest import ROOT
 
@@ -128,10 +129,46 @@ def test_selective_backprop_trains_on_a_fraction_and_logs_what_it_did():
     assert all(60 < n < 250 for n in history["examples_backprop"]), history["examples_backprop"]  # ~0.3 of 512
     assert all(s > 0 for s in history["forward_seconds"] + history["backprop_seconds"])
     assert all(np.isfinite(history["loss"])) and history["loss"][-1] < history["loss"][0]
-    assert history["accuracy"][-1] > 0.6  # chance is 0.25
+    assert history["scored_accuracy"][-1] > 0.6  # over every example, in inference mode; chance is 0.25
+    # loss and accuracy are the training pass's, over the kept examples: the hard ones
+    assert all(k > s for k, s in zip(history["loss"], history["scored_loss"], strict=True))
+    assert all(k < s for k, s in zip(history["accuracy"], history["scored_accuracy"], strict=True))
     assert "train_step" not in vars(model)  # the model's own step is back after fit
     state = mining.get_state()
     assert state["seen"] == 3 * 512 and len(state["window"]) == 256
+
+
+def batchnorm_model():
+    """Dense -> BatchNormalization -> softmax: BatchNorm normalises by the batch's statistics in training mode
+    and by its moving ones (at first mean 0, variance 1) in inference mode, so the two modes predict apart."""
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.BatchNormalization(),
+                              keras.layers.Dense(CLASSES, activation="softmax")])
+    model.compile("sgd", "categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def test_selective_backprop_logs_the_training_pass_as_loss_and_the_scoring_pass_apart():
+    """`loss` and `accuracy` are the training pass's (training mode, the kept examples), as in the other
+    modes; `scored_loss` and `scored_accuracy` the scoring pass's (inference mode, the whole batch)."""
+    keras.utils.set_random_seed(0)
+    x = (np.random.default_rng(0).normal(size=(64, 4)) + 10).astype("float32")  # far from the moving mean 0
+    y = one_hot(np.arange(64) % CLASSES, CLASSES)
+    model = batchnorm_model()
+    twin = keras.models.clone_model(model)  # a call in training mode moves BatchNorm's statistics: not the model's
+    twin.set_weights(model.get_weights())
+    scores = twin(x, training=False)  # before the training-mode call, which moves the twin's statistics
+    predictions = twin(x, training=True)
+    expected = {"loss": keras.losses.CategoricalCrossentropy()(y, predictions),
+                "accuracy": keras.metrics.CategoricalAccuracy()(y, predictions),
+                "scored_loss": keras.ops.mean(keras.losses.categorical_crossentropy(y, scores)),
+                "scored_accuracy": keras.metrics.CategoricalAccuracy()(y, scores)}
+    expected = {key: float(keras.ops.convert_to_numpy(value)) for key, value in expected.items()}
+    assert abs(expected["loss"] - expected["scored_loss"]) > 1.0  # the two passes differ clearly
+    history = model.fit(x, y, batch_size=64, epochs=1, shuffle=False, verbose=0,
+                        callbacks=[SelectiveBackprop(selectivity=1.0, window=64)]).history
+    assert history["examples_forward"] == [64] and history["examples_backprop"] == [64]  # every example kept
+    for key, value in expected.items():
+        assert history[key][0] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
@@ -164,7 +201,11 @@ images, labels = separable(512)
 sampler = TrainBatches(images, labels, CLASSES, 64, seed=0)
 history = model.fit(sampler, epochs=2, shuffle=False, verbose=0,
                     callbacks=[EpochOrder(sampler), SelectiveBackprop(0.3, 256)]).history
-print(json.dumps({"replicas": strategy.num_replicas_in_sync, **history}))
+with strategy.scope():  # every example kept: the training pass's loss is the scoring pass's (no dropout here)
+    model = linear_model()
+every = model.fit(sampler, epochs=1, shuffle=False, verbose=0, callbacks=[SelectiveBackprop(1.0, 256)]).history
+print(json.dumps({"replicas": strategy.num_replicas_in_sync, **history,
+                  "every_loss": every["loss"], "every_scored_loss": every["scored_loss"]}))
 """
 
 
@@ -177,11 +218,16 @@ def test_selective_backprop_under_a_mirrored_strategy_of_two_replicas():
     assert history["replicas"] == 2
     assert history["examples_forward"] == [512, 512]  # each replica's half of every batch, summed
     assert all(60 < n < 250 for n in history["examples_backprop"])
-    assert np.isfinite(history["loss"]).all() and history["accuracy"][-1] > 0.4
+    assert np.isfinite(history["loss"]).all() and history["scored_accuracy"][-1] > 0.4
+    # the loss of the replicas' training passes, each replica's share of the batch counted once
+    assert history["every_loss"] == pytest.approx(history["every_scored_loss"], rel=1e-4)
 
 
 @pytest.mark.slow  # over 5 s: left out of `make test-fast`
-def test_a_selective_run_mines_in_both_phases_and_records_it(synthetic_cifar100, tmp_path):
+@pytest.mark.parametrize("head_features", ["live", "cached"])
+def test_a_selective_run_mines_in_both_phases_and_records_it(synthetic_cifar100, tmp_path, head_features):
+    """With phase 1 on cached features, mining does not run there and fills its columns (history.csv keeps
+    the columns of its first epoch)."""
     from cifar100 import models, train
     from cifar100.config import make_config
     from cifar100.run_folder import history_rows
@@ -190,15 +236,35 @@ def test_a_selective_run_mines_in_both_phases_and_records_it(synthetic_cifar100,
     models.tiny_cnn().save_weights(weights)
     config = make_config("smoke", {"data_dir": str(synthetic_cifar100), "runs_dir": str(tmp_path),
                                    "weights": str(weights), "head_epochs": 1, "finetune_epochs": 1, "hem": True,
-                                   "hem_mode": "selective",
+                                   "hem_mode": "selective", "head_features": head_features,
                                    "hem_selectivity": 0.4})
     run_dir = train.run(config, verbose=0)
     rows = history_rows(run_dir)
     assert len(rows) == 2  # one epoch of each phase
-    for row in rows:
+    assert set(log_keys(config)) <= set(rows[0])  # the header's columns, every row's
+    if head_features == "cached":
+        assert int(rows[0]["examples_forward"]) == 0 and math.isnan(float(rows[0]["scored_loss"]))
+    for row in rows if head_features == "live" else rows[1:]:
         assert int(row["examples_forward"]) == 900  # 1,000 images less the validation split, every one scored
         assert 200 < int(row["examples_backprop"]) < 600 and float(row["backprop_seconds"]) > 0
+        assert float(row["scored_loss"]) > 0 and 0 <= float(row["scored_accuracy"]) <= 1
     results = json.loads((run_dir / "results.json").read_text())
     assert results["mining"]["mode"] == "selective"
     assert results["mining"]["examples_backprop"] == sum(int(r["examples_backprop"]) for r in rows)
     assert len(results["hardest_examples"]["losses"]) == 64
+
+
+def test_the_run_totals_sum_the_counters_and_average_the_backprop_fraction():
+    from cifar100.config import make_config
+    from cifar100.results import _mining_totals
+
+    config = make_config("smoke", {"hem": True, "hem_mode": "selective"})
+    unmined = {"examples_forward": "0", "forward_seconds": "0", "examples_backprop": "0", "backprop_seconds": "0",
+               "backprop_fraction": "0", "scored_loss": "nan", "scored_accuracy": "nan"}  # phase 1 on features
+    mined = [{"examples_forward": "900", "forward_seconds": "1.5", "examples_backprop": str(n),
+              "backprop_seconds": "2.25", "backprop_fraction": str(n / 900), "scored_loss": "1.2",
+              "scored_accuracy": "0.5"} for n in (360, 450)]
+    totals = _mining_totals(config, [unmined, *mined])
+    assert totals == {"mode": "selective", "examples_forward": 1800, "forward_seconds": 3.0, "examples_backprop": 810,
+                      "backprop_seconds": 4.5, "backprop_fraction": 0.45}
+    assert _mining_totals(config.replace(hem=False), mined) is None
