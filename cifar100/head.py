@@ -17,7 +17,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from cifar100 import keras_internals
+from cifar100 import keras_internals, tflogs
 from cifar100.sampling import one_hot
 
 
@@ -105,7 +105,8 @@ def train_on_features(model: keras.Model, head: keras.Model, config, run_dir: Pa
     validation = (features["val"], one_hot(splits.y_val, num_classes))
     head.fit(keras_internals.fit_input(batches), validation_data=validation,
              epochs=config.head_epochs, shuffle=False, verbose=verbose, callbacks=[
-                 DrawOrder(batches), EpochTimer(config.batch_size), *(filler if mining_columns else []),
+                 tflogs.quiet_first_steps(), DrawOrder(batches), EpochTimer(config.batch_size),
+                 *(filler if mining_columns else []),
                  keras.callbacks.TerminateOnNaN(), *([reduce_lr] if reduce_lr is not None else []),
                  keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", restore_best_weights=True,
                                                patience=config.early_stopping_patience, verbose=1),

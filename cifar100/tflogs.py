@@ -28,6 +28,7 @@ NOISE = re.compile("|".join([
     r"Unable to register cu(DNN|FFT|BLAS) factory",
     r"computation placer already registered",
     r"TF-TRT Warning: Could not find TensorRT",
+    r"oneDNN supports DT_\w+ only on platforms with",  # at the first step, on a CPU without AVX-512
 ]))
 
 
@@ -41,28 +42,75 @@ def set_default_level() -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+class HeldStderr:
+    """Holds back what is written to file descriptor 2 (C++ code writes there directly) from `hold()` to
+    `release()`, then writes it out, less the lines that match `pattern`."""
+
+    def __init__(self, pattern: re.Pattern = NOISE):
+        self.pattern, self.saved, self.held = pattern, None, None
+
+    def hold(self) -> None:
+        if self.saved is not None or show_all():
+            return
+        sys.stderr.flush()
+        self.held = tempfile.TemporaryFile()
+        self.saved = os.dup(2)
+        os.dup2(self.held.fileno(), 2)
+
+    def release(self) -> None:
+        if self.saved is None:
+            return
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.saved = None
+        self.held.seek(0)
+        lines = self.held.read().decode(errors="replace").splitlines(keepends=True)
+        self.held.close()
+        kept = "".join(line for line in lines if not self.pattern.search(line))
+        if kept:
+            os.write(2, kept.encode())
+
+
 @contextlib.contextmanager
 def filtered_stderr(pattern: re.Pattern = NOISE):
-    """Hold back what is written to file descriptor 2 inside the block (C++ code writes there directly),
-    then write it out, less the lines that match `pattern`."""
-    if show_all():
+    """HeldStderr around a block."""
+    held = HeldStderr(pattern)
+    held.hold()
+    try:
         yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            held.seek(0)
-            lines = held.read().decode(errors="replace").splitlines(keepends=True)
-            kept = "".join(line for line in lines if not pattern.search(line))
-            if kept:
-                os.write(2, kept.encode())
+    finally:
+        held.release()
+
+
+def quiet_first_steps():
+    """A Keras callback that filters TensorFlow's lines written while fit's first training and validation
+    steps build their graphs (oneDNN's notes on data types come then); later steps are not held back."""
+    import keras
+
+    class QuietFirstSteps(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.held = HeldStderr()
+
+        def on_train_begin(self, logs=None):
+            self.held.hold()
+
+        def on_test_begin(self, logs=None):
+            if not getattr(self, "_tested", False):
+                self.held.hold()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.held.release()
+
+        def on_test_batch_end(self, batch, logs=None):
+            self._tested = True
+            self.held.release()
+
+        def on_train_end(self, logs=None):
+            self.held.release()
+
+    return QuietFirstSteps()
 
 
 def import_keras():

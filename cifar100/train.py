@@ -18,7 +18,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from cifar100 import data, distribution, head, keras_internals, models, results, run_folder
+from cifar100 import data, distribution, head, keras_internals, models, results, run_folder, tflogs
 from cifar100 import mining as hem
 from cifar100.callbacks import EpochLine, callback_set, write_tensorboard
 from cifar100.compiling import compile_model, learning_rate_for, precision_policy
@@ -65,7 +65,7 @@ def fit_phase(model: keras.Model, config: Config, run_dir: Path, phase: str, *, 
     # Python's global `random`, whose state a resumed process does not share with the one that was stopped
     model.fit(keras_internals.fit_input(sampler), validation_data=validation, initial_epoch=start_epoch,
               epochs=end_epoch, shuffle=False,
-              callbacks=[*callbacks, *extra_callbacks, EpochLine()], verbose=verbose)
+              callbacks=[tflogs.quiet_first_steps(), *callbacks, *extra_callbacks, EpochLine()], verbose=verbose)
     refuse_a_diverged_phase(run_dir, phase)
 
 

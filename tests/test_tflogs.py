@@ -21,6 +21,36 @@ def test_filtered_stderr_drops_only_the_known_noise(capfd):
     assert sorted(err.splitlines()) == ["a Python warning that matters", "a line that matters"]
 
 
+def test_a_line_tensorflow_writes_at_the_first_step_is_filtered_and_later_lines_are_kept(capfd):
+    """oneDNN's "supports DT_INT64 only on platforms with AVX-512" comes as fit's first step builds its graph
+    (on a CPU without AVX-512, so not on every machine): a layer writes it to fd 2 when traced."""
+    import keras
+    import numpy as np
+
+    class Noisy(keras.layers.Layer):
+        noisy = False  # not while the model is built, before fit
+
+        def call(self, x):
+            if self.noisy:
+                os.write(2, b"I0000 util.cc:131] oneDNN supports DT_INT64 only on platforms with AVX-512.\n"
+                            b"a C++ line that matters\n")
+            return x
+
+    class Later(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            os.write(2, f"epoch {epoch} line\n".encode())
+
+    model = keras.Sequential([keras.Input((2,)), Noisy(), keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    model.layers[0].noisy = True
+    x, y = np.zeros((8, 2), np.float32), np.eye(2, dtype=np.float32)[np.arange(8) % 2]
+    model.fit(x, y, validation_data=(x, y), epochs=2, batch_size=4, verbose=0,
+              callbacks=[tflogs.quiet_first_steps(), Later()])
+    err = capfd.readouterr().err
+    assert "oneDNN supports DT_INT64" not in err and "a C++ line that matters" in err
+    assert "epoch 0 line" in err and "epoch 1 line" in err
+
+
 def command_line_stderr(**env) -> str:
     environment = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "CIFAR100_TF_LOGS")}
     result = subprocess.run([sys.executable, "-m", "cifar100", "predict", "/nonexistent/run", "x.png"], cwd=ROOT,
