@@ -7,13 +7,12 @@ import math
 import time
 from pathlib import Path
 
-import keras
-
 from cifar100 import run_folder
 from cifar100.config import Config
 from cifar100.errors import RunError
 from cifar100.mining import HardExampleMining, SelectiveBackprop
 from cifar100.sampling import EpochOrder, TrainBatches
+from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
 
 
 class EpochTimer(keras.callbacks.Callback):

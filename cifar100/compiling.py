@@ -3,10 +3,9 @@ the loss and the metrics, each from the run's Config."""
 
 from __future__ import annotations
 
-import keras
-
 from cifar100 import distribution
 from cifar100.config import Config
+from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
 
 
 def jit_setting(value: str):

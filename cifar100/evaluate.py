@@ -13,13 +13,13 @@ import warnings
 import zipfile
 from pathlib import Path
 
-import keras
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, top_k_accuracy_score
 
 from cifar100 import data, run_folder
 from cifar100.config import Config
 from cifar100.errors import DatasetError, RunError
+from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
 
 
 def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -14,11 +14,11 @@ import os
 import time
 from pathlib import Path
 
-import keras
 import numpy as np
 
 from cifar100 import keras_internals, tflogs
 from cifar100.sampling import one_hot
+from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
 
 
 def feature_extractor(model: keras.Model) -> keras.Model:

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import time
 
-import keras
 import numpy as np
 
 from cifar100.config import Config
 from cifar100.errors import RunError
 from cifar100.sampling import TrainBatches
+from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
 
 LOG_KEYS = ("examples_forward", "forward_seconds", "examples_backprop", "backprop_seconds", "backprop_fraction")
 COUNTERS = LOG_KEYS[:4]

@@ -12,12 +12,12 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import keras
 import numpy as np
 from keras import layers, ops
 
 from cifar100 import compiling, keras_internals
 from cifar100.config import Config, ConfigError
+from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
 
 BACKBONE_LAYER = "backbone"
 

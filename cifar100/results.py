@@ -8,13 +8,13 @@ import platform
 import sys
 from pathlib import Path
 
-import keras
 import numpy as np
 
 from cifar100 import mining as hem
 from cifar100 import run_folder
 from cifar100.compiling import gpu_names
 from cifar100.config import Config
+from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
 
 
 def write(config: Config, run_dir: Path, splits, mining: keras.callbacks.Callback | None,

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 
-import keras
 import numpy as np
+
+from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
 
 
 def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:

@@ -113,6 +113,13 @@ def quiet_first_steps():
     return QuietFirstSteps()
 
 
+def __getattr__(name: str):
+    """`from cifar100.tflogs import keras`: Keras, imported (once) as import_keras() does."""
+    if name == "keras":
+        return import_keras()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def import_keras():
     """Import Keras (and TensorFlow, and probe for GPUs) without TensorFlow's start-up log lines."""
     with filtered_stderr():

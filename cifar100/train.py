@@ -15,7 +15,6 @@ import time
 import warnings
 from pathlib import Path
 
-import keras
 import numpy as np
 
 from cifar100 import data, distribution, head, keras_internals, models, results, run_folder, tflogs
@@ -26,6 +25,7 @@ from cifar100.config import Config, ConfigError
 from cifar100.datasplit import Splits, prepare_data, splits_key
 from cifar100.errors import RunError
 from cifar100.sampling import TrainBatches, one_hot
+from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
 from cifar100.validation import validate
 
 PHASE1_WEIGHTS = "phase1.weights.h5"
@@ -135,8 +135,8 @@ class Training:
         if self.done:
             print(f"finished run found: {self.run_dir} holds these settings' results; nothing to train")
             return
-        self.splits = splits if splits is not None and splits.config_key == splits_key(config) \
-            else prepare_data(config)
+        given = splits is not None and splits.config_key == splits_key(config)
+        self.splits = splits if given else prepare_data(config)
         self.strategy, cluster = distribution.make_strategy(config.distribution, config.distribution_timeout)
         if model is None or getattr(model, "built_for", None) != config.identity() or _distributed(self.strategy):
             # a model given is reused on one device only
@@ -155,7 +155,8 @@ class Training:
             print(("resuming" if resuming else "starting") + f" run {self.run_dir}"
                   + (f" on {self.strategy.num_replicas_in_sync} replicas"
                      if self.strategy.num_replicas_in_sync > 1 else ""))
-            print(self.splits.dataset.describe())
+            if not given:  # the notebook's data cell has described the data it passes
+                print(self.splits.dataset.describe())
             save_class_info(self.run_dir, self.splits.dataset)
         self.train_data = (self.splits.x_train, self.splits.y_train)  # copied out of the dataset once
         self.sampler, self.mining = self._pipeline()
