@@ -175,10 +175,11 @@ def write_tensorboard(run_dir: Path) -> None:
     if logs.is_symlink():
         raise RunError(f"{logs}: a symbolic link in the run folder; this project writes only regular files there")
     run_folder.refuse_links(logs)
+    written = {path.name.rsplit(".epoch-", 1)[-1] for path in logs.glob("*/*.epoch-*")}
     for row in run_folder.history_rows(run_dir):
         epoch = int(row["epoch"])
         suffix = f".epoch-{epoch:06d}.v2"
-        if any(logs.glob(f"*/*{suffix}")):
+        if suffix.removeprefix(".epoch-") in written:
             continue
         for split in ("train", "validation"):
             validation = split == "validation"
