@@ -91,6 +91,18 @@ MUTATIONS = {
     "the layers' random streams overlap (a layer's index in Keras' counter slot)": (
         "cifar100/sampling.py", "    return [key, 0]\n", "    return [epoch + 1, seed * 1_000_003 + layer]\n",
         ["tests/test_training_levers.py::test_each_random_layer_draws_a_stream_of_its_own_each_epoch"]),
+    "selective backprop logs its scoring pass as the training loss": (
+        "cifar100/mining.py",
+        "        logs = model.compute_metrics(x_kept, y_kept, predictions, sample_weight=weight_kept)\n",
+        "        logs = model.compute_metrics(x, y, scores, sample_weight=sample_weight)\n",
+        ["tests/test_mining.py::test_selective_backprop_logs_the_training_pass_as_loss_and_the_scoring_pass_apart"]),
+    "history.csv counts epochs from 0": (
+        "cifar100/callbacks.py", "        super().on_epoch_end(epoch + 1, logs)\n",
+        "        super().on_epoch_end(epoch, logs)\n",
+        ["tests/test_sampling.py::test_history_counts_epochs_from_1_and_an_earlier_folder_is_renumbered_once"]),
+    "TensorBoard logs an epoch again": (
+        "cifar100/callbacks.py", "        if suffix.removeprefix(\".epoch-\") in written:\n", "        if False:\n",
+        ["tests/test_run_folder.py::test_tensorboard_logs_each_committed_epoch_once_and_fills_in_one_left_out"]),
     "cap not stratified": (
         "cifar100/datasplit.py", CAP, "train_idx = train_idx[:cap]",
         ["tests/test_training_levers.py::test_the_cap_shrinks_training_not_validation"]),
