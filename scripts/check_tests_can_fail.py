@@ -103,6 +103,12 @@ MUTATIONS = {
     "TensorBoard logs an epoch again": (
         "cifar100/callbacks.py", "        if suffix.removeprefix(\".epoch-\") in written:\n", "        if False:\n",
         ["tests/test_run_folder.py::test_tensorboard_logs_each_committed_epoch_once_and_fills_in_one_left_out"]),
+    "selective backprop's step does not scale the loss (mixed_float16)": (
+        "cifar100/mining.py", "            scaled = model.optimizer.scale_loss(loss)\n", "            scaled = loss\n",
+        ["tests/test_mining.py::test_selective_backprop_scales_the_loss_under_float16"]),
+    "precision and XLA on without a GPU": (
+        "cifar100/compiling.py", "        return bool(gpu_names())\n", "        return True\n",
+        ["tests/test_config.py::test_precision_and_xla_follow_the_gpu_unless_asked"]),
     "cap not stratified": (
         "cifar100/datasplit.py", CAP, "train_idx = train_idx[:cap]",
         ["tests/test_training_levers.py::test_the_cap_shrinks_training_not_validation"]),

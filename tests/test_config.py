@@ -41,9 +41,15 @@ def test_config_round_trips_through_json(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["backbone"] == "mobilenetv3small"
 
 
-def test_precision_and_xla_are_off_on_a_cpu_unless_asked():
-    assert resolve_flag("auto") is False  # no GPU on the test machines
-    assert precision_policy("auto") == "float32" and precision_policy("false") == "float32"
+@pytest.mark.parametrize("gpus", [[], ["NVIDIA H200"]])
+def test_precision_and_xla_follow_the_gpu_unless_asked(gpus, monkeypatch):
+    """'auto' is on with a GPU and off without, whatever machine the suite runs on."""
+    from cifar100 import compiling
+
+    monkeypatch.setattr(compiling, "gpu_names", lambda: gpus)
+    assert resolve_flag("auto") is bool(gpus) and resolve_flag("true") is True and resolve_flag("false") is False
+    assert precision_policy("auto") == ("mixed_float16" if gpus else "float32")
+    assert precision_policy("false") == "float32"
     assert precision_policy("true") == "mixed_float16" and precision_policy("bfloat16") == "mixed_bfloat16"
 
 

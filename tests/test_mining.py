@@ -185,6 +185,28 @@ def test_selective_backprop_under_mixed_precision(policy):
     assert not np.allclose(model.get_weights()[0], before[0])
 
 
+def test_selective_backprop_scales_the_loss_under_float16():
+    """Under mixed_float16 Keras' LossScaleOptimizer divides the gradients by its loss scale (2 ** 15 at first),
+    so the step must multiply the loss by it. SGD, whose update is proportional to the gradient, shows it
+    (Adam's update hardly depends on the gradient's scale): the same steps move the weights as far as float32."""
+    moved = {}
+    for policy in ("float32", "mixed_float16"):
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            keras.utils.set_random_seed(0)
+            images, labels = separable(512)
+            sampler = TrainBatches(images, labels, CLASSES, 64, seed=0)
+            model = linear_model()
+            model.compile(keras.optimizers.SGD(0.05), "categorical_crossentropy")
+            before = model.get_weights()[0]
+            model.fit(sampler, epochs=1, shuffle=False, verbose=0,
+                      callbacks=[EpochOrder(sampler), SelectiveBackprop(1.0, window=256)])
+            moved[policy] = float(np.abs(model.get_weights()[0] - before).sum())
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+    assert moved["float32"] > 0 and 0.4 < moved["mixed_float16"] / moved["float32"] < 2.5, moved
+
+
 SELECTIVE_ON_TWO_CPUS = """
 import json
 import numpy as np, tensorflow as tf
