@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from cifar100 import models, run_folder, train, write_data
-from cifar100.config import Config, make_config
+from cifar100.config import PRESETS, Config, make_config
 from cifar100.errors import ConfigError, RunError
 from cifar100.validation import validate
 
@@ -356,12 +356,20 @@ KILLER = textwrap.dedent("""
             if args[3] == "head":
                 die()
         train.fit_phase = fit_phase
+    elif point == "history_row":  # any phase, phase 1 on cached features too: as an epoch's row is written
+        before(callbacks.HistoryLog, "on_epoch_end", lambda self, e, logs=None: e == epoch)
     elif point == "during_finish":
         before(train.results, "write", lambda *args, **kwargs: True)
     train.run(Config.load(sys.argv[1]), verbose=0)
 """)
 
 METRICS = ("epoch", "accuracy", "loss", "top5", "val_accuracy", "val_loss", "val_top5", "learning_rate")
+
+
+def tensorboard_metrics(logs) -> dict:
+    """The TensorBoard scalars of the metrics (not the timings, which differ from run to run)."""
+    return {key: points for key, points in tensorboard_scalars(logs).items()
+            if key[1].removeprefix("epoch_") in METRICS}
 
 
 def metric_rows(run_dir):
@@ -419,6 +427,35 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run(small_data, rand
     assert got["hardest_examples"] == expected["hardest_examples"]
     assert not (run_dir / "backup").exists() and not (run_dir / run_folder.CHECKPOINTS).exists()
     # TensorBoard: every epoch once, as the uninterrupted run logged it (an epoch redone after a kill not twice)
-    logged = tensorboard_scalars(run_dir / "logs")
-    assert logged == tensorboard_scalars(uninterrupted / "logs")
+    logged = tensorboard_metrics(run_dir / "logs")
+    assert logged == tensorboard_metrics(uninterrupted / "logs")
     assert [step for step, _ in logged[("validation", "epoch_accuracy")]] == list(range(1, 7))
+
+
+# The notebook's default recipe, cpu-small, in small: phase 1 on cached features (atomic: a kill there redoes
+# it), then warm-up + cosine fine-tuning with label smoothing, augmentation and dropout. Killed in phase 1, in
+# the first fine-tuning epoch (the warm-up) before its backup, and after a later epoch's commit.
+CPU_SMALL_KILLS = [("history_row", 1), ("before_commit", 2), ("after_commit", 4)]
+
+
+@pytest.mark.slow
+def test_the_cpu_small_recipe_killed_resumes_to_the_uninterrupted_run(small_data, random_run, tmp_path):
+    recipe = {key: value for key, value in PRESETS["cpu-small"].items()
+              if key in ("head_features", "lr_schedule", "warmup_epochs", "label_smoothing")}
+    assert recipe == {"head_features": "cached", "lr_schedule": "cosine", "warmup_epochs": 1, "label_smoothing": 0.1}
+    settings = dict(recipe, head_epochs=2, finetune_epochs=4, augment="basic", dropout=0.2,
+                    weights=random_run["weights"])
+    whole = tmp_path / "whole"
+    train.run(smoke(small_data, whole, **settings), verbose=0)
+    run_dir = tmp_path / "run"
+    config = smoke(small_data, run_dir, **settings)
+    config.save(tmp_path / "config.json")
+    for point, epoch in CPU_SMALL_KILLS:
+        killed = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path / "config.json"), point, str(epoch)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert killed.returncode == -9, f"not killed at {point} {epoch}: {killed.stderr[-2000:]}"
+    train.run(config, verbose=0)
+    assert metric_rows(run_dir) == metric_rows(whole)  # the cosine's learning rates and every metric
+    got, expected = (json.loads((d / "results.json").read_text()) for d in (run_dir, whole))
+    assert got["best_epoch"] == expected["best_epoch"] and got["validation"] == expected["validation"]
+    assert tensorboard_metrics(run_dir / "logs") == tensorboard_metrics(whole / "logs")
