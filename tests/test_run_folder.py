@@ -407,16 +407,21 @@ KILLS = [("before_commit", 1), ("after_phase", 0), ("after_backup", 2), ("after_
          ("during_finish", 0)]
 
 
+def kill_at(config, kills, folder) -> None:
+    """Run `config` in a new process once for each (point, epoch) of `kills`, killed (SIGKILL) there."""
+    config.save(folder / "config.json")
+    for point, epoch in kills:
+        killed = subprocess.run([sys.executable, "-c", KILLER, str(folder / "config.json"), point, str(epoch)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert killed.returncode == -9, f"not killed at {point} {epoch}: {killed.stderr[-2000:]}"
+        assert not run_folder.finished(config.run_dir())
+
+
 @pytest.mark.slow
 def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run(small_data, random_run, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     config = smoke(small_data, run_dir, **random_run)
-    config.save(tmp_path / "config.json")
-    for point, epoch in KILLS:
-        killed = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path / "config.json"), point, str(epoch)],
-                                cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert killed.returncode == -9, f"not killed at {point} {epoch}: {killed.stderr[-2000:]}"
-        assert not run_folder.finished(run_dir)
+    kill_at(config, KILLS, tmp_path)
 
     train.run(config, verbose=0)
     assert metric_rows(run_dir) == metric_rows(uninterrupted)
@@ -449,11 +454,7 @@ def test_the_cpu_small_recipe_killed_resumes_to_the_uninterrupted_run(small_data
     train.run(smoke(small_data, whole, **settings), verbose=0)
     run_dir = tmp_path / "run"
     config = smoke(small_data, run_dir, **settings)
-    config.save(tmp_path / "config.json")
-    for point, epoch in CPU_SMALL_KILLS:
-        killed = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path / "config.json"), point, str(epoch)],
-                                cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert killed.returncode == -9, f"not killed at {point} {epoch}: {killed.stderr[-2000:]}"
+    kill_at(config, CPU_SMALL_KILLS, tmp_path)
     train.run(config, verbose=0)
     assert metric_rows(run_dir) == metric_rows(whole)  # the cosine's learning rates and every metric
     got, expected = (json.loads((d / "results.json").read_text()) for d in (run_dir, whole))
