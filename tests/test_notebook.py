@@ -70,9 +70,10 @@ def test_executed_notebook_shows_each_figure_once_and_no_tensorflow_log_line(exe
     notebook, run_dir = executed
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     images = sum("image/png" in o.get("data", {}) for o in outputs)
-    saved = len(list((run_dir / "figures").glob("*.png")))  # curves, confusion, pairs, misclassified, hardest,
-    assert saved == 6 and images == saved + 3  # comparison; + the data cells' samples and class balance and
-    # the last cell's top-5
+    saved = {path.stem for path in (run_dir / "figures").glob("*.png")}
+    assert saved == {"training_curves", "class_confusion", "per_class_accuracy", "superclass_confusion",
+                     "confused_pairs", "misclassified", "hardest_examples", "comparison"}
+    assert images == len(saved) + 3  # + the data cells' samples and class balance and the last cell's top-5
     streams = "".join(o.get("text", "") for o in outputs)
     assert not re.search(r"^[IWEF]\d{4} \d\d:\d\d:\d\d", streams, re.MULTILINE), streams
     assert not any(tflogs.NOISE.search(line) for line in streams.splitlines())
