@@ -49,16 +49,16 @@ def test_throughput_quick_table():
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
                     reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
 def test_hard_examples_quick_table(tmp_path):
-    from benchmarks.hard_examples import ARMS, COLUMNS
+    from benchmarks.hard_examples import COLUMNS
 
+    arms = ["uniform", "selective:0.33"]  # two of the four arms: each is a training in its own process
     header, rows = table_of("hard_examples.py", "--data-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs"),
-                            "--json", str(tmp_path / "runs.json"))
+                            "--json", str(tmp_path / "runs.json"), "--arms", *arms)
     assert header == COLUMNS
-    assert [row[0] for row in rows] == ARMS
+    assert [row[0] for row in rows] == arms
     assert (tmp_path / "fashion-mnist" / "DATASET.json").exists()
     runs = {run["arm"]: run for run in json.loads((tmp_path / "runs.json").read_text())}
-    assert runs["uniform"]["backprop_fraction"] == 1.0 and runs["reweight"]["backprop_fraction"] == 1.0
-    assert 0.2 < runs["selective:0.33"]["backprop_fraction"] < runs["selective:0.5"]["backprop_fraction"] < 0.7
+    assert runs["uniform"]["backprop_fraction"] == 1.0 and 0.2 < runs["selective:0.33"]["backprop_fraction"] < 0.5
     assert all(len(run["val"]) == 2 and run["wall"][1] > run["wall"][0] > 0 for run in runs.values())
 
 

@@ -118,9 +118,12 @@ def test_change_rerun_compare_reuse_and_resume_in_a_live_kernel(kernel, tmp_path
     cells = kernel.run_all()
     first = run_folders(runs)
     assert len(first) == 1 and re.fullmatch(r"smoke-finetune_epochs=2-[0-9a-f]{6}", next(iter(first)))
-    figures = len(list((runs / next(iter(first)) / "figures").glob("*.png")))
-    assert figures == 5 and images(cells) == figures + 3  # + the data cells' samples and class balance and the
-    # last cell's top-5
+    figures = {path.stem for path in (runs / next(iter(first)) / "figures").glob("*.png")}
+    assert figures == {"training_curves", "class_confusion", "per_class_accuracy", "superclass_confusion",
+                       "confused_pairs", "misclassified", "comparison"}  # mining off: no hardest examples
+    assert images(cells) == len(figures) + 3  # + the data cells' samples and class balance and the last cell's top-5
+    hardest = next(c for c in cells if 'params.figure("hardest_examples")' in c.source)
+    assert "hard-example mining was off in this run" in text(hardest)
 
     # 2. Change a parameter and run only the training cell: refused in one line, naming the change
     kernel.set_parameters(HARD_EXAMPLE_MINING=True)
@@ -138,7 +141,7 @@ def test_change_rerun_compare_reuse_and_resume_in_a_live_kernel(kernel, tmp_path
     (mining_on,) = run_folders(runs) - first
     assert mining_on.startswith("smoke-finetune_epochs=2-hem=True-")
     assert '"hem": true' in (runs / mining_on / "config.json").read_text()
-    assert images(cells) == figures + 3 + 1  # and the hardest-examples figure
+    assert images(cells) == len(figures) + 3 + 1  # and the hardest-examples figure
 
     # 4. A value in SETTINGS, Run All: another folder; the comparison names what differs for all three
     kernel.set_parameters(SETTINGS={"head_learning_rate": 0.01})
@@ -158,7 +161,7 @@ def test_change_rerun_compare_reuse_and_resume_in_a_live_kernel(kernel, tmp_path
     assert "finished run found" in text(kernel.notebook.cells[training])
     assert "Epoch" not in text(kernel.notebook.cells[training]) + text(kernel.notebook.cells[finetune])
     assert (runs / rate / "history.csv").stat().st_mtime_ns == history
-    assert images(cells) == figures + 3 + 1 and len(run_folders(runs)) == 3
+    assert images(cells) == len(figures) + 3 + 1 and len(run_folders(runs)) == 3
 
     # 6. New settings, interrupted while fine-tuning, then that cell again: it resumes
     kernel.set_parameters(SETTINGS={"head_learning_rate": 0.01, "seed": 1}, FINETUNE_EPOCHS=3)
