@@ -16,10 +16,14 @@ def table_of(script: str, *args: str) -> tuple[list[str], list[list[str]]]:
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", *args],
                             capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    return parse_table(result.stdout)
+
+
+def parse_table(printed: str) -> tuple[list[str], list[list[str]]]:
+    lines = [line for line in printed.splitlines() if line.startswith("|")]
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
-    assert "machine:" in result.stdout
+    assert "machine:" in printed
     return header, rows
 
 
@@ -27,18 +31,23 @@ def table_of(script: str, *args: str) -> tuple[list[str], list[list[str]]]:
 def test_upsampling_memory_quick_table():
     from benchmarks.upsampling_memory import COLUMNS
 
-    header, rows = table_of("upsampling_memory.py")
+    header, rows = table_of("upsampling_memory.py", "--images", "1000")  # each size in a process of its own
     assert header == COLUMNS
     assert [row[0] for row in rows] == ["32", "96", "224"]
     assert all(float(row[5]) >= float(row[4]) > 0 for row in rows)
 
 
 @slow
-def test_throughput_quick_table():
-    from benchmarks.throughput import COLUMNS
+def test_throughput_quick_table(monkeypatch, capsys):
+    """The script's quick table, with each measurement in this process (the script isolates each in its own
+    for its thread settings; the memory benchmark above checks that path)."""
+    from benchmarks import throughput
 
-    header, rows = table_of("throughput.py")
-    assert header == COLUMNS
+    monkeypatch.setattr(throughput, "run_isolated",
+                        lambda script, arguments: throughput.measure(**json.loads(arguments[1])))
+    assert throughput.main(["--quick", "--steps", "2"]) == 0
+    header, rows = parse_table(capsys.readouterr().out)
+    assert header == throughput.COLUMNS
     assert [(row[2], row[3], row[4]) for row in rows] == [("mobilenetv3small", "32", "frozen"),
                                                           ("mobilenetv3small", "32", "finetune")]
     asked, in_force = header.index("XLA asked"), header.index("XLA in force")

@@ -99,6 +99,19 @@ def cli_run(train_data, tmp_path_factory):
     return run_dir, result
 
 
+def cli_in_process(capsys, *args: str):
+    """The command line's `main` in this process (the training above ran it in a process of its own): the
+    exit status and what it printed, as run_cli gives them."""
+    from types import SimpleNamespace
+
+    from cifar100.__main__ import main
+
+    capsys.readouterr()
+    status = main(list(args))
+    printed = capsys.readouterr()
+    return SimpleNamespace(returncode=status, stdout=printed.out, stderr=printed.err)
+
+
 @pytest.mark.slow  # over 5 s: left out of `make test-fast`
 def test_cli_train_shows_progress_and_writes_the_run(cli_run):
     run_dir, result = cli_run
@@ -111,9 +124,9 @@ def test_cli_train_shows_progress_and_writes_the_run(cli_run):
 
 
 @pytest.mark.slow  # over 5 s: left out of `make test-fast`
-def test_cli_figures_draws_every_figure_of_a_run_and_says_why_one_does_not_apply(cli_run):
+def test_cli_figures_draws_every_figure_of_a_run_and_says_why_one_does_not_apply(cli_run, capsys):
     run_dir, _ = cli_run
-    result = run_cli("figures", str(run_dir))
+    result = cli_in_process(capsys, "figures", str(run_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     drawn = {path.stem for path in (run_dir / "figures").glob("*.png")}
     assert {"training_curves", "class_confusion", "per_class_accuracy", "superclass_confusion", "confused_pairs",
@@ -123,9 +136,9 @@ def test_cli_figures_draws_every_figure_of_a_run_and_says_why_one_does_not_apply
 
 
 @pytest.mark.slow  # over 5 s: left out of `make test-fast`
-def test_cli_evaluate_prints_test_metrics(cli_run):
+def test_cli_evaluate_prints_test_metrics(cli_run, capsys):
     run_dir, _ = cli_run
-    result = run_cli("evaluate", str(run_dir))
+    result = cli_in_process(capsys, "evaluate", str(run_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert f"test top-1 {results['test']['top1']:.4f}" in result.stdout
@@ -133,7 +146,7 @@ def test_cli_evaluate_prints_test_metrics(cli_run):
 
 
 @pytest.mark.slow  # over 5 s: left out of `make test-fast`
-def test_cli_predict_gives_top5_names_for_any_image(cli_run, tmp_path):
+def test_cli_predict_gives_top5_names_for_any_image(cli_run, tmp_path, capsys):
     run_dir, _ = cli_run
     big = tmp_path / "big.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8)).save(big)
@@ -141,7 +154,7 @@ def test_cli_predict_gives_top5_names_for_any_image(cli_run, tmp_path):
     if not real.exists():
         real = tmp_path / "small.png"
         Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(real)
-    result = run_cli("predict", str(run_dir), str(real), str(big))
+    result = cli_in_process(capsys, "predict", str(run_dir), str(real), str(big))
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith((str(real), str(big)))]
     assert len(lines) == 2
@@ -155,11 +168,11 @@ def test_cli_predict_gives_top5_names_for_any_image(cli_run, tmp_path):
 
 
 @pytest.mark.slow  # over 5 s: left out of `make test-fast`
-def test_cli_predict_refuses_a_file_that_is_not_an_image(cli_run, tmp_path):
+def test_cli_predict_refuses_a_file_that_is_not_an_image(cli_run, tmp_path, capsys):
     run_dir, _ = cli_run
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
-    result = run_cli("predict", str(run_dir), str(bad))
+    result = cli_in_process(capsys, "predict", str(run_dir), str(bad))
     assert result.returncode == 2 and "notes.png: cannot read as an image" in result.stderr
 
 
