@@ -100,11 +100,12 @@ def test_malformed_tf_config_is_refused(text, message):
         read_tf_config(text)
 
 
-@pytest.mark.slow  # over 5 s: left out of `make test-fast`
-def test_malformed_tf_config_fails_the_command_at_once(dist_data, tmp_path):
-    result = subprocess.run(worker_command(dist_data, tmp_path / "run"), cwd=ROOT, capture_output=True, text=True,
-                            timeout=120, env={**os.environ, "TF_CONFIG": "{oops"})
-    assert result.returncode == 2 and "TF_CONFIG environment variable is not valid JSON" in result.stderr
+def test_malformed_tf_config_fails_the_command_at_once(dist_data, tmp_path, monkeypatch, capsys):
+    from cifar100.__main__ import main
+
+    monkeypatch.setenv("TF_CONFIG", "{oops")
+    assert main(worker_command(dist_data, tmp_path / "run")[3:]) == 2  # in process: refused before any strategy
+    assert "TF_CONFIG environment variable is not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
