@@ -93,8 +93,8 @@ MUTATIONS = {
         ["tests/test_training_levers.py::test_each_random_layer_draws_a_stream_of_its_own_each_epoch"]),
     "selective backprop logs its scoring pass as the training loss": (
         "cifar100/mining.py",
-        "        logs = model.compute_metrics(x_kept, y_kept, predictions, sample_weight=weight_kept)\n",
-        "        logs = model.compute_metrics(x, y, scores, sample_weight=sample_weight)\n",
+        "        self.loss_metric.update_state(loss * replicas, sample_weight=tf.size(chosen))\n",
+        "        self.loss_metric.update_state(tf.reduce_mean(losses), sample_weight=tf.size(chosen))\n",
         ["tests/test_mining.py::test_selective_backprop_logs_the_training_pass_as_loss_and_the_scoring_pass_apart"]),
     "history.csv counts epochs from 0": (
         "cifar100/callbacks.py", "        super().on_epoch_end(epoch + 1, logs)\n",
