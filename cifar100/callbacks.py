@@ -10,7 +10,7 @@ from pathlib import Path
 from cifar100 import run_folder
 from cifar100.config import Config
 from cifar100.errors import RunError
-from cifar100.mining import HardExampleMining, SelectiveBackprop
+from cifar100.mining import COUNTERS, HardExampleMining, SelectiveBackprop
 from cifar100.sampling import EpochOrder, TrainBatches
 from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
 
@@ -144,7 +144,7 @@ class EpochLine(keras.callbacks.ProgbarLogger):
     then uses it instead of adding its own."""
 
     QUIET = ("epoch_seconds", "train_seconds", "val_seconds", "other_seconds", "train_images_per_second",
-             "examples_forward", "forward_seconds", "examples_backprop", "backprop_seconds")
+             *COUNTERS)  # EpochTimer's, and mining's counters
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, {k: v for k, v in (logs or {}).items() if k not in self.QUIET})
@@ -175,19 +175,18 @@ def write_tensorboard(run_dir: Path) -> None:
     if logs.is_symlink():
         raise RunError(f"{logs}: a symbolic link in the run folder; this project writes only regular files there")
     run_folder.refuse_links(logs)
-    written = {path.name.rsplit(".epoch-", 1)[-1] for path in logs.glob("*/*.epoch-*")}
+    written = {(path.parent.name, path.name.rsplit(".", 2)[-2]) for path in logs.glob("*/*.epoch-*.v2")}
     for row in run_folder.history_rows(run_dir):
         epoch = int(row["epoch"])
-        suffix = f".epoch-{epoch:06d}.v2"
-        if suffix.removeprefix(".epoch-") in written:
-            continue
         for split in ("train", "validation"):
+            if (split, f"epoch-{epoch:06d}") in written:  # each split's file apart: a kill may fall between
+                continue
             validation = split == "validation"
             values = {key.removeprefix("val_"): value for key, value in row.items()
                       if key != "epoch" and value and key.startswith("val_") == validation}
             folder = logs / split
             folder.mkdir(parents=True, exist_ok=True)
-            writer = tf.summary.create_file_writer(str(folder), filename_suffix=suffix)
+            writer = tf.summary.create_file_writer(str(folder), filename_suffix=f".epoch-{epoch:06d}.v2")
             with writer.as_default():
                 for key, value in values.items():
                     if math.isfinite(float(value)):  # nan: a column this phase does not fill

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar100 import run_folder
+from cifar100 import data, run_folder
 from cifar100.config import NOT_IDENTITY, Config
 from cifar100.errors import RunError, printable
 from cifar100.run_folder import is_number
@@ -109,7 +109,7 @@ class Group:
 
     @property
     def title(self) -> str:
-        name = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10"}.get(self.kind, self.kind)
+        name = data.display_name(self.kind)
         if self.synthetic:
             return f"SYNTHETIC {name}-format data (not {name}) in {self.path}"
         if any(run.results.get("data", {}).get("official") is False for row in self.rows for run in row.runs):

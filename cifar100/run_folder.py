@@ -255,7 +255,6 @@ def claim(config: Config, run_dir: Path) -> bool:
     check_model_format(run_dir)
     if read_state(run_dir).get("model_format") != MODEL_FORMAT:  # nothing trained here yet
         write_state(run_dir, model_format=MODEL_FORMAT)
-    count_epochs_from_1(run_dir)
     if saved.exists():
         try:
             previous = Config.load(saved)
@@ -267,11 +266,13 @@ def claim(config: Config, run_dir: Path) -> bool:
         if previous is not None:
             changes = config.training_differences(previous)
             if not changes:
+                count_epochs_from_1(run_dir)  # the folder is this config's: its history may be renumbered
                 return True
             if has_progress(run_dir):
                 raise RunError(f"{run_dir} holds a run with other settings ({'; '.join(changes)}). Nothing was "
                                "changed there: choose another run name, or delete that folder to start over")
     config.save(saved)
+    count_epochs_from_1(run_dir)
     return False
 
 

@@ -259,6 +259,25 @@ def test_tensorboard_logs_each_committed_epoch_once_and_fills_in_one_left_out(tm
     assert scalars[("validation", "epoch_loss")] == [(1, 2.5), (2, 2.0), (3, 1.9), (4, 1.8)]
     assert scalars[("validation", "epoch_accuracy")] == [(1, 0.1), (2, 0.3), (3, 0.4), (4, 0.5)]
     assert [step for step, _ in scalars[("train", "epoch_learning_rate")]] == [1, 2, 3, 4]
+    next(tmp_path.glob("logs/validation/*.epoch-000004.v2")).unlink()  # killed between the two splits' files
+    write_tensorboard(tmp_path)
+    scalars = tensorboard_scalars(tmp_path / "logs")
+    assert scalars[("validation", "epoch_loss")] == [(1, 2.5), (2, 2.0), (3, 1.9), (4, 1.8)]
+    assert scalars[("train", "epoch_loss")] == [(1, 2.0), (2, 1.5), (3, 1.2), (4, 1.0)]
+
+
+def test_a_folder_of_other_settings_is_refused_with_its_history_untouched(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = make_config("smoke", {"runs_dir": str(tmp_path), "name": "run"})
+    config.replace(seed=5).save(run_dir / "config.json")
+    (run_dir / "history.csv").write_text("epoch,loss\n0,1.0\n")  # an earlier version's, counted from 0
+    run_folder.write_state(run_dir, model_format=run_folder.MODEL_FORMAT)
+    with pytest.raises(RunError, match="holds a run with other settings"):
+        run_folder.claim(config, run_dir)
+    assert (run_dir / "history.csv").read_text() == "epoch,loss\n0,1.0\n"  # not renumbered: not this run's
+    assert run_folder.claim(config.replace(seed=5), run_dir) is True
+    assert (run_dir / "history.csv").read_text() == "epoch,loss\n1,1.0\n"
 
 
 # --- the best checkpoint ----------------------------------------------------------------------------------
