@@ -39,7 +39,7 @@ def measure(backbone: str, size: int, phase: str, precision: str, xla: str, inte
 
         tf.config.threading.set_inter_op_parallelism_threads(inter_op)
     keras.mixed_precision.set_global_policy(precision)
-    from cifar100 import compiling, models
+    from cifar100 import models
     from cifar100.config import Config
     from cifar100.sampling import TrainBatches
 
@@ -62,7 +62,7 @@ def measure(backbone: str, size: int, phase: str, precision: str, xla: str, inte
     started = time.perf_counter()
     model.fit(timed, epochs=1, verbose=0)
     seconds = time.perf_counter() - started
-    gpus = compiling.gpu_names()
+    gpus = models.gpu_names()
     return {"backend": keras.backend.backend(), "device": ", ".join(gpus) or f"CPU x{os.cpu_count()}",
             "backbone": backbone, "image size": size, "phase": phase, "precision": precision,
             "XLA asked": xla, "XLA in force": "on" if model.jit_compile else "off",

@@ -101,6 +101,9 @@ class Config:
     reference_batch_size: int | None = None
     distribution_timeout: float = 300.0  # seconds to wait for the other workers of a multi-worker run
     tensorboard: bool = True  # each epoch's metrics in the run folder's logs/: `tensorboard --logdir models`
+    # "": the model cifar100/models.py builds for these settings; else the fingerprint (models.fingerprint)
+    # of a model edited in the notebook, which train.Training sets: such a run has a folder of its own
+    model: str = ""
 
     def __post_init__(self):
         # one spelling of each choice, used everywhere: "MixUp" -> "mixup", None -> "none"

@@ -134,8 +134,8 @@ def rendezvous(cluster: Cluster, timeout: float) -> None:
         listener.close()
 
 
-class _NoStrategy:
-    """Stands in for tf.distribute's default strategy on backends other than TensorFlow."""
+class NoStrategy:
+    """One device: stands in for tf.distribute's default strategy (and on backends other than TensorFlow)."""
 
     num_replicas_in_sync = 1
 
@@ -151,7 +151,7 @@ def make_strategy(distribution: str, timeout: float = 300.0):
         raise ConfigError(f"setting 'distribution': {distribution!r} is not one of {list(DISTRIBUTIONS)}")
     if keras.backend.backend() != "tensorflow":
         if distribution in ("auto", "none"):
-            return _NoStrategy(), None
+            return NoStrategy(), None
         raise ConfigError(f"setting 'distribution': {distribution!r} uses tf.distribute and needs the TensorFlow "
                           f"backend; this process runs Keras on {keras.backend.backend()!r}")
     import tensorflow as tf
@@ -166,9 +166,14 @@ def make_strategy(distribution: str, timeout: float = 300.0):
         return strategy, cluster
     gpus = tf.config.list_logical_devices("GPU")
     if distribution == "none" or (distribution == "auto" and len(gpus) < 2):
-        return tf.distribute.get_strategy(), None
+        return NoStrategy(), None
     devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
     return tf.distribute.MirroredStrategy(devices), None
+
+
+def is_distributed(strategy) -> bool:
+    """True for a tf.distribute strategy (even of one replica): its model must be built inside its scope."""
+    return not isinstance(strategy, NoStrategy)
 
 
 RESUME_FILES = ("config.json", "state.json", "phase1.weights.h5", "history.csv", "best.keras", "backup")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, top_k_accuracy_score
 
-from cifar100 import data, run_folder
+from cifar100 import data, models, run_folder
 from cifar100.config import Config
 from cifar100.errors import DatasetError, RunError
 from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
@@ -24,13 +24,6 @@ from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-
 
 def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     return np.asarray(model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float64)
-
-
-def inference_batch_size(config: Config) -> int:
-    """The batch size for prediction: at least the training batch (128 at the least), but at most what keeps
-    one batch of upsampled float32 images near 32 MB (2 images at 1024 px): memory bounded at any size."""
-    per_image = config.image_size * config.image_size * 3 * 4
-    return max(1, min(max(config.batch_size, 128), (32 << 20) // per_image))
 
 
 def basic_metrics(model: keras.Model, images: np.ndarray, labels: np.ndarray, num_classes: int,
@@ -95,6 +88,9 @@ def _round(value: float):
     return None if np.isnan(value) else round(float(value), 4)
 
 
+MAX_MODEL_BYTES = 4 << 30  # a model edited in the notebook: ConvNeXt-XLarge in float32 is 1.4 GB
+
+
 def load_run(run_dir: str | Path) -> tuple[Config, keras.Model, dict]:
     """The config, the best checkpoint and the class information of a run folder, each checked."""
     run_dir = Path(run_dir)
@@ -116,10 +112,22 @@ def load_checkpoint(path: Path, config: Config, num_classes: int) -> keras.Model
     model of any size, and what it may hold is bounded by the size of the run's model. A file that is not
     this run's model (truncated, damaged, another architecture) is a RunError naming it.
     """
-    from cifar100 import compiling, models
-
+    if config.model:  # a model edited in the notebook, which models.py cannot build: the file's own description
+        _check_archive(path, None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:  # safe mode: a file from elsewhere cannot run code of its own
+                model = keras.saving.load_model(path, compile=False, safe_mode=True)
+            except Exception as exc:
+                raise RunError(f"{path}: the run's model (edited in the notebook, model={config.model}) does not "
+                               f"load: {type(exc).__name__}: {_first_line(exc)}") from None
+        shapes = [tuple(t.shape[1:]) for t in model.inputs], [tuple(t.shape[1:]) for t in model.outputs]
+        if shapes != ([(32, 32, 3)], [(num_classes,)]):
+            raise RunError(f"{path}: takes {shapes[0]} and gives {shapes[1]}, where this run's model takes 32x32x3 "
+                           f"images and gives {num_classes} probabilities")
+        return model
     previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(compiling.precision_policy(config.mixed_precision))
+    keras.mixed_precision.set_global_policy(models.precision_policy(config.mixed_precision))
     try:
         model = models.build_model(config.replace(weights=None), num_classes)
     finally:
@@ -136,11 +144,11 @@ def load_checkpoint(path: Path, config: Config, num_classes: int) -> keras.Model
     return model
 
 
-def _check_archive(path: Path, expected_bytes: int) -> None:
+def _check_archive(path: Path, expected_bytes: int | None) -> None:
     """Refuse a .keras file whose members (or the arrays inside its weights file) hold more than the
-    run's model needs, before Keras reads any of it."""
+    run's model needs (None: a model of unknown size, up to MAX_MODEL_BYTES), before Keras reads any of it."""
     damaged = f"{path}: damaged or not a Keras model file"
-    limit = 2 * expected_bytes + run_folder.MAX_WEIGHTS_SLACK
+    limit = MAX_MODEL_BYTES if expected_bytes is None else 2 * expected_bytes + run_folder.MAX_WEIGHTS_SLACK
     with data.open_regular(path) as handle:
         if not zipfile.is_zipfile(handle):
             raise RunError(f"{damaged}: not a zip archive, as a .keras file is (truncated?)")
@@ -154,7 +162,8 @@ def _check_archive(path: Path, expected_bytes: int) -> None:
                 raw = archive.read("model.weights.h5")
         except (zipfile.BadZipFile, KeyError, OSError, ValueError, RuntimeError) as exc:
             raise RunError(f"{damaged}: {type(exc).__name__}: {_first_line(exc)}") from None
-    run_folder.check_weights(raw, expected_bytes, path)
+    if expected_bytes is not None:
+        run_folder.check_weights(raw, expected_bytes, path)
 
 
 def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,
@@ -172,13 +181,13 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,
     if classes["class_names"] != dataset.class_names:
         raise DatasetError(f"{dataset.path}: the dataset names its classes otherwise than the run {run_dir} (its "
                            "classes.json): evaluate it on a dataset of its own classes (--data)")
-    probabilities = predict_probabilities(model, dataset.x_test, inference_batch_size(config))
+    probabilities = predict_probabilities(model, dataset.x_test, models.inference_batch_size(config))
     # the superclasses are the dataset's (a run folder's classes.json only names them)
     metrics = detailed_metrics(probabilities, dataset.y_test, dataset.class_names, dataset.fine_to_coarse,
                                dataset.coarse_names)
     # test-time augmentation, reported beside (never instead of) the plain numbers: each image and its
     # mirror image, their probabilities averaged
-    mirrored = predict_probabilities(model, dataset.x_test[:, :, ::-1], inference_batch_size(config))
+    mirrored = predict_probabilities(model, dataset.x_test[:, :, ::-1], models.inference_batch_size(config))
     metrics["flip_tta"] = summary_metrics((probabilities + mirrored) / 2, dataset.y_test, dataset.num_classes)
     if Path(dataset.path).resolve() != Path(config.data_dir).resolve():
         return metrics
@@ -230,7 +239,8 @@ def predict_files(run_dir: str | Path, paths: list[str | Path],
         except DatasetError as exc:
             loaded.append(exc)
     readable = [image for image in loaded if isinstance(image, np.ndarray)]
-    rows = iter(predict_probabilities(model, np.stack(readable), inference_batch_size(config)) if readable else [])
+    batch = models.inference_batch_size(config)
+    rows = iter(predict_probabilities(model, np.stack(readable), batch) if readable else [])
     names = classes["class_names"]
     return [item if isinstance(item, DatasetError) else _top_classes(next(rows), names, top) for item in loaded]
 
@@ -256,7 +266,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, images: np.ndarray | No
         raise RunError(f"{out_dir} exists: export writes a new folder; name another one, or delete that one")
     config, model, classes = load_run(run_dir)
     images, source = (images, "the images given") if images is not None else _export_check_images(config)
-    expected = predict_probabilities(model, images, inference_batch_size(config)).astype(np.float32)
+    expected = predict_probabilities(model, images, models.inference_batch_size(config)).astype(np.float32)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 
+from cifar100 import models
 from cifar100.config import Config
 from cifar100.errors import RunError
 from cifar100.sampling import TrainBatches
@@ -311,4 +312,4 @@ def make_mining(config: Config, sampler: TrainBatches, model: keras.Model | None
         return mining
     return HardExampleMining(sampler, every=config.hem_every, fraction=config.hem_fraction,
                              strength=config.hem_strength, floor=config.hem_floor, seed=config.seed,
-                             batch_size=max(config.batch_size, 128))
+                             batch_size=models.inference_batch_size(config))

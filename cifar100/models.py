@@ -9,15 +9,18 @@ the same layers (the weights are shared): that is the model `fit` trains; it is 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from keras import layers, ops
 
-from cifar100 import compiling, keras_internals
+from cifar100 import keras_internals
 from cifar100.config import Config, ConfigError
 from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
+
+layers, ops = keras.layers, keras.ops
 
 BACKBONE_LAYER = "backbone"
 
@@ -246,6 +249,90 @@ def set_phase(model: keras.Model, phase: str, finetune_fraction: float = 1.0, pr
             layer.trainable = False
 
 
+def fingerprint(model: keras.Model) -> str:
+    """8 hex digits of what a model is: each layer's class and configuration in order (nested models walked
+    into) and its weights' shapes; names and trainable flags left out (they change with the session and
+    the phase, not what the model computes)."""
+    def describe(layer):
+        try:
+            config = layer.get_config()
+        except NotImplementedError:  # a layer of one's own without get_config: its class and weights
+            config = {}
+        kept = {k: v for k, v in config.items() if k not in ("name", "trainable", "layers", "input_layers",
+                                                            "output_layers")}
+        parts = [f"{type(layer).__module__}.{type(layer).__name__}", kept,
+                 [list(w.shape) for w in layer.weights] if not isinstance(layer, keras.Model) else []]
+        return [parts] + [part for inner in getattr(layer, "layers", []) for part in describe(inner)]
+
+    text = json.dumps(describe(model), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def recipe_fingerprint(config: Config, num_classes: int) -> str:
+    """The fingerprint of the training model this module builds for `config` (random weights: the same
+    architecture, without reading a weights file)."""
+    key = json.dumps([config.identity(), num_classes], sort_keys=True, default=str)
+    if key not in _RECIPES:
+        previous = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy(precision_policy(config.mixed_precision))
+        try:
+            plain = config.replace(weights=None)
+            _RECIPES[key] = fingerprint(training_model(build_model(plain, num_classes), config))
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
+    return _RECIPES[key]
+
+
+_RECIPES: dict[str, str] = {}
+
+
+def feature_extractor(model: keras.Model) -> keras.Model:
+    """uint8 32x32 images -> the backbone's pooled features (the head's input), weights shared."""
+    return keras.Model(model.inputs, model.get_layer("dropout").input, name="features")
+
+
+def head_model(model: keras.Model) -> keras.Model:
+    """The model's head (its own dropout and classifier layers, weights shared) on backbone features."""
+    width = model.get_layer("dropout").input.shape[-1]
+    inputs = keras.Input((width,), name="features")
+    outputs = model.get_layer("classifier")(model.get_layer("dropout")(inputs))
+    return keras.Model(inputs, outputs, name="head")
+
+
+def inference_batch_size(config: Config) -> int:
+    """The batch size for prediction: the training batch (128 at the least), at most what keeps one batch of
+    upsampled float32 images near 32 MB: memory bounded at any image size."""
+    per_image = config.image_size * config.image_size * 3 * 4
+    return max(1, min(max(config.batch_size, 128), (32 << 20) // per_image))
+
+
+def gpu_names() -> list[str]:
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return [d.name for d in tf.config.list_physical_devices("GPU")]
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return [str(d) for d in jax.devices() if d.platform == "gpu"]
+    return []
+
+
+def resolve_flag(value: str) -> bool:
+    """'auto' means on when a GPU is visible."""
+    value = str(value).lower()
+    if value == "auto":
+        return bool(gpu_names())
+    return value == "true"
+
+
+def precision_policy(setting: str) -> str:
+    """The Keras dtype policy of a `mixed_precision` setting."""
+    if str(setting).lower() == "bfloat16":
+        return "mixed_bfloat16"
+    return "mixed_float16" if resolve_flag(setting) else "float32"
+
+
 def count_parameters(model: keras.Model) -> dict[str, int]:
     trainable = sum(int(ops.size(w)) for w in model.trainable_weights)
     total = sum(int(ops.size(w)) for w in model.weights)
@@ -256,11 +343,13 @@ def new_model(config: Config, num_classes: int, strategy=None) -> keras.Model:
     """The run's model as training starts it: the precision policy set, the seed set (the head's initial
     weights), built under `strategy`'s scope. Its initial weights are kept (`model.initial_weights`), so that
     a phase 1 that starts again (a killed run, an interrupted notebook cell) starts from them."""
-    keras.mixed_precision.set_global_policy(compiling.precision_policy(config.mixed_precision))
+    keras.mixed_precision.set_global_policy(precision_policy(config.mixed_precision))
     keras.utils.set_random_seed(config.seed)
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
         model = build_model(config, num_classes)  # a weights file that does not fit fails here
     model.initial_weights = model.get_weights()
     model.built_for = config.identity()
+    _RECIPES.setdefault(json.dumps([config.identity(), num_classes], sort_keys=True, default=str),
+                        fingerprint(training_model(model, config)))
     return model

@@ -54,6 +54,7 @@ def _ipython():
 # The notebook's names that a cell above defines: a cell run before it gets one line naming that cell.
 DEFINED_BY = {"params": "the settings cell", "config": "the settings cell", "dataset": "the data cell",
               "splits": "the data cell", "SYNTHETIC": "the data cell", "model": "the model cell",
+              "training_model": "the model cell",
               "training": "the phase-1 cell", "run_dir": "the phase-2 cell", "results": "the evaluation cell"}
 
 
@@ -176,11 +177,20 @@ def describe(config: Config) -> str:
     return f"run folder {run_dir} (preset {config.preset}; {what}): {state}"
 
 
-def load_results(config: Config) -> dict:
+def show_code(*functions) -> None:
+    """The source code of `functions`, shown as a cell output (the one definition that the cells call)."""
+    import inspect
+
+    from IPython.display import Markdown, display
+
+    display(Markdown("\n\n".join(f"```python\n{inspect.getsource(f).rstrip()}\n```" for f in functions)))
+
+
+def load_results(run_dir: Path) -> dict:
     """results.json of the run, or a one-line error saying which cell to run."""
     from cifar100 import run_folder
 
-    run_dir = config.run_dir()
+    run_dir = Path(run_dir)
     if not run_folder.finished(run_dir):
         raise RunError(f"run folder {run_dir} has no results yet: run the training cell (under 'Training')")
     results = run_folder.read_json(run_dir / "results.json")

@@ -11,20 +11,18 @@ from pathlib import Path
 import numpy as np
 
 from cifar100 import mining as hem
-from cifar100 import run_folder
-from cifar100.compiling import gpu_names
+from cifar100 import models, run_folder
 from cifar100.config import Config
 from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
 
 
-def write(config: Config, run_dir: Path, splits, mining: keras.callbacks.Callback | None,
-           seconds: float) -> dict:
+def write(config: Config, run_dir: Path, splits, seconds: float) -> dict:
     """Evaluate the best checkpoint on validation and (once) on test; write results.json."""
     from cifar100 import evaluate
 
     best = evaluate.load_checkpoint(run_dir / "best.keras", config, splits.dataset.num_classes)
     val = evaluate.basic_metrics(best, splits.x_val, splits.y_val, splits.dataset.num_classes,
-                                 evaluate.inference_batch_size(config))
+                                 models.inference_batch_size(config))
     rows = run_folder.history_rows(run_dir)
     state = run_folder.read_state(run_dir)
     # the speed of training on images (phase 1 on cached features trains on features, not images)
@@ -53,10 +51,10 @@ def write(config: Config, run_dir: Path, splits, mining: keras.callbacks.Callbac
         "mining": _mining_totals(config, rows),
         "environment": environment(),
     }
-    if mining is not None:  # the hardest training examples for the best model, to be shown
+    if config.hem:  # the hardest training examples for the best model, to be shown
         indices, losses = hem.hardest_examples(best, splits.x_train, splits.y_train, config.hem_fraction,
-                                               config.hem_keep, config.seed, evaluate.inference_batch_size(config))
-        predicted = best.predict(splits.x_train[indices], batch_size=evaluate.inference_batch_size(config),
+                                               config.hem_keep, config.seed, models.inference_batch_size(config))
+        predicted = best.predict(splits.x_train[indices], batch_size=models.inference_batch_size(config),
                                  verbose=0).argmax(1)
         results["hardest_examples"] = {"train_set_indices": splits.train_indices[indices].tolist(),
                                        "labels": splits.y_train[indices].tolist(),
@@ -92,5 +90,5 @@ def environment() -> dict:
             versions[name] = module.__version__
     return {"python": sys.version.split()[0], "keras": keras.__version__, "backend": keras.backend.backend(),
             **versions, "numpy": np.__version__, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "gpus": gpu_names() or None,
-            "device": ", ".join(gpu_names()) or f"CPU ({os.cpu_count()} cores)"}
+            "cpu_count": os.cpu_count(), "gpus": models.gpu_names() or None,
+            "device": ", ".join(models.gpu_names()) or f"CPU ({os.cpu_count()} cores)"}

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from cifar100.config import Config
 from cifar100.data import md5sum
-from cifar100.errors import ConfigError, DatasetError, RunError, printable
+from cifar100.errors import ConfigError, DatasetError, RunError, printable, shown
 
 HISTORY = "history.csv"
 CHECKPOINTS = ".checkpoints"  # ModelCheckpoint's files, one per improving epoch, until the epoch is committed
@@ -49,6 +49,17 @@ def write_atomic(path: Path, content: str | bytes) -> None:
         handle.write(content.encode() if isinstance(content, str) else content)
         handle.flush()
         os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def save_atomic(path: Path, save) -> None:
+    """`save(tmp)` (Keras' model.save or save_weights: the name keeps its suffix), then the rename of
+    write_atomic: a reader or a kill sees the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    save(tmp)
     os.replace(tmp, path)
 
 
@@ -182,21 +193,30 @@ def read_classes(run_dir: Path) -> dict:
 
 # --- the lock ------------------------------------------------------------------------------------------
 
+_HELD: dict[str, list] = {}  # the run folders this process holds: [the lock file, how many hold it]
+
+
 class RunLock:
     """An exclusive lock on a run folder for as long as a process uses it (released when it exits or dies).
 
-    The lock file says who holds it: host, process id, command and start time.
+    The lock file says who holds it: host, process id, command and start time. Within one process the lock
+    is shared (a notebook cell run again takes it while the object made by its previous run still holds it).
     """
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / ".lock"
-        self.handle = None
+        self.key = None
 
     def __enter__(self) -> RunLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         refuse_links(self.path.parent)
+        key = os.path.realpath(self.path)
+        if key in _HELD:
+            _HELD[key][1] += 1
+            self.key = key
+            return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
@@ -215,13 +235,25 @@ class RunLock:
         handle.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
                      f" ({' '.join(sys.argv)[:200]})\n")
         handle.flush()
-        self.handle = handle
+        _HELD[key] = [handle, 1]
+        self.key = key
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.handle is not None:
-            self.handle.close()  # closing the file releases the lock
-            self.handle = None
+        self.release()
+
+    acquire = __enter__
+
+    def release(self) -> None:
+        """Let go of this hold (the lock itself goes with the process's last one); a second call does nothing."""
+        if self.key is None:
+            return
+        entry = _HELD[self.key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            entry[0].close()  # closing the file releases the lock
+            del _HELD[self.key]
+        self.key = None
 
 
 # --- claiming the folder for a config ------------------------------------------------------------------
@@ -244,11 +276,22 @@ def check_model_format(run_dir: Path) -> None:
                        f"train that run again, after moving or deleting {run_dir}")
 
 
-def claim(config: Config, run_dir: Path) -> bool:
-    """Check that the run folder belongs to this config, writing config.json if it is new. True when resuming.
+def check_fingerprint(run_dir: Path, fingerprint: str | None) -> None:
+    """Refuse a run folder whose run was trained with another model than `fingerprint` (models.fingerprint)
+    says: the same settings, but cifar100/models.py builds another model since."""
+    trained = read_state(run_dir).get("model_fingerprint")
+    if fingerprint is not None and trained not in (None, fingerprint) and has_progress(run_dir):
+        raise RunError(f"{run_dir} holds a run of these settings trained with another model (fingerprint "
+                       f"{shown(trained)}; the model built now: {fingerprint}): cifar100/models.py was changed "
+                       "since. Nothing was changed there: move that folder away to train again, or set a run name")
+
+
+def claim(config: Config, run_dir: Path, fingerprint: str | None = None) -> bool:
+    """Check that the run folder belongs to this config and model, writing config.json if it is new. True when
+    resuming.
 
     A folder where nothing was trained yet (a start that failed early, a config.json damaged by a kill) is
-    taken over; a folder with training progress and other settings is left untouched.
+    taken over; a folder with training progress and other settings, or another model, is left untouched.
     """
     saved = Path(run_dir) / "config.json"
     saved.parent.mkdir(parents=True, exist_ok=True)
@@ -266,12 +309,15 @@ def claim(config: Config, run_dir: Path) -> bool:
         if previous is not None:
             changes = config.training_differences(previous)
             if not changes:
+                check_fingerprint(run_dir, fingerprint)
                 count_epochs_from_1(run_dir)  # the folder is this config's: its history may be renumbered
                 return True
             if has_progress(run_dir):
                 raise RunError(f"{run_dir} holds a run with other settings ({'; '.join(changes)}). Nothing was "
                                "changed there: choose another run name, or delete that folder to start over")
     config.save(saved)
+    if fingerprint is not None:
+        write_state(run_dir, model_fingerprint=fingerprint)
     count_epochs_from_1(run_dir)
     return False
 
@@ -370,7 +416,8 @@ def read_state(run_dir: Path) -> dict:
         ok = (isinstance(value, bool) if key in flags else
               isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**6 if key in counts else
               value is None or is_number(value) if key == "head_feature_seconds" else
-              value is None or isinstance(value, dict) if key.endswith("_compiled") else True)
+              value is None or isinstance(value, dict) if key.endswith("_compiled") else
+              isinstance(value, str) and len(value) < 64 if key == "model_fingerprint" else True)
         if not ok:
             raise RunError(f"{path}: damaged state.json: {key} is {type(value).__name__} {str(value)[:40]!r}; "
                            f"delete the run folder {path.parent} to start over")

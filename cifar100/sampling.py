@@ -25,7 +25,8 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 class TrainBatches(keras.utils.PyDataset):
-    """Batches of (uint8 images (B, 32, 32, 3), one-hot float32 labels (B, C)), in a new shuffle each epoch.
+    """Batches of (uint8 images (B, 32, 32, 3), one-hot float32 labels (B, C)), in a new shuffle each epoch
+    (or of cached backbone features (B, F) in place of the images: phase 1 on cached features).
 
     `weighted`: the batches also carry per-example loss weights (B,), all 1 until `set_weights` (a batch's
     structure cannot change between epochs, so this is decided up front). `mix` is "mixup" or "cutmix" to
@@ -35,7 +36,7 @@ class TrainBatches(keras.utils.PyDataset):
     def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int,
                  seed: int = 0, mix: str | None = None, mix_alpha: float = 0.2, weighted: bool = False):
         super().__init__()
-        if images.dtype != np.uint8 or images.shape[1:] != (32, 32, 3):
+        if images.ndim == 4 and (images.dtype != np.uint8 or images.shape[1:] != (32, 32, 3)):  # else: features
             raise ValueError(f"images must be uint8 (N, 32, 32, 3), got {images.dtype} {images.shape}")
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")

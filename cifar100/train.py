@@ -1,15 +1,24 @@
 """A training run: a Config in, a run folder out (models/<run>/).
 
-Two phases: the backbone frozen while the head learns, then fine-tuning at a lower learning rate with
-BatchNorm in inference mode. Without pretrained weights there is nothing to keep frozen: phase 1 is skipped
-and every layer, BatchNorm included, trains from the start. A run killed at any point and started again
-with the same run folder resumes where it stopped.
+`run` trains both phases as the notebook's cells do, with the same calls:
+
+    training = Training(config)                     # claims the run folder (or finds the run finished)
+    for phase in ("head", "finetune"):
+        training.set_phase(phase)                   # what trains: the head alone, then the top of the backbone
+        if training.needs(phase):                   # False: done earlier, or the run is finished
+            model, batches, validation = training.data(phase)
+            model.compile(optimizer=..., loss=..., metrics=...)
+            model.fit(batches, validation_data=validation, callbacks=training.callbacks(phase), ...)
+            training.end(phase)
+    training.finish()                               # the best checkpoint on validation and test: results.json
+
+Without pretrained weights phase 1 is skipped (nothing to keep frozen). A run killed at any point and
+started again with the same run folder resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 import warnings
@@ -17,18 +26,80 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar100 import data, distribution, head, keras_internals, models, results, run_folder, tflogs
+from cifar100 import data, distribution, keras_internals, models, results, run_folder, tflogs
 from cifar100 import mining as hem
-from cifar100.callbacks import EpochLine, callback_set, write_tensorboard
-from cifar100.compiling import compile_model, learning_rate_for, precision_policy
+from cifar100.callbacks import EpochLine, EpochTimer, HistoryLog, callback_set, reduce_lr_on_plateau, write_tensorboard
 from cifar100.config import Config, ConfigError
 from cifar100.datasplit import Splits, prepare_data, splits_key
 from cifar100.errors import RunError
-from cifar100.sampling import TrainBatches, one_hot
+from cifar100.sampling import EpochOrder, TrainBatches, one_hot
 from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
 from cifar100.validation import validate
 
 PHASE1_WEIGHTS = "phase1.weights.h5"
+PHASES = ("head", "finetune")
+
+
+def learning_rate(config: Config, phase: str, steps_per_epoch: int):
+    """A phase's learning rate: the number itself ('plateau': ReduceLROnPlateau lowers it), or warm-up plus
+    cosine decay ('cosine') over the phase's steps. Scaled by batch_size / reference_batch_size when set."""
+    rate = config.head_learning_rate if phase == "head" else config.finetune_learning_rate
+    epochs = config.head_epochs if phase == "head" else config.finetune_epochs
+    if config.reference_batch_size:
+        rate = distribution.scaled_learning_rate(rate, config.batch_size, config.reference_batch_size)
+    if config.lr_schedule != "cosine":
+        return rate
+    total = max(1, epochs * steps_per_epoch)
+    warmup = min(config.warmup_epochs * steps_per_epoch, total - 1)
+    if warmup == 0:
+        return keras.optimizers.schedules.CosineDecay(rate, total)
+    return keras.optimizers.schedules.CosineDecay(0.0, total - warmup, warmup_target=rate, warmup_steps=warmup)
+
+
+def optimizer(config: Config, rate) -> keras.optimizers.Optimizer:
+    """The setting `optimizer`: AdamW (with weight_decay), SGD (Nesterov momentum 0.9) or Adam."""
+    clip = {"clipnorm": config.clipnorm} if config.clipnorm else {}
+    if config.optimizer == "adamw":
+        return keras.optimizers.AdamW(rate, weight_decay=config.weight_decay, **clip)
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(rate, momentum=0.9, nesterov=True, weight_decay=config.weight_decay or None,
+                                    **clip)
+    return keras.optimizers.Adam(rate, **clip)
+
+
+def jit_compile(config: Config):
+    """`compile`'s jit_compile: 'auto' lets Keras decide (XLA with a GPU, when every layer allows it)."""
+    value = str(config.jit_compile).lower()
+    return "auto" if value == "auto" else value == "true"
+
+
+def compile_model(model: keras.Model, rate, config: Config) -> None:
+    """What the notebook's phase cells write out: the run's optimiser, loss and metrics."""
+    model.compile(optimizer=optimizer(config, rate),
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+                  metrics=["accuracy", keras.metrics.TopKCategoricalAccuracy(5, name="top5")],
+                  jit_compile=jit_compile(config))
+
+
+def run(config: Config, verbose: int | str = "auto", callbacks: list | None = None, splits: Splits | None = None,
+        model: keras.Model | None = None) -> Path:
+    """Train (or resume) the run described by `config`, both phases and the evaluation; returns its run folder.
+    The notebook's phase cells are this loop's body, written out."""
+    training = Training(config, splits=splits, model=model)
+    try:
+        for phase in PHASES:
+            training.set_phase(phase)
+            if training.needs(phase):
+                trainee, batches, validation = training.data(phase)
+                with training.strategy.scope():
+                    compile_model(trainee, learning_rate(config, phase, len(batches)), config)
+                first, last = training.epochs(phase)
+                trainee.fit(batches, validation_data=validation, initial_epoch=first, epochs=last, shuffle=False,
+                            callbacks=training.callbacks(phase, extra=callbacks), verbose=verbose)
+                training.end(phase)
+        return training.finish()
+    finally:
+        training.close()
 
 
 def save_class_info(run_dir: Path, dataset: data.Dataset) -> None:
@@ -38,35 +109,304 @@ def save_class_info(run_dir: Path, dataset: data.Dataset) -> None:
     run_folder.write_json(run_dir / "classes.json", info)
 
 
-def fit_phase(model: keras.Model, config: Config, run_dir: Path, phase: str, *, sampler: TrainBatches,
-              validation: tuple[np.ndarray, np.ndarray], epochs: tuple[int, int],
-              mining: keras.callbacks.Callback | None, verbose: int | str,
-              extra_callbacks: list[keras.callbacks.Callback] | tuple = (),
-              inference: keras.Model | None = None) -> None:
-    """One phase of training of `model` (the training model) over `epochs` = (start, end): from `start` (or
-    where a killed run of this phase stopped) to `end`, counted from the run's first epoch. The best epoch's
-    `inference` model (default: `model`) is saved as best.keras."""
-    start_epoch, end_epoch = epochs
-    backup = run_dir / "backup" / phase
-    committed = run_folder.settle_phase(run_dir, backup, start_epoch)
-    if (backup / "latest.weights.h5").exists():  # BackupAndRestore loads it into the model and its optimiser
-        run_folder.check_weights_file(backup / "latest.weights.h5", model, copies=3)
-    restored = run_folder.load_callback_state(backup, committed) if committed > start_epoch else None
-    if restored and restored.get("stopped"):
-        end_epoch = committed  # early stopping had ended this phase: only restore its weights
-    if committed > start_epoch:
-        print(f"resuming phase {phase!r} after epoch {committed} (of epochs {start_epoch + 1}-{end_epoch})")
-    if restored and mining is not None and restored.get("mining"):
-        mining.set_state(restored["mining"])
-    callbacks = callback_set(config, run_dir, phase, sampler, mining, run_folder.best_val_accuracy(run_dir), restored,
-                             start_epoch, inference=inference)
-    keras_internals.forget_restored_epoch(model)  # else it would start where a previous fit's backup was
-    # shuffle=False: the sampler draws each epoch's order itself; Keras would also shuffle the batches with
-    # Python's global `random`, whose state a resumed process does not share with the one that was stopped
-    model.fit(keras_internals.fit_input(sampler), validation_data=validation, initial_epoch=start_epoch,
-              epochs=end_epoch, shuffle=False,
-              callbacks=[tflogs.quiet_first_steps(), *callbacks, *extra_callbacks, EpochLine()], verbose=verbose)
-    refuse_a_diverged_phase(run_dir, phase)
+def cached_features(model: keras.Model, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
+                    batch_size: int, mirror: bool = True) -> dict:
+    """The backbone's pooled features (the head's input), in inference mode, of the training images (and,
+    with `mirror`, of their mirror images: the one augmentation that survives caching) and of validation."""
+    started = time.perf_counter()
+    extractor = models.feature_extractor(model)
+
+    def features(images):
+        return np.asarray(extractor.predict(images, batch_size=batch_size, verbose=0), np.float32)
+
+    train = np.concatenate([features(x_train), features(x_train[:, :, ::-1])]) if mirror else features(x_train)
+    labels = np.concatenate([y_train, y_train]) if mirror else y_train
+    return {"train": train, "train_labels": labels, "val": features(x_val), "seconds": time.perf_counter() - started}
+
+
+class Training:
+    """One run's bookkeeping, for the cells (and `run`) that compile and fit: the run folder claimed (or found
+    finished), each phase's batches, callbacks and epochs, and what a finished phase leaves behind.
+
+    `splits` (prepare_data) and `model` (models.new_model), when the caller already has them for these
+    settings, are used instead of loading the data and building the model again. Progress is recorded in
+    the run folder (state.json, the phase-1 weights, BackupAndRestore's backup), so that a process killed
+    at any point resumes where it stopped. Under a multi-worker distribution only the chief writes the run
+    folder; every other worker works in a temporary folder removed by `close`.
+    """
+
+    def __init__(self, config: Config, splits: Splits | None = None, model: keras.Model | None = None,
+                 training_model: keras.Model | None = None):
+        validate(config)  # before anything is read or written
+        self.fingerprint = None  # what the run's model is (models.fingerprint of the training model)
+        if model is not None:  # a model edited in the notebook trains into a folder of its own
+            built_for = getattr(model, "built_for", config.identity())
+            if built_for != config.identity():
+                changes = "; ".join(config.differences(Config(**{**config.to_dict(), **built_for})))
+                raise RunError(f"the model was built for other settings ({changes}): build it again (the model cell)")
+            config, self.fingerprint = identify(config, model, training_model)
+            if not hasattr(model, "initial_weights"):  # phase 1 starts from these, whenever it starts again
+                model.initial_weights = model.get_weights()
+        if config.hem and config.hem_mode == "selective" and keras.backend.backend() != "tensorflow":
+            raise ConfigError(f"setting 'hem_mode': 'selective' needs Keras' TensorFlow backend, not "
+                              f"{keras.backend.backend()!r} (it backpropagates batches whose size varies from "
+                              "step to step, which a jit-compiled JAX step does not allow); use hem_mode=reweight")
+        self.config = config
+        self.run_dir, self.worker_dir = config.run_dir(), None
+        self.phase = None  # the phase set_phase last set
+        self.strategy = distribution.NoStrategy()
+        run_folder.check_model_format(self.run_dir)
+        self.done = run_folder.finished(self.run_dir) and \
+            Config.load(self.run_dir / "config.json").identity() == config.identity()
+        if self.done:
+            if run_folder.read_state(self.run_dir).get("model_fingerprint"):  # what the run trained
+                classes = len(run_folder.read_classes(self.run_dir)["class_names"])
+                run_folder.check_fingerprint(self.run_dir, self.fingerprint or models.recipe_fingerprint(config,
+                                                                                                         classes))
+            print(f"finished run found: {self.run_dir} holds these settings' results; nothing to train")
+            return
+        given = splits is not None and splits.config_key == splits_key(config)
+        self.splits = splits if given else prepare_data(config)
+        self.strategy, cluster = distribution.make_strategy(config.distribution, config.distribution_timeout)
+        if config.model and distribution.is_distributed(self.strategy):
+            raise ConfigError("a model edited in the notebook trains on one device: set distribution=none, or "
+                              "build the model in cifar100/models.py (it is then built under the distribution)")
+        if model is None or distribution.is_distributed(self.strategy):  # a model given is used on one device
+            model, training_model = models.new_model(config, self.splits.dataset.num_classes, self.strategy), None
+        self.model = model  # the inference model: what best.keras holds
+        with self.strategy.scope():  # the augmentation's random streams are variables
+            self.fit_model = training_model or models.training_model(model, config)  # augmentation + model
+        self.fingerprint = models.fingerprint(self.fit_model)
+        if cluster is not None and not cluster.is_chief:
+            self.run_dir = self.worker_dir = distribution.worker_folder(config.run_dir(), cluster.index)
+        self.lock = run_folder.RunLock(self.run_dir).acquire()  # held until finish() or close()
+        try:
+            resuming = run_folder.claim(config, self.run_dir, self.fingerprint)
+            self.done = run_folder.finished(self.run_dir)
+            if not self.done:
+                save_class_info(self.run_dir, self.splits.dataset)
+        except BaseException:
+            self.lock.release()
+            raise
+        if self.done:
+            self.lock.release()
+            print(f"run {self.run_dir} is complete: see {self.run_dir / 'results.json'}")
+            return
+        replicas = self.strategy.num_replicas_in_sync
+        print(("resuming" if resuming else "starting") + f" run {self.run_dir}"
+              + (f" on {replicas} replicas" if replicas > 1 else ""))
+        if not given:  # the notebook's data cell has described the data it passes
+            print(self.splits.dataset.describe())
+        self.train_data = (self.splits.x_train, self.splits.y_train)  # copied out of the dataset once
+        self.validation = (self.splits.x_val, one_hot(self.splits.y_val, self.splits.dataset.num_classes))
+        self.pretrained = config.weights is not None
+        self.cached = config.head_features == "cached"
+        self.attempt = None  # what data() prepared for the phase being trained
+        self.started = time.perf_counter()
+
+    def check(self, config: Config) -> None:
+        """Refuse to go on when `config` (the notebook's settings now) is not the one this training was made for."""
+        config = config.replace(model=self.config.model)
+        if config.identity() != self.config.identity() or config.run_dir() != self.config.run_dir():
+            changes = "; ".join(config.differences(self.config)) or "the run folder"
+            raise RunError(f"the settings changed since this training was made ({changes}): run the phase-1 "
+                           "cell (it makes the training) and then this one")
+
+    def set_phase(self, phase: str) -> None:
+        """Freeze ('head': the backbone) or unfreeze ('finetune': the top finetune_fraction of the backbone,
+        BatchNorm kept in inference mode with pretrained weights)."""
+        if not self.done:
+            models.set_phase(self.fit_model, phase, self.config.finetune_fraction, self.pretrained)
+            self.phase = phase
+            counts = models.count_parameters(self.model)
+            print(f"phase {phase!r}: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters")
+
+    def _phase_done(self, phase: str) -> bool:
+        state = run_folder.read_state(self.run_dir)
+        if phase == "head":
+            return (self.run_dir / PHASE1_WEIGHTS).exists() and "head_epochs_done" in state
+        return bool(state.get("finetune_done"))
+
+    def needs(self, phase: str) -> bool:
+        """True when `phase` has training to do. False when the run is finished or the phase was done earlier
+        (its weights are then loaded), and for phase 1 without pretrained weights (skipped)."""
+        if self.done:
+            return False
+        if self.phase != phase:
+            raise RunError(f"call set_phase({phase!r}) first: a phase trains the layers that set_phase leaves "
+                           "trainable")
+        if self._phase_done(phase):
+            print(f"phase {phase!r} was finished earlier in {self.run_dir}: its weights are used")
+            if phase == "head":
+                self._load_phase1()
+            return False
+        if phase == "head" and not self.pretrained:
+            print("no pretrained weights: phase 1 (a head on frozen random features) is skipped")
+            (self.run_dir / run_folder.HISTORY).unlink(missing_ok=True)
+            self._phase1_done()
+            return False
+        return True
+
+    def data(self, phase: str) -> tuple[keras.Model, object, tuple]:
+        """The start of an attempt at `phase`: (the model to compile and fit, its training batches, its
+        validation data). Phase 1 on cached features (head_features="cached") is the head alone on the
+        backbone's features, computed here once; otherwise the whole training model on the images. A phase
+        a killed process left unfinished is picked up where it stopped (see epochs())."""
+        if not self.needs(phase):
+            raise RunError(f"phase {phase!r} has nothing to train (training.needs({phase!r}) is False)")
+        config, num_classes = self.config, self.splits.dataset.num_classes
+        if phase == "head":  # phase 1 (re)starts from the initial weights
+            self.model.set_weights(self.model.initial_weights)
+            keras.mixed_precision.set_global_policy(models.precision_policy(config.mixed_precision))
+            keras.utils.set_random_seed(config.seed)
+        elif not self._phase_done("head"):
+            raise RunError("phase 'finetune' starts from phase 1's weights: run phase 'head' first (set_phase, "
+                           "needs, and for a phase with training to do: data, compile, fit, end)")
+        else:  # from phase 1's weights (a phase resumed mid-way then restores its own)
+            self._load_phase1()
+        if phase == "head" and self.cached:
+            features = cached_features(self.model, *self.train_data, self.splits.x_val,
+                                       models.inference_batch_size(config), mirror=config.augment != "none")
+            print(f"phase 1 on cached features: the backbone ran once over {len(features['train'])} training "
+                  f"images ({'with' if config.augment != 'none' else 'without'} mirror images) and "
+                  f"{len(features['val'])} validation images in {features['seconds']:.0f} s")
+            sampler = TrainBatches(features["train"], features["train_labels"], num_classes, config.batch_size,
+                                   seed=config.seed)
+            with self.strategy.scope():
+                trainee = models.head_model(self.model)
+            self.attempt = {"phase": phase, "sampler": sampler, "mining": None, "model": trainee, "optimizer": None,
+                            "features_seconds": features["seconds"], "epochs": (0, config.head_epochs)}
+            return trainee, keras_internals.fit_input(sampler), (features["val"], one_hot(self.splits.y_val,
+                                                                                          num_classes))
+        sampler = TrainBatches(*self.train_data, num_classes, config.batch_size, seed=config.seed,
+                               mix=config.augment if config.augment in ("mixup", "cutmix") else None,
+                               weighted=config.hem and config.hem_mode == "reweight")
+        mining = hem.make_mining(config, sampler, self.fit_model)
+        start = 0 if phase == "head" else run_folder.read_state(self.run_dir)["head_epochs_done"]
+        end = start + (config.head_epochs if phase == "head" else config.finetune_epochs)
+        if phase == "finetune":
+            _restore_mining(mining, self.run_dir, "head")
+        backup = self.run_dir / "backup" / phase
+        committed = run_folder.settle_phase(self.run_dir, backup, start)
+        if (backup / "latest.weights.h5").exists():  # BackupAndRestore loads it into the model and its optimiser
+            run_folder.check_weights_file(backup / "latest.weights.h5", self.fit_model, copies=3)
+        restored = run_folder.load_callback_state(backup, committed) if committed > start else None
+        if restored and restored.get("stopped"):
+            end = committed  # early stopping had ended this phase: only restore its weights
+        if committed > start:
+            print(f"resuming phase {phase!r} after epoch {committed} (of epochs {start + 1}-{end})")
+        if restored and mining is not None and restored.get("mining"):
+            mining.set_state(restored["mining"])
+        keras_internals.forget_restored_epoch(self.fit_model)  # else it would start where a previous fit's backup was
+        self.attempt = {"phase": phase, "sampler": sampler, "mining": mining, "model": self.fit_model,
+                        "optimizer": getattr(self.fit_model, "optimizer", None),
+                        "restored": restored, "epochs": (start, end)}
+        return self.fit_model, keras_internals.fit_input(sampler), self.validation
+
+    def _attempt(self, phase: str) -> dict:
+        if not self.attempt or self.attempt["phase"] != phase:
+            raise RunError(f"call training.data({phase!r}) first: each attempt at a phase starts there, from a "
+                           "freshly compiled model, as a resumed process does")
+        return self.attempt
+
+    def epochs(self, phase: str) -> tuple[int, int]:
+        """fit's (initial_epoch, epochs), counted from the run's first epoch: a stopped phase resumes after
+        its last finished epoch."""
+        return self._attempt(phase)["epochs"]
+
+    def callbacks(self, phase: str, extra: list | None = None) -> list[keras.callbacks.Callback]:
+        """The phase's callbacks, watching the validation split: ModelCheckpoint (best.keras), EarlyStopping,
+        ReduceLROnPlateau (the plateau schedule), CSVLogger (history.csv), BackupAndRestore, hard-example
+        mining, TensorBoard logs, and the resume state that lets a killed phase continue exactly; `extra`
+        after them, then the progress line (last: Keras then uses it instead of its own)."""
+        attempt, config = self._attempt(phase), self.config
+        self._record_compile(phase, attempt["model"])
+        quiet = tflogs.quiet_first_steps()
+        if phase == "head" and self.cached:  # a short phase, atomic: a kill during it does it again
+            (self.run_dir / run_folder.HISTORY).unlink(missing_ok=True)
+            reduce_lr = reduce_lr_on_plateau(config)
+            # mining does not apply to the head on features; its columns are filled so that history.csv keeps
+            # one set of columns across the phases: no example mined, no scoring pass (NaN, not a loss of 0)
+            unmined = {key: 0 if key in hem.LOG_KEYS else float("nan") for key in hem.log_keys(config)}
+            return [quiet, EpochOrder(attempt["sampler"]), EpochTimer(config.batch_size),
+                    *([keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: logs.update(unmined))]
+                      if unmined else []),
+                    keras.callbacks.TerminateOnNaN(), *([reduce_lr] if reduce_lr is not None else []),
+                    keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", restore_best_weights=True,
+                                                  patience=config.early_stopping_patience, verbose=1),
+                    HistoryLog(self.run_dir / run_folder.HISTORY, append=True), *(extra or []), EpochLine()]
+        return [quiet, *callback_set(config, self.run_dir, phase, attempt["sampler"], attempt["mining"],
+                                     run_folder.best_val_accuracy(self.run_dir), attempt["restored"],
+                                     attempt["epochs"][0], inference=self.model), *(extra or []), EpochLine()]
+
+    def _record_compile(self, phase: str, model: keras.Model) -> None:
+        """What the phase's optimiser was given (results.json's "optimization"); the peak rate: after warm-up."""
+        if getattr(model, "optimizer", None) is None or model.optimizer is self.attempt["optimizer"]:
+            raise RunError(f"compile the model that training.data({phase!r}) gave before fit: a phase trains with "
+                           "a freshly compiled optimiser, as a resumed process does")
+        inner = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # under mixed_float16's loss scaling
+        peak = learning_rate(self.config.replace(lr_schedule="plateau"), phase, 1)
+        run_folder.write_state(self.run_dir, **{f"{phase}_compiled": {
+            "optimizer": type(inner).__name__.lower(), "learning_rate": float(peak),
+            "schedule": self.config.lr_schedule, "jit_compile": bool(getattr(model, "jit_compile", False))}})
+
+    def end(self, phase: str) -> None:
+        """After fit: refuse a phase whose loss diverged, then record the phase as done."""
+        attempt = self._attempt(phase)
+        self.attempt = None
+        refuse_a_diverged_phase(self.run_dir, phase)
+        if phase == "head" and self.cached:  # the best epoch's head on the frozen backbone: best.keras
+            run_folder.save_atomic(self.run_dir / "best.keras", self.model.save)
+            run_folder.write_state(self.run_dir, head_feature_seconds=round(attempt["features_seconds"], 1))
+        if phase == "head":
+            self._phase1_done()
+        else:
+            run_folder.write_state(self.run_dir, finetune_done=True)
+
+    def _phase1_done(self) -> None:
+        run_folder.save_atomic(self.run_dir / PHASE1_WEIGHTS, self.model.save_weights)
+        run_folder.write_state(self.run_dir, head_epochs_done=len(run_folder.history_rows(self.run_dir)))
+        if self.config.tensorboard and self.pretrained:  # phase 1 on cached features is logged once done
+            write_tensorboard(self.run_dir)
+
+    def _load_phase1(self) -> None:
+        """The model's weights as phase 1 left them (the file's optimiser, none or phase 1's, is not loaded)."""
+        run_folder.check_weights_file(self.run_dir / PHASE1_WEIGHTS, self.model)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            self.model.load_weights(self.run_dir / PHASE1_WEIGHTS)
+
+    def finish(self) -> Path:
+        """Evaluate the best checkpoint and write results.json; the backups go. Returns the run folder."""
+        if not self.done:
+            results.write(self.config, self.run_dir, self.splits, time.perf_counter() - self.started)
+            run_folder.write_state(self.run_dir, finished=True)
+            shutil.rmtree(self.run_dir / "backup", ignore_errors=True)
+            shutil.rmtree(self.run_dir / run_folder.CHECKPOINTS, ignore_errors=True)
+            self.done = True
+            self.lock.release()
+        return self.run_dir if self.worker_dir is None else self.config.run_dir()
+
+    def close(self) -> None:
+        """Let go of the run folder; remove a non-chief worker's temporary folder."""
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+        if self.worker_dir is not None:
+            shutil.rmtree(self.worker_dir, ignore_errors=True)
+
+    def __del__(self):  # a training the notebook no longer holds (its cell was run again) lets go of the folder
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+
+
+def identify(config: Config, model: keras.Model, training_model: keras.Model | None) -> tuple[Config, str]:
+    """`config` as it names the run of `model` (and `training_model`, the augmentation in front of it): the
+    same when models.py builds this model for these settings, else with the model's fingerprint as its
+    `model` setting. Also returns the fingerprint."""
+    trainee = training_model or models.training_model(model, config)
+    found = models.fingerprint(trainee)
+    recipe = models.recipe_fingerprint(config.replace(model=""), int(model.output.shape[-1]))
+    return config.replace(model="" if found == recipe else found), found
 
 
 def refuse_a_diverged_phase(run_dir: Path, phase: str) -> None:
@@ -78,229 +418,6 @@ def refuse_a_diverged_phase(run_dir: Path, phase: str) -> None:
         raise RunError(f"phase {phase!r}: the training loss became {loss} at epoch {int(rows[-1]['epoch'])}, "
                        "and TerminateOnNaN stopped the run; nothing was evaluated. Lower the phase's learning "
                        "rate (head_learning_rate, finetune_learning_rate) or set clipnorm, which trains a new run")
-
-
-PHASES = ("head", "finetune")
-
-
-def run(config: Config, verbose: int | str = "auto", callbacks: list | None = None, splits: Splits | None = None,
-        model: keras.Model | None = None) -> Path:
-    """Train (or resume) the run described by `config`, both phases and the evaluation; returns its run folder.
-
-    The notebook takes the same steps one by one (see Training)."""
-    training = Training(config, verbose=verbose, callbacks=callbacks, splits=splits, model=model)
-    try:
-        for phase in PHASES:
-            training.set_phase(phase)
-            training.compile(phase)
-            training.fit(phase)
-        return training.finish()
-    finally:
-        training.close()
-
-
-class Training:
-    """One run's training, a step at a time, with the run folder's bookkeeping done here:
-
-        training = Training(config)       # validates the settings, claims the run folder (or finds it finished)
-        training.set_phase("head")        # freeze the backbone: only the head trains
-        training.compile("head")          # the phase's optimiser, learning-rate schedule, loss and metrics
-        training.fit("head")              # the callbacks; a phase done earlier is skipped, a killed one resumes
-        training.set_phase("finetune")    # unfreeze the top finetune_fraction of the backbone (BatchNorm stays)
-        training.compile("finetune")
-        training.fit("finetune")
-        run_dir = training.finish()       # the best checkpoint on validation and, once, on the test set
-
-    `splits` (prepare_data) and `model` (models.new_model), when the caller already has them for these settings,
-    are used instead of loading the data and building the model again (the notebook does this). Progress
-    is recorded in the run folder (state.json, the phase-1 weights, BackupAndRestore's backup), so that a
-    process killed at any point resumes where it stopped. `callbacks` are added to Keras' fit. Under a
-    multi-worker distribution only the chief writes the run folder; every other worker works in a
-    temporary folder (seeded from the chief's, to resume from the same point) removed by `close`.
-    """
-
-    def __init__(self, config: Config, verbose: int | str = "auto", callbacks: list | None = None,
-                 splits: Splits | None = None, model: keras.Model | None = None):
-        validate(config)  # before anything is read or written
-        if config.hem and config.hem_mode == "selective" and keras.backend.backend() != "tensorflow":
-            raise ConfigError(f"setting 'hem_mode': 'selective' needs Keras' TensorFlow backend, not "
-                              f"{keras.backend.backend()!r} (it backpropagates batches whose size varies from "
-                              "step to step, which a jit-compiled JAX step does not allow); use hem_mode=reweight")
-        self.config, self.verbose, self.callbacks = config, verbose, list(callbacks or [])
-        self.run_dir, self.worker_dir = config.run_dir(), None
-        self.phase = self.compiled = None  # the phase set_phase last set, and the one compile last compiled for
-        run_folder.check_model_format(self.run_dir)
-        self.done = run_folder.finished(self.run_dir) and \
-            Config.load(self.run_dir / "config.json").identity() == config.identity()
-        if self.done:
-            print(f"finished run found: {self.run_dir} holds these settings' results; nothing to train")
-            return
-        given = splits is not None and splits.config_key == splits_key(config)
-        self.splits = splits if given else prepare_data(config)
-        self.strategy, cluster = distribution.make_strategy(config.distribution, config.distribution_timeout)
-        if model is None or getattr(model, "built_for", None) != config.identity() or _distributed(self.strategy):
-            # a model given is reused on one device only
-            model = models.new_model(config, self.splits.dataset.num_classes, self.strategy)
-        self.model = model  # the inference model: what best.keras holds
-        with self.strategy.scope():  # the augmentation's random streams are variables
-            self.fit_model = models.training_model(model, config)  # what fit trains: augmentation + model
-        if cluster is not None and not cluster.is_chief:
-            self.run_dir = self.worker_dir = distribution.worker_folder(config.run_dir(), cluster.index)
-        with run_folder.RunLock(self.run_dir):
-            resuming = run_folder.claim(config, self.run_dir)
-            self.done = run_folder.finished(self.run_dir)
-            if self.done:
-                print(f"run {self.run_dir} is complete: see {self.run_dir / 'results.json'}")
-                return
-            print(("resuming" if resuming else "starting") + f" run {self.run_dir}"
-                  + (f" on {self.strategy.num_replicas_in_sync} replicas"
-                     if self.strategy.num_replicas_in_sync > 1 else ""))
-            if not given:  # the notebook's data cell has described the data it passes
-                print(self.splits.dataset.describe())
-            save_class_info(self.run_dir, self.splits.dataset)
-        self.train_data = (self.splits.x_train, self.splits.y_train)  # copied out of the dataset once
-        self.sampler, self.mining = self._pipeline()
-        self.validation = (self.splits.x_val, one_hot(self.splits.y_val, self.splits.dataset.num_classes))
-        self.pretrained = config.weights is not None
-        self.head = None  # phase 1's model on cached features (head_features="cached")
-        self.started = time.perf_counter()
-
-    def check(self, config: Config) -> None:
-        """Refuse to go on when `config` (the notebook's settings now) is not the one this training was made for."""
-        if config.identity() != self.config.identity() or config.run_dir() != self.config.run_dir():
-            changes = "; ".join(config.differences(self.config)) or "the run folder"
-            raise RunError(f"the settings changed since this training was made ({changes}): run the phase-1 "
-                           "cell (it makes the training) and then this one")
-
-    def _pipeline(self) -> tuple[TrainBatches, keras.callbacks.Callback | None]:
-        """A phase's training batches and mining callback, made afresh for each attempt at a phase."""
-        config, num_classes = self.config, self.splits.dataset.num_classes
-        sampler = TrainBatches(*self.train_data, num_classes, config.batch_size,
-                               seed=config.seed, mix=config.augment if config.augment in ("mixup", "cutmix") else None,
-                               weighted=config.hem and config.hem_mode == "reweight")
-        return sampler, hem.make_mining(config, sampler, self.fit_model)
-
-    def _phase_done(self, phase: str) -> bool:
-        state = run_folder.read_state(self.run_dir)
-        if phase == "head":
-            return (self.run_dir / PHASE1_WEIGHTS).exists() and "head_epochs_done" in state
-        return bool(state.get("finetune_done"))
-
-    def _nothing_to_train(self, phase: str) -> bool:
-        """True when `phase` has no training to do: the run is finished, the phase was done earlier, or
-        phase 1 without pretrained weights (a head on frozen random features is skipped)."""
-        return self.done or self._phase_done(phase) or (phase == "head" and not self.pretrained)
-
-    def set_phase(self, phase: str) -> None:
-        """Freeze (phase 'head': the backbone) or unfreeze (phase 'finetune': the top finetune_fraction of the
-        backbone, BatchNorm kept in inference mode with pretrained weights) the model's layers."""
-        if not self.done:
-            models.set_phase(self.fit_model, phase, self.config.finetune_fraction, self.pretrained)
-            self.phase = phase
-            counts = models.count_parameters(self.model)
-            print(f"phase {phase!r}: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters")
-
-    def compile(self, phase: str) -> None:
-        """Compile for `phase` (after set_phase: Keras reads which weights train when it compiles)."""
-        if self._nothing_to_train(phase):
-            return
-        if self.phase != phase:
-            raise RunError(f"call set_phase({phase!r}) before compile({phase!r}): a phase trains the layers "
-                           "that set_phase leaves trainable")
-        self.sampler, self.mining = self._pipeline()
-        config, target, steps = self.config, self.fit_model, len(self.sampler)
-        if phase == "head" and config.head_features == "cached":
-            with self.strategy.scope():
-                self.head = target = head.head_model(self.model)
-            images = len(self.splits.train_indices) * (2 if config.augment != "none" else 1)
-            steps = -(-images // config.batch_size)
-        epochs = config.head_epochs if phase == "head" else config.finetune_epochs
-        base = config.head_learning_rate if phase == "head" else config.finetune_learning_rate
-        with self.strategy.scope():
-            compile_model(target, learning_rate_for(base, config, epochs, steps), config)
-        peak = learning_rate_for(base, config.replace(lr_schedule="plateau"), epochs, steps)
-        run_folder.write_state(self.run_dir, **{f"{phase}_compiled": {  # peak: after warm-up, before any decay
-            "optimizer": config.optimizer, "learning_rate": float(peak),
-            "schedule": config.lr_schedule, "jit_compile": bool(getattr(target, "jit_compile", False))}})
-        self.compiled = phase
-
-    def fit(self, phase: str) -> None:
-        """Train `phase` with the callbacks; a phase done earlier is skipped, one a killed process left
-        unfinished resumes at its last finished epoch."""
-        if self.done:
-            return
-        if self._phase_done(phase):
-            print(f"phase {phase!r} was finished earlier in {self.run_dir}: its weights are used")
-            if phase == "head":
-                self._load_phase1()
-            return
-        if self.compiled != phase and not (phase == "head" and not self.pretrained):
-            raise RunError(f"call compile({phase!r}) before fit({phase!r}): each attempt at a phase starts from a "
-                           "freshly compiled optimiser, as a resumed process does")
-        self.compiled = None
-        with run_folder.RunLock(self.run_dir):
-            if phase == "head":
-                self._fit_head()
-            else:  # from phase 1's weights and mining state (a phase resumed mid-way then restores its own)
-                self._load_phase1()
-                _restore_mining(self.mining, self.run_dir, "head")
-                start = run_folder.read_state(self.run_dir)["head_epochs_done"]
-                fit_phase(self.fit_model, self.config, self.run_dir, "finetune", sampler=self.sampler,
-                          validation=self.validation, epochs=(start, start + self.config.finetune_epochs),
-                          mining=self.mining, verbose=self.verbose, extra_callbacks=self.callbacks,
-                          inference=self.model)
-                run_folder.write_state(self.run_dir, finetune_done=True)
-
-    def _load_phase1(self) -> None:
-        """The model's weights as phase 1 left them; the optimiser compiled for the phase is kept as it is."""
-        run_folder.check_weights_file(self.run_dir / PHASE1_WEIGHTS, self.model)
-        with warnings.catch_warnings():  # the file's optimiser (none, or phase 1's) is deliberately not loaded
-            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-            self.model.load_weights(self.run_dir / PHASE1_WEIGHTS)
-
-    def _fit_head(self) -> None:
-        config = self.config
-        self.model.set_weights(self.model.initial_weights)  # phase 1 (re)starts from the initial weights
-        keras.mixed_precision.set_global_policy(precision_policy(config.mixed_precision))
-        keras.utils.set_random_seed(config.seed)
-        if not self.pretrained:
-            print("no pretrained weights: phase 1 (a head on frozen random features) is skipped")
-            (self.run_dir / run_folder.HISTORY).unlink(missing_ok=True)
-        elif config.head_features == "cached":
-            head.train_on_features(self.model, self.head, config, self.run_dir, self.splits,
-                                   mining_columns=self.mining is not None, verbose=self.verbose,
-                                   callbacks=self.callbacks)
-        else:
-            fit_phase(self.fit_model, config, self.run_dir, "head", sampler=self.sampler, validation=self.validation,
-                      epochs=(0, config.head_epochs), mining=self.mining, verbose=self.verbose,
-                      extra_callbacks=self.callbacks, inference=self.model)
-        tmp = self.run_dir / f".{PHASE1_WEIGHTS}"
-        self.model.save_weights(tmp)
-        os.replace(tmp, self.run_dir / PHASE1_WEIGHTS)
-        run_folder.write_state(self.run_dir, head_epochs_done=len(run_folder.history_rows(self.run_dir)))
-        if config.tensorboard and self.pretrained:  # phase 1 on cached features is atomic: logged once done
-            write_tensorboard(self.run_dir)
-
-    def finish(self) -> Path:
-        """Evaluate the best checkpoint and write results.json; the backups go. Returns the run folder."""
-        if not self.done:
-            with run_folder.RunLock(self.run_dir):
-                results.write(self.config, self.run_dir, self.splits, self.mining, time.perf_counter() - self.started)
-                run_folder.write_state(self.run_dir, finished=True)
-                shutil.rmtree(self.run_dir / "backup", ignore_errors=True)
-                shutil.rmtree(self.run_dir / run_folder.CHECKPOINTS, ignore_errors=True)
-            self.done = True
-        return self.config.run_dir()
-
-    def close(self) -> None:
-        """Remove a non-chief worker's temporary folder."""
-        if self.worker_dir is not None:
-            shutil.rmtree(self.worker_dir, ignore_errors=True)
-
-
-def _distributed(strategy) -> bool:
-    """True for a tf.distribute strategy (even of one replica): its model must be built inside its scope."""
-    return type(strategy).__name__ not in ("_DefaultDistributionStrategy", "_NoStrategy")
 
 
 def _restore_mining(mining: keras.callbacks.Callback | None, run_dir: Path, phase: str) -> None:

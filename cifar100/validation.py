@@ -4,6 +4,7 @@ each number within its meaning, each choice among its values, the backbone known
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -72,6 +73,9 @@ def validate(config: Config, check_data: bool = True, check_files: bool = True) 
             raise ConfigError(f"setting '{name}' must be a string, got {shown(getattr(config, name))}")
     if config.name and (config.name in (".", "..") or "/" in config.name or "\\" in config.name):
         raise ConfigError(f"setting 'name': {shown(config.name)} must be a plain folder name (no '/', not '.' or '..')")
+    if not isinstance(config.model, str) or not re.fullmatch(r"(|[0-9a-f]{8})", config.model):
+        raise ConfigError(f"setting 'model': {shown(config.model)} must be empty (the model cifar100/models.py "
+                          "builds) or the 8 hex digits of an edited model's fingerprint")
     for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
             raise ConfigError(f"setting '{name}': {shown(getattr(config, name))} is not one of {list(allowed)}")

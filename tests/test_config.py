@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from cifar100.compiling import jit_setting, precision_policy, resolve_flag
 from cifar100.config import PRESETS, Config, ConfigError, make_config
+from cifar100.models import precision_policy, resolve_flag
+from cifar100.train import jit_compile
 
 
 def test_presets_fill_the_config_and_leave_the_learning_rates_unscaled():
@@ -44,9 +45,9 @@ def test_config_round_trips_through_json(tmp_path):
 @pytest.mark.parametrize("gpus", [[], ["NVIDIA H200"]])
 def test_precision_and_xla_follow_the_gpu_unless_asked(gpus, monkeypatch):
     """'auto' is on with a GPU and off without, whatever machine the suite runs on."""
-    from cifar100 import compiling
+    from cifar100 import models
 
-    monkeypatch.setattr(compiling, "gpu_names", lambda: gpus)
+    monkeypatch.setattr(models, "gpu_names", lambda: gpus)
     assert resolve_flag("auto") is bool(gpus) and resolve_flag("true") is True and resolve_flag("false") is False
     assert precision_policy("auto") == ("mixed_float16" if gpus else "float32")
     assert precision_policy("false") == "float32"
@@ -54,4 +55,5 @@ def test_precision_and_xla_follow_the_gpu_unless_asked(gpus, monkeypatch):
 
 
 def test_xla_auto_is_left_to_keras():
-    assert jit_setting("auto") == "auto" and jit_setting("true") is True and jit_setting("false") is False
+    setting = {value: jit_compile(Config(jit_compile=value)) for value in ("auto", "true", "false")}
+    assert setting == {"auto": "auto", "true": True, "false": False}

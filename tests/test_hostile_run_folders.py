@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from cifar100 import compare, data, evaluate, plots, run_folder, train, write_data
+from cifar100 import compare, data, evaluate, models, plots, run_folder, train, write_data
 from cifar100.__main__ import main
 from cifar100.config import Config, ConfigError, make_config
 from cifar100.errors import DatasetError, RunError
@@ -286,7 +286,7 @@ def test_figures_check_the_saved_predictions_and_hardest_examples(run_dir, tmp_p
 
 
 def test_prediction_batches_stay_small_at_any_image_size():
-    sizes = {size: evaluate.inference_batch_size(Config(image_size=size, batch_size=64)) for size in (32, 160, 1024)}
+    sizes = {size: models.inference_batch_size(Config(image_size=size, batch_size=64)) for size in (32, 160, 1024)}
     assert sizes[32] == 128 and sizes[160] == 109 and sizes[1024] == 2
 
 

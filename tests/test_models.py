@@ -193,13 +193,13 @@ def test_a_short_fit_under_mixed_bfloat16(backbone="tinycnn"):
     stays finite and the weights (kept in float32) move."""
     import numpy as np
 
-    from cifar100 import compiling
+    from cifar100 import train
 
     config = Config(backbone=backbone, image_size=32, weights=None, mixed_precision="bfloat16", augment="basic")
     try:
         model = models.new_model(config, 4)
         models.set_phase(model, "finetune", pretrained=False)
-        compiling.compile_model(model, 1e-3, config)
+        train.compile_model(model, 1e-3, config)
         before = [w.copy() for w in model.get_weights()]
         rng = np.random.default_rng(0)
         x = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
@@ -212,3 +212,20 @@ def test_a_short_fit_under_mixed_bfloat16(backbone="tinycnn"):
     assert all(w.dtype == "float32" for w in model.trainable_weights)
     assert all(np.isfinite(history["loss"]))
     assert any(not np.allclose(a, b) for a, b in zip(before, model.get_weights(), strict=True))
+
+
+def test_the_fingerprint_follows_what_the_model_computes_not_its_names():
+    config = Config(backbone="tinycnn", weights=None, image_size=32)
+    model = models.build_model(config, 10)
+    again = models.build_model(config, 10)  # the same recipe, built again: Keras names its layers anew
+    names = [[layer.name for layer in models.backbone_of(m).layers] for m in (model, again)]
+    assert names[0] != names[1]
+    assert models.fingerprint(again) == models.fingerprint(model)
+    models.set_phase(again, "head")  # what trains changes with the phase, not what the model is
+    assert models.fingerprint(again) == models.fingerprint(model)
+    assert models.fingerprint(models.build_model(config.replace(dropout=0.5), 10)) != models.fingerprint(model)
+    assert models.fingerprint(models.build_model(config, 20)) != models.fingerprint(model)
+    training = models.training_model(model, config)
+    assert models.fingerprint(training) != models.fingerprint(model)  # the augmentation counts
+    assert models.fingerprint(models.training_model(model, config.replace(augment="randaugment"))) != \
+        models.fingerprint(training)

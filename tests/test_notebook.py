@@ -89,3 +89,20 @@ def test_executed_notebook_ends_with_a_prediction_on_an_image_file_with_class_na
     assert len(printed) == 5 and all(line.rsplit(": ", 1)[0].strip("'") in names for line in printed)
     probabilities = [float(line.rsplit(": ", 1)[1]) for line in printed]
     assert probabilities == sorted(probabilities, reverse=True) and (run_dir / "test-image-0.png").is_file()
+
+
+@pytest.mark.slow
+def test_the_command_line_trains_the_model_the_notebook_trained(executed, capsys):
+    """The same settings on the command line find the notebook's finished run: the same folder, and the model
+    the command line builds has the fingerprint of the one the notebook trained (else a RunError)."""
+    from cifar100 import run_folder
+    from cifar100.__main__ import main
+
+    _, run_dir = executed
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model"] == "" and run_folder.read_state(run_dir)["model_fingerprint"]
+    history = (run_dir / "history.csv").read_bytes()
+    assert main(["train", "--preset", "smoke", "--data", config["data_dir"], "--run-dir", str(run_dir),
+                 "--set", "finetune_epochs=2", "--set", "hem=true"]) == 0
+    assert "finished run found" in capsys.readouterr().out
+    assert (run_dir / "history.csv").read_bytes() == history

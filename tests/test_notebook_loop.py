@@ -112,7 +112,7 @@ def test_change_rerun_compare_reuse_and_resume_in_a_live_kernel(kernel, tmp_path
     runs = tmp_path / "models"
     comparison = kernel.index("compare.group_runs")
     training = kernel.index("train.Training(")  # phase 1; phase 2 and the evaluation are the next code cell
-    finetune = kernel.index('training.fit("finetune")')
+    finetune = kernel.index('training.set_phase("finetune")')
 
     # 1. Run All: the preset's run, each figure shown once
     cells = kernel.run_all()

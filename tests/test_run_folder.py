@@ -218,8 +218,6 @@ def test_a_rewrite_killed_before_its_rename_leaves_the_old_file(tmp_path, monkey
 def test_a_second_process_on_a_locked_run_folder_says_who_holds_it(small_data, tmp_path):
     run_dir = tmp_path / "locked"
     with run_folder.RunLock(run_dir):
-        with pytest.raises(RunError, match=f"{run_dir} is in use by process {os.getpid()} on "):
-            train.run(smoke(small_data, run_dir), verbose=0)
         result = run_cli("train", "--preset", "smoke", "--data", str(small_data), "--run-dir", str(run_dir))
     assert result.returncode == 2
     assert f"error: {run_dir} is in use by process {os.getpid()}" in result.stderr
@@ -227,6 +225,21 @@ def test_a_second_process_on_a_locked_run_folder_says_who_holds_it(small_data, t
     assert not (run_dir / "history.csv").exists()
     with run_folder.RunLock(run_dir):  # released when its holder is done
         pass
+
+
+def test_the_lock_is_shared_within_a_process_and_released_with_its_last_holder(tmp_path):
+    import fcntl
+
+    first, second = run_folder.RunLock(tmp_path), run_folder.RunLock(tmp_path)
+    first.acquire()
+    second.acquire()  # a notebook cell run again, while the previous run's training still holds the folder
+    first.release()
+    first.release()  # a second release of one hold changes nothing
+    with open(tmp_path / ".lock") as other, pytest.raises(OSError):  # what another process would meet
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    second.release()
+    with open(tmp_path / ".lock") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 # --- TensorBoard ----------------------------------------------------------------------------------------
@@ -288,7 +301,7 @@ def test_best_keras_is_the_best_validation_epoch_not_the_last(tmp_path):
     import keras
     import numpy as np
 
-    from cifar100 import callbacks, compiling
+    from cifar100 import callbacks
     from cifar100.sampling import TrainBatches, one_hot
 
     scripted = [0.3, 0.9, 0.5, 0.4]
@@ -309,7 +322,7 @@ def test_best_keras_is_the_best_validation_epoch_not_the_last(tmp_path):
     images, labels = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), np.arange(64) % 4
     sampler = TrainBatches(images, labels, 4, 16, seed=0)
     model = models.new_model(config, 4)
-    compiling.compile_model(model, 1e-2, config)
+    train.compile_model(model, 1e-2, config)
     script = Script()
     model.fit(sampler, validation_data=(images[:16], one_hot(labels[:16], 4)), epochs=4, shuffle=False, verbose=0,
               callbacks=[script, *callbacks.callback_set(config, run_dir, "finetune", sampler, None, None, None)])
@@ -369,12 +382,7 @@ KILLER = textwrap.dedent("""
     elif point == "after_commit":  # the epoch committed, its checkpoint not yet published
         before(callbacks.run_folder, "publish_checkpoint", lambda run_dir, n: n == epoch + 1)
     elif point == "after_phase":  # a phase's fit() returned, nothing after it done
-        original_fit = train.fit_phase
-        def fit_phase(*args, **kwargs):
-            original_fit(*args, **kwargs)
-            if args[3] == "head":
-                die()
-        train.fit_phase = fit_phase
+        before(train.Training, "end", lambda self, phase: phase == "head")
     elif point == "history_row":  # any phase, phase 1 on cached features too: as an epoch's row is written
         before(callbacks.HistoryLog, "on_epoch_end", lambda self, e, logs=None: e == epoch)
     elif point == "during_finish":

@@ -93,3 +93,40 @@ def test_the_same_settings_find_their_finished_run_without_training(synthetic_ci
 @pytest.mark.parametrize("preset", ["seed-resnet50", "cpu-small", "smoke"])
 def test_every_preset_with_a_change_keeps_its_name_first(preset):
     assert make_config(preset, {"seed": 7}).run_name().startswith(f"{preset}-seed=7-")
+
+
+@pytest.mark.slow  # over 5 s: left out of `make test-fast`
+def test_a_model_edited_in_the_notebook_trains_into_a_folder_of_its_own(synthetic_cifar100, tmp_path, capsys):
+    import keras
+    import numpy as np
+
+    from cifar100 import evaluate, models, run_folder
+    from cifar100.datasplit import prepare_data
+    from cifar100.errors import RunError
+
+    config = make_config("smoke", {"data_dir": str(synthetic_cifar100), "runs_dir": str(tmp_path),
+                                   "finetune_epochs": 1})
+    splits = prepare_data(config)
+    classes = splits.dataset.num_classes
+    library = train.run(config, verbose=0, splits=splits, model=models.new_model(config, classes))
+    assert library == config.run_dir()
+    model = models.new_model(config, classes)  # another head: a hidden layer before the softmax
+    hidden = keras.layers.Dense(32, activation="relu")(model.get_layer("dropout").output)
+    edited = keras.Model(model.inputs, keras.layers.Dense(classes, activation="softmax")(hidden))
+    run_dir = train.run(config, verbose=0, splits=splits, model=edited)
+    fingerprint = json.loads((run_dir / "config.json").read_text())["model"]
+    assert run_dir != library and f"-model={fingerprint}-" in run_dir.name and len(fingerprint) == 8
+    assert "finished run found" not in capsys.readouterr().out
+    _, loaded, _ = evaluate.load_run(run_dir)  # loads as the edited model, with its hidden layer
+    assert len(loaded.layers) == len(edited.layers)
+    images = splits.dataset.x_test[:8]
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), edited.predict(images, verbose=0), atol=1e-6)
+    # the recipe again: its own finished run
+    assert train.run(config, verbose=0, splits=splits, model=models.new_model(config, classes)) == library
+    assert "finished run found" in capsys.readouterr().out
+    # cifar100/models.py changed since that run trained: its folder is refused, and left as it is
+    run_folder.write_state(library, model_fingerprint="0123abcd")
+    before = sorted(p.name for p in library.iterdir())
+    with pytest.raises(RunError, match=r"trained with another model \(fingerprint '0123abcd'; the model built now"):
+        train.run(config, verbose=0)
+    assert sorted(p.name for p in library.iterdir()) == before

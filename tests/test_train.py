@@ -74,19 +74,34 @@ def test_a_config_that_cannot_work_fails_before_training(train_data, tmp_path, o
 
 
 def test_the_steps_of_a_phase_out_of_order_are_refused_and_train_nothing(train_data, tmp_path):
-    """The notebook's steps (set_phase, compile, fit) each refuse to run before the step they need."""
+    """The notebook's steps (set_phase, data, compile, callbacks, fit, end) each refuse to run before the
+    step they need."""
     from cifar100.errors import RunError
 
     config = smoke(train_data, tmp_path / "steps")
-    training = train.Training(config, verbose=0)
-    with pytest.raises(RunError, match=r"call set_phase\('finetune'\) before compile\('finetune'\)"):
-        training.compile("finetune")
+    training = train.Training(config)
+    with pytest.raises(RunError, match=r"call set_phase\('finetune'\) first"):
+        training.needs("finetune")
     training.set_phase("finetune")
-    with pytest.raises(RunError, match=r"call compile\('finetune'\) before fit\('finetune'\)"):
-        training.fit("finetune")
+    with pytest.raises(RunError, match=r"run phase 'head' first"):
+        training.data("finetune")
+    training.set_phase("head")
+    assert not training.needs("head")  # random weights: phase 1 is skipped
+    training.set_phase("finetune")
+    with pytest.raises(RunError, match=r"call training.data\('finetune'\) first"):
+        training.callbacks("finetune")
+    model, batches, validation = training.data("finetune")
+    with pytest.raises(RunError, match=r"compile the model that training.data\('finetune'\) gave before fit"):
+        training.callbacks("finetune")
+    train.compile_model(model, train.learning_rate(config, "finetune", len(batches)), config)
+    assert training.callbacks("finetune")
+    training.data("finetune")  # a second attempt (a cell run again) needs a fresh compile too
+    with pytest.raises(RunError, match=r"compile the model"):
+        training.callbacks("finetune")
     with pytest.raises(RunError, match=r"the settings changed since this training was made \(seed: 0 -> 1\)"):
         training.check(config.replace(seed=1))
     training.check(config)  # the same settings: fine
+    training.close()
     assert not (tmp_path / "steps" / "history.csv").exists()
 
 

@@ -7,14 +7,16 @@ import keras
 import numpy as np
 import pytest
 
-from cifar100 import compiling, datasplit, head, models, train, write_data
+from cifar100 import datasplit, models, train, write_data
 from cifar100.config import Config, make_config
+from cifar100.sampling import TrainBatches
 
 
 def rate_given(config: Config, phase_rate: float = 1e-3, epochs: int = 4, steps: int = 10):
     """The learning rate the compiled optimiser holds at each step of the phase."""
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
-    compiling.compile_model(model, compiling.learning_rate_for(phase_rate, config, epochs, steps), config)
+    config = config.replace(finetune_learning_rate=phase_rate, finetune_epochs=epochs)
+    train.compile_model(model, train.learning_rate(config, "finetune", steps), config)
     rates = []
     for step in range(epochs * steps + 1):  # the optimiser's own rate, at each of its iterations
         model.optimizer.iterations.assign(step)
@@ -40,7 +42,7 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
                                              ("adamw", keras.optimizers.AdamW, 0.05),
                                              ("sgd", keras.optimizers.SGD, 0.05)])
 def test_optimizer_choice(name, kind, decay):
-    optimizer = compiling.make_optimizer(1e-3, Config(optimizer=name, weight_decay=0.05, clipnorm=1.0))
+    optimizer = train.optimizer(Config(optimizer=name, weight_decay=0.05, clipnorm=1.0), 1e-3)
     assert type(optimizer) is kind and optimizer.clipnorm == 1.0
     assert optimizer.weight_decay == decay
     if name == "sgd":
@@ -110,13 +112,13 @@ def test_each_random_layer_draws_a_stream_of_its_own_each_epoch():
 def test_head_model_shares_the_classifier_and_the_features_are_the_backbones():
     config = Config(backbone="tinycnn", weights=None, image_size=32)
     model = models.build_model(config, 10)
-    small = head.head_model(model)
+    small = models.head_model(model)
     assert small.get_layer("classifier") is model.get_layer("classifier")
     images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
-    features = head.feature_extractor(model).predict(images, verbose=0)
+    features = models.feature_extractor(model).predict(images, verbose=0)
     np.testing.assert_allclose(small.predict(features, verbose=0), model.predict(images, verbose=0), rtol=1e-5,
                                atol=1e-6)
-    batches = head.FeatureBatches(features, np.arange(6) % 10, 10, 4, seed=0)
+    batches = TrainBatches(features, np.arange(6) % 10, 10, 4, seed=0)
     batches.set_epoch(1)
     first = batches.order.copy()
     batches.set_epoch(2)
@@ -140,7 +142,7 @@ def test_cached_head_run_records_what_it_did(synthetic_cifar100, tmp_path):
     assert len(rows) == state["head_epochs_done"] + 1 and 1 <= state["head_epochs_done"] <= 3
     assert results["optimization"]["finetune"] == {"optimizer": "adamw", "learning_rate": pytest.approx(3e-3),
                                                    "schedule": "cosine",
-                                                   "jit_compile": bool(compiling.gpu_names())}  # auto: XLA with a GPU
+                                                   "jit_compile": bool(models.gpu_names())}  # auto: XLA with a GPU
     assert results["head_feature_seconds"] > 0
     assert {"train_seconds", "val_seconds", "other_seconds"} <= set(rows[0]) and set(rows[0]) == set(rows[-1])
     for row in rows:

@@ -129,5 +129,5 @@ def test_a_run_folder_of_the_earlier_model_format_is_refused_in_one_line(trained
         assert len(errors) == 1 and "was trained by an earlier version of this project" in errors[0]
     config = Config.load(old / "config.json").replace(runs_dir=str(tmp_path), name="old")
     with pytest.raises(RunError, match="earlier version of this project"):
-        train.Training(config, verbose=0)
+        train.Training(config)
     assert not (tmp_path / "out").exists()
