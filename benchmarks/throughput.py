@@ -40,8 +40,8 @@ def measure(backbone: str, size: int, phase: str, precision: str, xla: str, inte
         tf.config.threading.set_inter_op_parallelism_threads(inter_op)
     keras.mixed_precision.set_global_policy(precision)
     from cifar100 import models
+    from cifar100.batches import TrainBatches
     from cifar100.config import Config
-    from cifar100.sampling import TrainBatches
 
     config = Config(backbone=backbone, image_size=size, weights=None)
     model = models.build_model(config, 100)

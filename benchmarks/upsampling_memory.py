@@ -39,8 +39,8 @@ def measure(size: int, images: int, batch_size: int) -> dict:
     import numpy as np
 
     from cifar100 import models, write_data
+    from cifar100.batches import TrainBatches
     from cifar100.config import Config
-    from cifar100.sampling import TrainBatches
 
     labels = np.arange(images) % 100
     x = write_data.synthetic_images(labels, 100, seed=0)

@@ -6,9 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from cifar100 import data, download, run_folder, tflogs, write_data
-from cifar100.config import PRESETS, Config, make_config
-from cifar100.errors import RunError, UserError
+from cifar100 import data, run_folder, tflogs, write_data
+from cifar100.config import PRESETS, Config, RunError, UserError, make_config
 
 DESCRIPTION = """Fine-tune an ImageNet-pretrained Keras backbone on CIFAR-100 (the same code as main.ipynb).
 
@@ -30,7 +29,7 @@ def _data_verify(args) -> None:
 
 
 def _data_download(args) -> None:
-    path = download.fetch(args.dir, kind=args.kind)
+    path = data.fetch(args.dir, kind=args.kind)
     print(data.load(path).describe())
 
 
@@ -55,7 +54,6 @@ def _train(args) -> None:
 
 
 def _print_results(run_dir: Path) -> None:
-
     results = run_folder.read_json(run_dir / "results.json")
     info = results.get("data") if isinstance(results.get("data"), dict) else {}
     note = data.caveat(info.get("synthetic") is not False, info.get("official"), str(info.get("kind", "?")))

@@ -8,18 +8,15 @@ import time
 from pathlib import Path
 
 from cifar100 import run_folder
-from cifar100.config import Config
-from cifar100.errors import RunError
+from cifar100.batches import EpochOrder, TrainBatches
+from cifar100.config import Config, RunError
 from cifar100.mining import COUNTERS, HardExampleMining, SelectiveBackprop
-from cifar100.sampling import EpochOrder, TrainBatches
 from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
 
 
 class EpochTimer(keras.callbacks.Callback):
-    """Adds to the logs where an epoch's time went: `epoch_seconds` (all of it, validation included),
-    `train_seconds` (the training steps), `val_seconds` (the validation pass), `other_seconds` (the rest:
-    the data pipeline's start, callbacks), and `train_images_per_second` (over the training steps only) and
-    the `learning_rate` the epoch ended with."""
+    """Logs where an epoch's time went (`epoch_seconds`: all; `train_seconds`, `val_seconds`, `other_seconds`),
+    `train_images_per_second` (over the training steps only) and the `learning_rate` the epoch ended with."""
 
     def __init__(self, batch_size: int):
         super().__init__()
@@ -55,17 +52,15 @@ class EpochTimer(keras.callbacks.Callback):
 
 
 class ProgressiveResizing(keras.callbacks.Callback):
-    """Progressive resizing: the epochs before `first_full_epoch` train at `size` px, the later ones at the
-    model's full size. The size is a function of the epoch alone, so a resumed run trains as an
-    uninterrupted one; each change rebuilds the training step (one retrace), validation is always at full
-    size (models.Upsample)."""
+    """Epochs before `first_full_epoch` train at `size` px, later ones (and all validation) at full size. The size
+    depends on the epoch alone, so a resumed run trains as an uninterrupted one; each change retraces the step."""
 
     def __init__(self, size: int, first_full_epoch: int):
         super().__init__()
         self.size, self.first_full_epoch = size, first_full_epoch
 
     def on_epoch_begin(self, epoch, logs=None):
-        from cifar100.models import Upsample
+        from cifar100.keras_internals import Upsample
 
         layer = self.model.get_layer("upsample")
         if not isinstance(layer, Upsample):
@@ -78,9 +73,8 @@ class ProgressiveResizing(keras.callbacks.Callback):
 
 
 class ResumeState(keras.callbacks.Callback):
-    """Saves, at the end of each epoch and before BackupAndRestore commits it, what Keras' backup does not
-    hold: the state of ReduceLROnPlateau, EarlyStopping and hard-example mining. At the start of a resumed
-    phase it puts that state back, so that the run continues exactly as if it had not been stopped."""
+    """Saves, before BackupAndRestore commits an epoch, the state its backup lacks (ReduceLROnPlateau, EarlyStopping,
+    mining), and puts it back when the phase resumes: the run continues exactly as if it had not been stopped."""
 
     def __init__(self, backup_dir: Path, reduce_lr, early_stopping, mining, restored: dict | None = None):
         super().__init__()
@@ -114,8 +108,7 @@ def _number(value):
 
 
 class CommitEpoch(keras.callbacks.Callback):
-    """After BackupAndRestore wrote its backup: mark the epoch committed, then make its checkpoint (if it
-    wrote one) best.keras."""
+    """After BackupAndRestore wrote its backup: mark the epoch committed, then make its checkpoint best.keras."""
 
     def __init__(self, run_dir: Path, backup_dir: Path):
         super().__init__()
@@ -127,8 +120,7 @@ class CommitEpoch(keras.callbacks.Callback):
 
 
 class InferenceCheckpoint(keras.callbacks.ModelCheckpoint):
-    """ModelCheckpoint that saves `inference`, the inference model, rather than the model fit trains (the
-    same layers and weights behind the training augmentation). `inference=None`: the model fit trains."""
+    """ModelCheckpoint saving `inference` (fit's model without the training augmentation); None: fit's model."""
 
     def __init__(self, inference: keras.Model | None, filepath, **kwargs):
         super().__init__(filepath, **kwargs)
@@ -139,9 +131,8 @@ class InferenceCheckpoint(keras.callbacks.ModelCheckpoint):
 
 
 class EpochLine(keras.callbacks.ProgbarLogger):
-    """Keras' progress bar, whose line at an epoch's end leaves out the timing and mining counters (they are in
-    history.csv): loss, accuracy and the learning rate stay readable. Put last among the callbacks: Keras
-    then uses it instead of adding its own."""
+    """Keras' progress bar, leaving the timing and mining counters (in history.csv) out of an epoch's line. Put it
+    last among the callbacks: Keras then uses it instead of adding its own."""
 
     QUIET = ("epoch_seconds", "train_seconds", "val_seconds", "other_seconds", "train_images_per_second",
              *COUNTERS)  # EpochTimer's, and mining's counters
@@ -151,10 +142,8 @@ class EpochLine(keras.callbacks.ProgbarLogger):
 
 
 class TensorBoardLog(keras.callbacks.Callback):
-    """The run's history.csv as TensorBoard scalars in run_dir/logs (`tensorboard --logdir models`), written
-    after each epoch is committed: one event file per epoch and split, so an epoch is never logged twice
-    and a committed epoch that a kill left out is filled in at the next one. (Keras' TensorBoard callback
-    writes each epoch as it ends, so an epoch redone after a kill would appear twice.)"""
+    """history.csv as TensorBoard scalars in run_dir/logs, written after each commit: one event file per epoch and
+    split, so an epoch redone after a kill is logged once (Keras' TensorBoard: twice) and a missed one filled in."""
 
     def __init__(self, run_dir: Path):
         super().__init__()
@@ -165,8 +154,7 @@ class TensorBoardLog(keras.callbacks.Callback):
 
 
 def write_tensorboard(run_dir: Path) -> None:
-    """Write the history rows that have no TensorBoard event file yet (train/ and validation/, as Keras'
-    TensorBoard names them: epoch_loss, epoch_accuracy, ...)."""
+    """Write the history rows that have no TensorBoard event file yet (named as Keras' TensorBoard names them)."""
     try:
         import tensorflow as tf
     except ImportError:  # another backend without TensorFlow installed: no TensorBoard logs
@@ -213,20 +201,15 @@ def callback_set(config: Config, run_dir: Path, phase: str, sampler: TrainBatche
                  mining: HardExampleMining | SelectiveBackprop | None,
                  best_so_far: float | None, restored: dict | None, start_epoch: int = 0,
                  inference: keras.Model | None = None) -> list[keras.callbacks.Callback]:
-    """The callbacks of one phase (which starts at `start_epoch`), in the order they must run at the end of
-    an epoch. The checkpoints hold `inference` (the inference model whose layers fit trains; default: the
-    model fit trains).
-
-    An epoch is committed once BackupAndRestore has written its backup and CommitEpoch has recorded it; what
-    comes before is redone if a kill strikes first (run_folder.settle_phase drops its traces), what comes
-    after (publishing the checkpoint) is finished at the restart.
-    """
+    """The callbacks of a phase starting at `start_epoch`, in the order they must run at an epoch's end;
+    checkpoints hold `inference` (default: fit's model). An epoch is committed once BackupAndRestore and
+    CommitEpoch have run: what comes before is redone after a kill (run_folder.settle_phase drops its
+    traces), what comes after is finished at the restart."""
     backup = run_dir / "backup" / phase
     checkpoints = run_dir / run_folder.CHECKPOINTS
     checkpoints.mkdir(exist_ok=True)
     reduce_lr = reduce_lr_on_plateau(config)
-    # progressive resizing: the small epochs are validated at full size, where they score lower while the
-    # model learns the small size; early stopping watches only the epochs at full size
+    # the small epochs of progressive resizing score low at full size: early stopping watches only full-size ones
     first_full = start_epoch + config.progressive_epochs if phase == "finetune" and config.progressive_size else 0
     early_stopping = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", start_from_epoch=first_full,
                                                    patience=config.early_stopping_patience, verbose=1)

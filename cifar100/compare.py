@@ -1,12 +1,7 @@
-"""Every finished run of a runs folder side by side.
+"""Every finished run of a runs folder side by side, grouped by dataset, seeds averaged into one row.
 
-Runs are grouped by the dataset they were trained and tested on (synthetic data never sits beside real
-data); within a group each row is labelled by the settings in which it differs from the other rows, and
-runs whose settings differ only in the seed are one row: the mean and standard deviation over the seeds.
-
-Settings are compared, and rows ordered, by VALIDATION top-1 (the split carved from the training set):
-choosing settings by the test top-1 would make the test number of the chosen settings biased upwards. The
-test top-1 is shown apart, as the report of a choice already made.
+Rows are ordered by VALIDATION top-1: choosing settings by the test top-1 would bias it upwards, so the test
+top-1 is shown apart, as the report of a choice already made.
 """
 
 from __future__ import annotations
@@ -20,8 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cifar100 import data, run_folder
-from cifar100.config import NOT_IDENTITY, Config
-from cifar100.errors import RunError, printable
+from cifar100.config import NOT_IDENTITY, Config, RunError, canonical, printable
 from cifar100.run_folder import is_number
 
 NOT_IN_LABELS = NOT_IDENTITY + ("data_dir", "seed")  # the data is the group's; seeds are averaged
@@ -73,8 +67,7 @@ class Row:
         return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
     def runs_text(self) -> str:
-        """What the row's numbers are, said the same way by the table and the figure: "1 run", "mean of 3
-        seeds", or "mean of 2 runs, 1 seed" (runs of the same seed again, e.g. under another run name)."""
+        """What the row's numbers are (table and figure): "1 run", "mean of 3 seeds", "mean of 2 runs, 1 seed"."""
         count = len(self.runs)
         if count == 1:
             return "1 run"
@@ -122,9 +115,7 @@ KNOWN_CLASSES = {"cifar100": 100, "cifar10": 10}
 
 
 def find_runs(runs_dir: str | Path = "models") -> list[Run]:
-    """Every finished run (a results.json with validation and test metrics) in the folders of runs_dir, by
-    folder name. A folder whose files are damaged or hostile is skipped with a one-line note; the others are
-    still read."""
+    """Every finished run in runs_dir's folders, by name; a damaged or hostile folder is skipped with a note."""
     runs = []
     folders = sorted(path for path in Path(runs_dir).iterdir() if path.is_dir())[:MAX_RUNS]
     for folder in folders:
@@ -187,9 +178,8 @@ def _value(value) -> str:
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
-    """Runs grouped by dataset (real data first); in each group one row per distinct settings, labelled by
-    the settings that differ between the rows (a group of one row: by its folder name), the rows ordered by
-    validation top-1, best first."""
+    """Runs grouped by dataset (real data first), one row per distinct settings, labelled by what differs (a
+    lone row by its folder name), best validation top-1 first."""
     groups: dict[tuple, Group] = {}
     for run in runs:
         kind, path, synthetic = run.dataset()
@@ -198,7 +188,8 @@ def group_runs(runs: list[Run]) -> list[Group]:
         members = [run for run in runs if run.dataset() == key]
         by_settings: dict[str, list[Run]] = {}
         for run in members:
-            by_settings.setdefault(json.dumps(_canonical(run.settings()), sort_keys=True), []).append(run)
+            key = json.dumps({k: canonical(v) for k, v in run.settings().items()}, sort_keys=True)
+            by_settings.setdefault(key, []).append(run)
         distinct = [json.loads(k) for k in by_settings]
         varying = [k for k in _ordered_keys(distinct) if len({json.dumps(d.get(k)) for d in distinct}) > 1]
         for settings, same in zip(distinct, by_settings.values(), strict=True):
@@ -206,10 +197,6 @@ def group_runs(runs: list[Run]) -> list[Group]:
             group.rows.append(Row(label, same))
         group.rows.sort(key=lambda row: (-row.mean("validation.top1"), row.label))  # best on validation first
     return sorted(groups.values(), key=lambda g: (g.synthetic, g.kind, g.path))  # real data first
-
-
-def _canonical(settings: dict) -> dict:
-    return {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in settings.items()}
 
 
 def _ordered_keys(settings: list[dict]) -> list[str]:
@@ -232,8 +219,7 @@ def _mean_std(row: Row, key: str) -> str:
 
 
 def format_table(groups: list[Group], current: str | None = None) -> str:
-    """The comparison as text: one block per dataset, one line per settings, ordered by validation top-1
-    (best first); the test top-1 last, apart, as a report. `current` (a run folder's name) is marked with *."""
+    """The comparison as text, a block per dataset, best validation top-1 first; `current` is marked with *."""
     if not groups:
         return "no finished runs found"
     blocks = []

@@ -1,4 +1,5 @@
-"""One dataclass holds a run's settings; named presets fill it; `--set key=value` overrides it."""
+"""A run's settings (dataclass, presets, `--set key=value` overrides, the check that refuses what cannot work),
+and the errors a user can cause, each naming the file or setting, what was expected and what was found."""
 
 from __future__ import annotations
 
@@ -6,12 +7,49 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
+import reprlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from cifar100.errors import ConfigError  # noqa: F401  (re-exported: cifar100.config.ConfigError)
+
+class UserError(Exception):
+    """Bad input from the user: a setting, a file, a folder. The message says what, where, and what to do."""
+
+
+class ConfigError(UserError, ValueError):
+    """A setting cannot work. The message names the setting and says why."""
+
+
+class DatasetError(UserError):
+    """A dataset file or folder is missing, unsafe, corrupt or inconsistent. The message says which."""
+
+
+class RunError(UserError):
+    """A run folder cannot be used as asked (locked by another process, damaged, or holding other settings)."""
+
+
+def shown(value, limit: int = 60) -> str:
+    """A value read from a file, safe to put in a message: bounded in length, its control characters
+    escaped, and an integer too long to print (Python refuses over 4,300 digits) named by its size."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    try:
+        text = reprlib.repr(value)
+    except (ValueError, RecursionError):
+        text = f"a {type(value).__name__}"
+    return printable(text[:limit])
+
+
+def printable(text: str) -> str:
+    """`text` with control and format characters (terminal escapes, bidi overrides) escaped: safe to print."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
+
 
 AUGMENTATIONS = ("none", "basic", "randaugment", "mixup", "cutmix")
 INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5")
@@ -52,8 +90,7 @@ class Config:
     # phase 1: backbone frozen, the head learns
     head_epochs: int = 2
     head_learning_rate: float = 1e-3
-    # "cached": the frozen backbone's features are computed once (images and their mirror images) and the
-    # head trains on them, instead of running the backbone every epoch; "live": every epoch, augmented
+    # "cached": the head trains on backbone features computed once (images and mirrors); "live": each epoch, augmented
     head_features: str = "live"
     # phase 2: fine-tuning (BatchNorm layers stay in inference mode)
     finetune_epochs: int = 3
@@ -63,9 +100,8 @@ class Config:
     # (cheaper), the rest at `image_size`; validation, evaluation and the saved model always use image_size
     progressive_size: int | None = None
     progressive_epochs: int = 0
-    # the optimiser and the learning-rate schedule of both phases: "plateau" keeps the rate until
-    # ReduceLROnPlateau lowers it; "cosine" warms up linearly for `warmup_epochs` of the phase, then decays it
-    # along a cosine to 0 at the phase's last step (ReduceLROnPlateau is then left out: the schedule sets it)
+    # both phases' optimiser and schedule: "plateau": ReduceLROnPlateau lowers the rate; "cosine": linear warm-up
+    # for `warmup_epochs`, then a cosine to 0 at the phase's last step (no ReduceLROnPlateau)
     optimizer: str = "adam"  # adam | adamw | sgd (Nesterov momentum 0.9)
     weight_decay: float = 0.0  # decoupled weight decay (adamw, sgd)
     clipnorm: float | None = None  # clip each gradient to this norm
@@ -81,8 +117,7 @@ class Config:
     early_stopping_patience: int = 4
     # hard-example mining (cifar100/mining.py): off by default, as measured (docs/benchmarks.md)
     hem: bool = False
-    # "reweight": a scoring pass weights each example's loss; "selective": each step backpropagates only
-    # the examples whose loss ranks high (Selective-Backprop)
+    # "reweight": a scoring pass weights each example's loss; "selective": backprop only high-loss examples
     hem_mode: str = "reweight"
     hem_every: int = 1  # reweight: score the training examples every k epochs
     hem_fraction: float = 0.2  # reweight: fraction of the training examples scored each time (bounds the cost)
@@ -96,13 +131,11 @@ class Config:
     jit_compile: str = "auto"  # auto (on with a GPU) | true | false
     # distribution (cifar100/distribution.py): batch_size is the global batch
     distribution: str = "auto"  # auto | mirrored | multi-worker | none
-    # on request only: the learning rates were chosen for this batch size; a batch_size k times larger
-    # scales them k times (the linear scaling rule). None: the rates are used as they are
+    # the batch size the learning rates were chosen for: k times larger scales them k times (None: as they are)
     reference_batch_size: int | None = None
     distribution_timeout: float = 300.0  # seconds to wait for the other workers of a multi-worker run
     tensorboard: bool = True  # each epoch's metrics in the run folder's logs/: `tensorboard --logdir models`
-    # "": the model cifar100/models.py builds for these settings; else the fingerprint (models.fingerprint)
-    # of a model edited in the notebook, which train.Training sets: such a run has a folder of its own
+    # "": the model models.py builds; else the fingerprint of a notebook-edited model (set by train.Training)
     model: str = ""
 
     def __post_init__(self):
@@ -121,13 +154,8 @@ class Config:
             self.weights = "imagenet"
 
     def run_name(self) -> str:
-        """The run folder's name: `name` when set, else the preset plus what differs from it plus a hash.
-
-        `cpu-small` is the preset as it is; `cpu-small-hem=True-head_learning_rate=0.003-1a2b3c` changes
-        two settings. The 6-hex-digit hash covers every setting that defines training (not the data
-        folder's name in the readable part, nor where the run is saved), so other settings never share
-        a folder and the same settings always find theirs.
-        """
+        """The run folder's name: `name` when set, else the preset plus what differs from it plus a hash of the
+        settings that define training (e.g. `cpu-small-hem=True-1a2b3c`), so other settings never share a folder."""
         if self.name:
             return self.name
         base = self.preset or "custom"
@@ -144,7 +172,7 @@ class Config:
         """The settings (but the data folder) that differ from the preset's, in the order of the fields."""
         preset = _preset_config(self.preset)
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in NOT_IN_NAME
-                and _canonical(getattr(self, f.name)) != _canonical(getattr(preset, f.name))}
+                and canonical(getattr(self, f.name)) != canonical(getattr(preset, f.name))}
 
     def identity(self) -> dict:
         """The settings that define what the run learns: all but its name, preset and where it is saved."""
@@ -154,8 +182,8 @@ class Config:
         """6 hex digits of a hash of the identity. Only settings that differ from the Config defaults enter
         it, so that a new setting (whose default keeps the old behaviour) does not change old runs' hashes."""
         defaults = Config()
-        changed = {key: _canonical(value) for key, value in self.identity().items()
-                   if _canonical(value) != _canonical(getattr(defaults, key))}
+        changed = {key: canonical(value) for key, value in self.identity().items()
+                   if canonical(value) != canonical(getattr(defaults, key))}
         return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:6]
 
     def to_dict(self) -> dict:
@@ -170,7 +198,6 @@ class Config:
     def load(cls, path: Path) -> Config:
         """The settings saved in a run folder's config.json; a damaged file gives a RunError naming it."""
         from cifar100.run_folder import read_json
-        from cifar100.validation import validate
 
         try:
             config = cls.from_dict(read_json(path, "config.json"))
@@ -189,15 +216,12 @@ class Config:
             raise ConfigError(f"saved settings do not fit: {exc}") from None
 
     def differences(self, other: Config, names: dict[str, str] | None = None) -> list[str]:
-        """'setting: other's value -> this value' for each setting that differs (3 and 3.0 do not).
-
-        For a refused run folder, `config.differences(saved)` lists each setting's value there and the value
-        asked for now. `names` renames settings in the lines (the notebook says HARD_EXAMPLE_MINING for hem).
-        """
+        """'setting: other's value -> this value' for each setting that differs (3 and 3.0 do not); `names` renames
+        settings (the notebook says HARD_EXAMPLE_MINING for hem)."""
         names = names or {}
         mine, theirs = self.to_dict(), other.to_dict()
         return [f"{names.get(k, k)}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items()
-                if _canonical(theirs.get(k)) != _canonical(v)]
+                if canonical(theirs.get(k)) != canonical(v)]
 
     def training_differences(self, other: Config, names: dict[str, str] | None = None) -> list[str]:
         """`differences` in the settings that define training only (not the run's name, preset or place)."""
@@ -217,14 +241,11 @@ PRESETS: dict[str, dict] = {
     # The original 32 px baseline: same backbone, no upsampling.
     "no-upsampling": dict(backbone="resnet50", image_size=32, batch_size=128, head_epochs=3, finetune_epochs=20,
                           finetune_learning_rate=1e-4),
-    # Sized for a 2-core CPU, measured on real images (docs/benchmarks.md, "cpu-small on real images"):
-    # phase 1 on cached features, then a warm-up + cosine fine-tuning. On CIFAR-100 it trains on a
-    # stratified 10,000 of the 45,000 training images (100 a class); validation keeps its 5,000.
+    # Sized for a 2-core CPU (docs/benchmarks.md): phase 1 on cached features, then warm-up + cosine fine-tuning.
     "cpu-small": dict(backbone="mobilenetv3small", image_size=160, batch_size=64, max_train_images=10000,
                       head_features="cached", head_epochs=10, finetune_epochs=8, finetune_learning_rate=3e-4,
                       lr_schedule="cosine", warmup_epochs=1, label_smoothing=0.1),
-    # Seconds, for tests and a first look: a tiny CNN from random weights at 32 px.
-    # Random weights: no head phase (nothing pretrained to keep frozen), every layer trains from the start.
+    # Seconds, for tests: a tiny CNN from random weights at 32 px (nothing pretrained, so every layer trains).
     "smoke": dict(backbone="tinycnn", image_size=32, weights=None, batch_size=32, max_train_images=1000,
                   head_epochs=1, head_learning_rate=3e-3, finetune_epochs=5, finetune_learning_rate=3e-3,
                   augment="none", dropout=0.0, hem_fraction=0.5),
@@ -235,7 +256,7 @@ def _preset_config(preset: str | None) -> Config:
     return make_config(preset if preset in PRESETS else None)
 
 
-def _canonical(value):
+def canonical(value):
     """A value as it is compared: 3 and 3.0 are the same setting."""
     if isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -301,3 +322,133 @@ def _did_you_mean(key: str, names) -> str:
     if close:
         return f": did you mean {' or '.join(repr(name) for name in close)}?"
     return f"; the settings are {', '.join(sorted(names))} (README, 'The command line')"
+
+
+# --- refusing settings that cannot work, before any data is read, any model built or any file written ---
+
+# The meaning of each number: (kind, lower bound, upper bound); a number alone means >=, None no bound.
+_INT, _FLOAT = "integer", "number"
+RANGES: dict[str, tuple] = {
+    "image_size": (_INT, 1, "<= 1024"), "batch_size": (_INT, 1, "<= 65536"), "seed": (_INT, 0, "< 4294967296"),
+    "head_epochs": (_INT, 1, "<= 100000"), "finetune_epochs": (_INT, 1, "<= 100000"),
+    "max_train_images": (_INT, 1, "<= 100000000"), "warmup_epochs": (_INT, 0, "<= 100000"),
+    "weight_decay": (_FLOAT, ">= 0", None), "clipnorm": (_FLOAT, "> 0", None),
+    "reduce_lr_patience": (_INT, 0, "<= 100000"), "early_stopping_patience": (_INT, 0, "<= 100000"),
+    "hem_every": (_INT, 1, "<= 100000"), "hem_keep": (_INT, 1, "<= 100000"),
+    "reference_batch_size": (_INT, 1, "<= 65536"),
+    "head_learning_rate": (_FLOAT, "> 0", None), "finetune_learning_rate": (_FLOAT, "> 0", None),
+    "val_fraction": (_FLOAT, "> 0", "< 1"), "finetune_fraction": (_FLOAT, "> 0", "<= 1"),
+    "dropout": (_FLOAT, ">= 0", "< 1"), "label_smoothing": (_FLOAT, ">= 0", "< 1"),
+    "reduce_lr_factor": (_FLOAT, "> 0", "< 1"), "hem_fraction": (_FLOAT, "> 0", "<= 1"),
+    "hem_strength": (_FLOAT, ">= 0", None), "hem_floor": (_FLOAT, ">= 0", "<= 1"),
+    "hem_selectivity": (_FLOAT, "> 0", "<= 1"), "hem_window": (_INT, 1, "<= 10000000"),
+    "distribution_timeout": (_FLOAT, "> 0", "<= 604800"), "progressive_size": (_INT, 1, "<= 1024"),
+    "progressive_epochs": (_INT, 0, "<= 100000"),
+}
+
+
+def _check_number(name: str, value) -> None:
+    """Refuse a number of the wrong type, not finite, or outside the setting's meaning."""
+    kind, low, high = RANGES[name]
+    field_type = {f.name: str(f.type) for f in fields(Config)}[name]
+    if value is None and "None" in field_type:
+        return
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if kind == _INT and not is_int:
+        raise ConfigError(f"setting '{name}' must be an integer, got {shown(value)}")
+    if kind == _FLOAT and not (is_int or isinstance(value, float)):
+        raise ConfigError(f"setting '{name}' must be a number, got {shown(value)}")
+    if not is_int and not math.isfinite(value):
+        raise ConfigError(f"setting '{name}' must be a finite number, got {shown(value)}")
+    for bound in (low, high):
+        if bound is None:
+            continue
+        op, limit = bound.split() if isinstance(bound, str) else (">=", bound)
+        limit = float(limit) if "." in str(limit) else int(limit)  # an int is compared exactly, however large
+        ok = {">": value > limit, ">=": value >= limit, "<": value < limit, "<=": value <= limit}[op]
+        if not ok:
+            allowed = " and ".join(f"{b}" if isinstance(b, str) else f">= {b}" for b in (low, high) if b is not None)
+            raise ConfigError(f"setting '{name}' must be {allowed}, got {shown(value)}")
+
+
+def validate(config: Config, check_data: bool = True, check_files: bool = True) -> None:
+    """Refuse a config that cannot work, before anything is read, built or written. `check_data=False` skips the
+    data folder; `check_files=False` also the weights file and TF_CONFIG (for a saved config.json read back)."""
+    from cifar100.models import BACKBONES
+
+    for name in RANGES:
+        _check_number(name, getattr(config, name))
+    if not isinstance(config.tensorboard, bool):
+        raise ConfigError(f"setting 'tensorboard' must be true or false, got {shown(config.tensorboard)}")
+    if not isinstance(config.hem, bool):
+        raise ConfigError(f"setting 'hem' must be True or False, got {shown(config.hem)}")
+    for name in ("name", "data_dir", "runs_dir", "backbone"):
+        if not isinstance(getattr(config, name), str):
+            raise ConfigError(f"setting '{name}' must be a string, got {shown(getattr(config, name))}")
+    if config.name and (config.name in (".", "..") or "/" in config.name or "\\" in config.name):
+        raise ConfigError(f"setting 'name': {shown(config.name)} must be a plain folder name (no '/', not '.' or '..')")
+    if not isinstance(config.model, str) or not re.fullmatch(r"(|[0-9a-f]{8})", config.model):
+        raise ConfigError(f"setting 'model': {shown(config.model)} must be empty (the model cifar100/models.py "
+                          "builds) or the 8 hex digits of an edited model's fingerprint")
+    for name, allowed in CHOICES.items():
+        if getattr(config, name) not in allowed:
+            raise ConfigError(f"setting '{name}': {shown(getattr(config, name))} is not one of {list(allowed)}")
+    if config.backbone not in BACKBONES:
+        raise ConfigError(f"setting 'backbone': unknown backbone '{config.backbone}'; "
+                          f"choose one of {sorted(BACKBONES)}")
+    backbone = BACKBONES[config.backbone]
+    if config.image_size < backbone.min_size:
+        raise ConfigError(f"setting 'image_size': {config.image_size} px is below {config.backbone}'s minimum "
+                          f"input size of {backbone.min_size} px")
+    if config.progressive_size is not None:
+        if not backbone.min_size <= config.progressive_size < config.image_size:
+            raise ConfigError(f"setting 'progressive_size': {config.progressive_size} px must be below image_size "
+                              f"({config.image_size} px) and at least {config.backbone}'s minimum input size of "
+                              f"{backbone.min_size} px")
+        if not 0 < config.progressive_epochs < config.finetune_epochs:
+            raise ConfigError(f"setting 'progressive_epochs': {config.progressive_epochs} must be at least 1 and "
+                              f"below finetune_epochs ({config.finetune_epochs}): the last epochs train at "
+                              "image_size")
+        if config.lr_schedule != "cosine":
+            raise ConfigError("setting 'progressive_size' needs lr_schedule=cosine: ReduceLROnPlateau would lower the "
+                              "learning rate on the small epochs, whose validation (at full size) scores low")
+    elif config.progressive_epochs:
+        raise ConfigError("setting 'progressive_epochs' needs 'progressive_size' (the size of those epochs)")
+    if not check_files:
+        return
+    if config.distribution == "multi-worker":
+        from cifar100.distribution import read_tf_config
+
+        read_tf_config()  # a malformed TF_CONFIG fails here, before anything starts
+    _check_weights(config, backbone)
+    if check_data and not Path(config.data_dir).is_dir():
+        from cifar100.data import _missing_folder_message
+
+        raise ConfigError(f"setting 'data_dir': {_missing_folder_message(Path(config.data_dir))}")
+
+
+def _check_weights(config: Config, backbone) -> None:
+    """'imagenet', None, or a readable Keras .weights.h5 file (HDF5)."""
+    if config.weights is None:
+        return
+    if not isinstance(config.weights, str):
+        raise ConfigError(f"setting 'weights' must be 'imagenet', None or a file path, got {shown(config.weights)}")
+    if config.weights == "imagenet":
+        if not backbone.has_imagenet:
+            raise ConfigError(f"setting 'weights': {config.backbone} has no ImageNet weights; use None")
+        return
+    path = Path(config.weights)
+    if not path.is_file():
+        raise ConfigError(f"setting 'weights': file {path} not found (use 'imagenet', None, or a path to a "
+                          ".weights.h5 file)")
+    if not path.name.endswith(".weights.h5"):
+        raise ConfigError(f"setting 'weights': {path} is not a .weights.h5 file")
+    import h5py
+
+    try:
+        with h5py.File(path, "r"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"setting 'weights': {path} is not a readable Keras weights file (expected HDF5 as "
+                          f"written by save_weights; truncated or another format? {str(exc).splitlines()[0]})"
+                          ) from None

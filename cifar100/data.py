@@ -1,37 +1,93 @@
-"""The dataset layer: read the official CIFAR batches (through `cifar100.safe_pickle`) and verify them.
-
-Writing datasets in the official format is `cifar100.write_data`; downloading is `cifar100.download`; the
-validation split and the cap on training images are `cifar100.datasplit`.
-Every failure is a DatasetError naming the file.
-"""
+"""The official CIFAR files: read through `cifar100.safe_pickle`, verified, downloaded when asked, and split
+(validation carved from the training set, never the test set; a stratified cap on training images).
+Every failure is a DatasetError naming the file."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import reprlib
+import shutil
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from cifar100.errors import DatasetError, printable, shown  # noqa: F401  (re-exported: cifar100.data.DatasetError)
-from cifar100.formats import (  # noqa: F401  (re-exported: data.OFFICIAL_MD5 and the others)
-    ARCHIVES,
-    CIFAR10_FILES,
-    CIFAR10_NAMES,
-    CIFAR100_COARSE_NAMES,
-    CIFAR100_FILES,
-    CIFAR100_FINE_NAMES,
-    CIFAR100_FINE_TO_COARSE,
-    OFFICIAL_MD5,
-)
+from cifar100.config import Config, DatasetError, printable, shown  # noqa: F401  (DatasetError: re-exported)
 from cifar100.safe_pickle import as_text, open_regular, unpickle
+
+# --- the official files (cs.toronto.edu/~kriz/cifar.html) ---------------------------------------------
+
+CIFAR100_FILES = ("train", "test", "meta")
+CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
+
+OFFICIAL_MD5 = {
+    "cifar100": {
+        "train": "16019d7e3df5f24257cddd939b257f8d",
+        "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+        "meta": "7973b15100ade9c7d40fb424638fde48",
+    },
+    "cifar10": {
+        "data_batch_1": "c99cafc152244af753f735de768cd75f",
+        "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+        "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+        "data_batch_4": "634d18415352ddfa80567beed471001a",
+        "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+        "test_batch": "40351d587109b95175f43aff81a1287e",
+        "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+    },
+}
+
+ARCHIVES = {
+    "cifar100": (
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85",
+        "cifar-100-python",
+    ),
+    "cifar10": (
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "c58f30108f718f92721af3b95e74349a",
+        "cifar-10-batches-py",
+    ),
+}
+
+CIFAR100_FINE_NAMES = (
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly "
+    "camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup "
+    "dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower "
+    "leopard lion lizard lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid "
+    "otter palm_tree pear pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray "
+    "road rocket rose sea seal shark shrew skunk skyscraper snail snake spider squirrel streetcar "
+    "sunflower sweet_pepper table tank telephone television tiger tractor train trout tulip turtle "
+    "wardrobe whale willow_tree wolf woman worm"
+).split()
+CIFAR100_COARSE_NAMES = (
+    "aquatic_mammals fish flowers food_containers fruit_and_vegetables household_electrical_devices "
+    "household_furniture insects large_carnivores large_man-made_outdoor_things "
+    "large_natural_outdoor_scenes large_omnivores_and_herbivores medium_mammals "
+    "non-insect_invertebrates people reptiles small_mammals trees vehicles_1 vehicles_2"
+).split()
+# The official fine -> coarse mapping (each superclass holds five classes).
+CIFAR100_FINE_TO_COARSE = np.array(
+    [4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11,
+     6, 11, 5, 10, 7, 6, 13, 15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5,
+     5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17,
+     10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13,
+     16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13],
+    dtype=np.int64,
+)
+CIFAR10_NAMES = "airplane automobile bird cat deer dog frog horse ship truck".split()
+
 
 IMAGE_SHAPE = (32, 32, 3)
 ROW_BYTES = 32 * 32 * 3
-# Written beside files that hold other data in the official format (synthetic, or another dataset):
-# {"source": ..., "synthetic": true|false}. The loader then skips the official md5 check and says so.
+# Marks other data in the official format ({"source": ..., "synthetic": bool}): the loader skips the md5 check.
 DATASET_MARKER = "DATASET.json"
 
 NAMES = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10"}
@@ -42,7 +98,7 @@ def display_name(kind: str) -> str:
     return NAMES.get(kind, printable(str(kind))[:40])
 
 
-# What every number or figure on such data says beside it (data.caveat); one wording everywhere.
+# The note beside every number on synthetic data (one wording everywhere).
 SYNTHETIC_NOTE = " (SYNTHETIC data, not CIFAR-100)"
 
 
@@ -182,8 +238,7 @@ def _names(path: Path, meta: dict, key: str, expected: int) -> list[str]:
 
 
 def check_class_names(path: Path, key: str, names: list[str]) -> None:
-    """Class names as a run shows and saves them: non-empty text of at most MAX_NAME_LENGTH printable
-    characters (no terminal escapes), each name once."""
+    """Refuse names that are empty, longer than MAX_NAME_LENGTH, not printable (terminal escapes) or repeated."""
     for index, name in enumerate(names):
         if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_LENGTH or not name.isprintable():
             raise DatasetError(f"{path}: '{key}' name {index} must be 1 to {MAX_NAME_LENGTH} printable "
@@ -225,8 +280,7 @@ def _check_md5(path: Path, kind: str, check: bool) -> dict[str, str]:
 
 
 def holds_files(path: Path) -> bool:
-    """True for a folder with at least one file that is not hidden (the repo keeps an empty
-    cifar-100-python/ with a .gitkeep)."""
+    """True for a folder holding a non-hidden file (the repo keeps an empty cifar-100-python/ with a .gitkeep)."""
     return path.is_dir() and any(not item.name.startswith(".") for item in path.iterdir())
 
 
@@ -239,18 +293,12 @@ def _missing_folder_message(path: Path) -> str:
 
 
 def load(path: str | Path = "cifar-100-python", check_md5: bool = True, download: bool = False) -> Dataset:
-    """Load a CIFAR-100 or CIFAR-10 folder (kind chosen by the files it holds), verified.
-
-    md5 sums are checked against the official ones unless `check_md5` is False or the folder holds a
-    DATASET.json marker (written by `write_data.write_official` for synthetic or other data). With `download`, an
-    absent folder is fetched first.
-    """
+    """Load a CIFAR-100 or CIFAR-10 folder (kind chosen by its files), fetching it first with `download`.
+    md5 sums are checked unless `check_md5` is False or the folder holds a DATASET.json marker."""
     path = Path(path)
     if not holds_files(path):
         if not download:
             raise DatasetError(_missing_folder_message(path))
-        from cifar100.download import fetch  # here: download imports this module
-
         fetch(path)
     kind = detect_kind(path)
     marker = _read_marker(path)
@@ -330,3 +378,143 @@ def _load_cifar10(path: Path, **info) -> Dataset:
     x_test, y_test = read(path / "test_batch")
     return Dataset("cifar10", path, np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
                    x_test, y_test, class_names=names, **info)
+
+
+# --- downloading the official archives: md5-checked, extracted with bounds, into an empty folder ---------
+
+MAX_ARCHIVE_MEMBERS = 100  # the official archives hold 5 (CIFAR-100) and 9 (CIFAR-10)
+MAX_EXTRACTED_BYTES = 1 << 30  # they extract to ~180 MB
+
+
+def _extract(archive: Path, target: Path, url: str) -> None:
+    """Extract plain files and folders only, bounded in count and size; anything else is refused before writing."""
+    with tarfile.open(archive) as tar:
+        members = []
+        for member in tar:
+            if len(members) == MAX_ARCHIVE_MEMBERS:
+                raise DatasetError(f"{url}: the archive holds more than {MAX_ARCHIVE_MEMBERS} entries; nothing "
+                                   "was extracted")
+            if not (member.isfile() or member.isdir()):
+                raise DatasetError(f"{url}: the archive holds '{member.name}', which is not a plain file or "
+                                   "folder (a link or device); nothing was extracted")
+            members.append(member)
+        size = sum(member.size for member in members)
+        if size > MAX_EXTRACTED_BYTES:
+            raise DatasetError(f"{url}: the archive would extract to {size} bytes, more than the "
+                               f"{MAX_EXTRACTED_BYTES} allowed; nothing was extracted")
+        tar.extractall(target, members=members, filter="data")
+
+
+def fetch(path: str | Path = "cifar-100-python", kind: str = "cifar100", url: str | None = None,
+          timeout: float = 20.0) -> Path:
+    """Download the official archive, check its md5 and extract it into `path` (empty or new). Without a network
+    it fails within `timeout` seconds (plus name lookup), saying where to put the files."""
+    from tqdm.auto import tqdm
+
+    path = Path(path)
+    default_url, expected_md5, folder = ARCHIVES[kind]
+    url = url or default_url
+    if holds_files(path):
+        raise DatasetError(f"{path} already holds files: download into an empty or new folder (nothing was "
+                           "changed)")
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise DatasetError(f"{blocking}: a file, where a folder is needed to download into {path} (nothing was "
+                           "downloaded)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".download-") as tmp:
+        archive = Path(tmp) / "archive.tar.gz"
+        started = time.monotonic()
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(archive, "wb") as out:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {kind}") as bar:
+                    for chunk in iter(lambda: response.read(1 << 20), b""):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+        except (urllib.error.URLError, OSError) as exc:
+            waited = time.monotonic() - started
+            extract = f"tar xzf {Path(default_url).name} -C {path.parent}"
+            if path.name != folder:
+                extract += f" && mv {path.parent / folder} {path}"
+            raise DatasetError(
+                f"could not download {url} ({type(exc).__name__}: {getattr(exc, 'reason', exc)}, after "
+                f"{waited:.1f} s). No network? Download the archive on a machine that has one and extract "
+                f"it so that {path}/ holds the files "
+                f"{list(CIFAR100_FILES if kind == 'cifar100' else CIFAR10_FILES)}: {extract}") from None
+        found = md5sum(archive)
+        if found != expected_md5:
+            raise DatasetError(f"{url}: md5 mismatch of the downloaded archive: expected {expected_md5}, "
+                               f"found {found}. Nothing was extracted; try again.")
+        _extract(archive, Path(tmp), url)
+        extracted = Path(tmp) / folder
+        if not extracted.is_dir():
+            raise DatasetError(f"{url}: the archive holds no '{folder}/' folder")
+        path.mkdir(parents=True, exist_ok=True)
+        for item in extracted.iterdir():
+            shutil.move(str(item), str(path / item.name))
+    return path
+
+
+# --- the split: validation carved from the training set, stratified; the cap on training images --------
+
+def split(labels: np.ndarray, val_fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded (train_indices, val_indices) into the *training* set. The test set is never used."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    indices = np.arange(len(labels))
+    try:
+        train_idx, val_idx = train_test_split(indices, test_size=val_fraction, random_state=seed,
+                                              stratify=labels, shuffle=True)
+    except ValueError as exc:
+        raise DatasetError(f"cannot carve a stratified validation split of {val_fraction:.0%} from "
+                         f"{len(labels)} training images: {exc}") from None
+    return np.sort(train_idx), np.sort(val_idx)
+
+
+def stratified_subset(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of `size` examples with the classes as balanced as the labels allow (seeded)."""
+    labels = np.asarray(labels)
+    if size >= len(labels):
+        return np.arange(len(labels))
+    order = np.random.default_rng(seed).permutation(len(labels))
+    rank_in_class = np.empty(len(labels), dtype=np.int64)
+    for cls in np.unique(labels):
+        members = order[labels[order] == cls]
+        rank_in_class[members] = np.arange(len(members))
+    chosen = order[np.argsort(rank_in_class[order], kind="stable")[:size]]
+    return np.sort(chosen)
+
+
+@dataclass
+class Splits:
+    """The run's data: training and validation come from the training set; test is touched at the end."""
+
+    dataset: Dataset
+    train_indices: np.ndarray
+    val_indices: np.ndarray
+    config_key: tuple = ()  # the settings the splits were made for (splits_key)
+
+    # the images and labels of each split (both splits index the training set)
+    x_train = property(lambda self: self.dataset.x_train[self.train_indices])
+    y_train = property(lambda self: self.dataset.y_train[self.train_indices])
+    x_val = property(lambda self: self.dataset.x_train[self.val_indices])
+    y_val = property(lambda self: self.dataset.y_train[self.val_indices])
+
+
+def prepare_data(config: Config, dataset: Dataset | None = None) -> Splits:
+    """Load the dataset (unless given), carve the stratified validation split, and apply the cap on training
+    images. The cap leaves validation whole: the callbacks need a steady signal more than it saves time."""
+    dataset = dataset if dataset is not None else load(config.data_dir)
+    train_idx, val_idx = split(dataset.y_train, config.val_fraction, config.seed)
+    cap = config.max_train_images
+    if cap is not None and cap < len(train_idx):
+        train_idx = train_idx[stratified_subset(dataset.y_train[train_idx], cap, config.seed)]
+    return Splits(dataset, train_idx, val_idx, splits_key(config))
+
+
+def splits_key(config: Config) -> tuple:
+    """The settings that decide the splits: splits made for other settings are not reused."""
+    return (os.path.normpath(config.data_dir), config.val_fraction, config.max_train_images, config.seed)

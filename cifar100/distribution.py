@@ -5,8 +5,8 @@
     multi-worker  MultiWorkerMirroredStrategy; the cluster comes from the TF_CONFIG environment variable
     none          the default strategy
 
-The config's batch_size is the global batch (split across replicas). Only the chief (worker 0) writes
-the run folder; the other workers write to a temporary folder that is removed at the end.
+The config's batch_size is the global batch (split across replicas). Only the chief (worker 0) writes the run
+folder; the other workers write to a temporary folder that is removed at the end.
 """
 
 from __future__ import annotations
@@ -85,12 +85,8 @@ def silent_workers(cluster: Cluster) -> list[str]:
 
 
 def rendezvous(cluster: Cluster, timeout: float) -> None:
-    """Wait, at most `timeout` seconds, until every worker of the cluster is up, before TensorFlow starts.
-
-    MultiWorkerMirroredStrategy's constructor blocks, holding the interpreter, until all workers have
-    joined (for as long as an hour), so a missing worker would hang the run. Instead each worker first
-    listens on its own TF_CONFIG port and waits until every other worker's port answers, then frees its
-    port for TensorFlow's server. A worker that never comes gives a clear error."""
+    """Wait at most `timeout` seconds, before TensorFlow starts, until every worker's TF_CONFIG port answers (this
+    one's listens meanwhile, then is freed for TensorFlow): MultiWorkerMirroredStrategy would hang on a missing one."""
     port = cluster.workers[cluster.index].rpartition(":")[2]
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -180,8 +176,8 @@ RESUME_FILES = ("config.json", "state.json", "phase1.weights.h5", "history.csv",
 
 
 def worker_folder(chief_dir: Path, index: int) -> Path:
-    """A temporary run folder for a non-chief worker, seeded with the chief's resume state (when the run
-    folder is on a filesystem that every worker sees), so that all workers resume from the same epoch."""
+    """A temporary run folder for a non-chief worker, seeded with the chief's resume state (when every worker sees
+    the run folder), so that all workers resume from the same epoch."""
     folder = Path(tempfile.mkdtemp(prefix=f"cifar100-worker{index}-"))
     for name in RESUME_FILES:
         source = Path(chief_dir) / name
@@ -193,8 +189,7 @@ def worker_folder(chief_dir: Path, index: int) -> Path:
 
 
 def scaled_learning_rate(learning_rate: float, batch_size: int, reference_batch_size: int | None) -> float:
-    """The linear scaling rule (Goyal et al., 2017): learning rates in the config are for
-    `reference_batch_size`; a global batch k times larger trains with a k times larger learning rate."""
+    """Linear scaling (Goyal et al., 2017): rates suit `reference_batch_size`; k times the batch: k times the rate."""
     if not reference_batch_size:
         return learning_rate
     return learning_rate * batch_size / reference_batch_size

@@ -1,5 +1,4 @@
-"""Test-set metrics of a run (top-1/top-5, per class, per superclass, most-confused pairs), prediction on
-image files, and the export of a run's model for serving (SavedModel, TFLite, ONNX)."""
+"""Test metrics of a run, its results.json, prediction on image files, and export (SavedModel, TFLite, ONNX)."""
 
 from __future__ import annotations
 
@@ -7,7 +6,9 @@ import importlib.util
 import io
 import logging
 import os
+import platform
 import shutil
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -17,8 +18,8 @@ import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, top_k_accuracy_score
 
 from cifar100 import data, models, run_folder
-from cifar100.config import Config
-from cifar100.errors import DatasetError, RunError
+from cifar100 import mining as hem
+from cifar100.config import Config, DatasetError, RunError
 from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
 
 
@@ -49,12 +50,8 @@ def summary_metrics(probabilities: np.ndarray, labels: np.ndarray, num_classes: 
 def detailed_metrics(probabilities: np.ndarray, labels: np.ndarray, class_names: list[str],
                      fine_to_coarse: np.ndarray | None = None, coarse_names: list[str] | None = None,
                      top_pairs: int = 10) -> dict:
-    """Everything the report shows, from predicted probabilities and true labels.
-
-    per_class: top-1 accuracy (recall) of each class. With superclasses: `superclass_accuracy` counts a
-    prediction right when its class lies in the true class's superclass; `per_superclass` gives, for the
-    images of each superclass, both the fine top-1 accuracy and that superclass accuracy.
-    """
+    """Everything the report shows: summary metrics, per_class recall, the most confused pairs and, with
+    superclasses, `superclass_accuracy` (right when in the true superclass) and both accuracies per superclass."""
     num_classes = len(class_names)
     predicted = probabilities.argmax(1)
     matrix = confusion_matrix(labels, predicted, labels=np.arange(num_classes))
@@ -106,12 +103,9 @@ def load_run(run_dir: str | Path) -> tuple[Config, keras.Model, dict]:
 
 
 def load_checkpoint(path: Path, config: Config, num_classes: int) -> keras.Model:
-    """The run's model, built from its (checked) settings, with the weights of the .keras file at `path`.
-
-    The file's own description of the model is not used: a file from elsewhere cannot make Keras build a
-    model of any size, and what it may hold is bounded by the size of the run's model. A file that is not
-    this run's model (truncated, damaged, another architecture) is a RunError naming it.
-    """
+    """The run's model built from its (checked) settings, with the weights of the .keras file at `path` (not
+    the file's own model description, so a foreign file cannot make Keras build anything). A file that is not
+    this run's model is a RunError naming it."""
     if config.model:  # a model edited in the notebook, which models.py cannot build: the file's own description
         _check_archive(path, None)
         with warnings.catch_warnings():
@@ -145,8 +139,7 @@ def load_checkpoint(path: Path, config: Config, num_classes: int) -> keras.Model
 
 
 def _check_archive(path: Path, expected_bytes: int | None) -> None:
-    """Refuse a .keras file whose members (or the arrays inside its weights file) hold more than the
-    run's model needs (None: a model of unknown size, up to MAX_MODEL_BYTES), before Keras reads any of it."""
+    """Refuse, before Keras reads it, a .keras file holding more than the model needs (None: MAX_MODEL_BYTES)."""
     damaged = f"{path}: damaged or not a Keras model file"
     limit = MAX_MODEL_BYTES if expected_bytes is None else 2 * expected_bytes + run_folder.MAX_WEIGHTS_SLACK
     with data.open_regular(path) as handle:
@@ -168,9 +161,8 @@ def _check_archive(path: Path, expected_bytes: int | None) -> None:
 
 def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,
                  dataset: data.Dataset | None = None) -> dict:
-    """Test metrics of the run's best checkpoint. The test set comes from `dataset` when given, else from
-    `data_dir` (default: the run's). On the run's own data they are merged into its results.json, with the
-    predictions beside it; on other data they are only returned, and the run folder is left as it is."""
+    """Test metrics of the run's best checkpoint on `dataset`, or `data_dir` (default: the run's). Only on the
+    run's own data are they written into results.json, with test_predictions.npz."""
     run_dir = Path(run_dir)
     config, model, classes = load_run(run_dir)
     dataset = dataset or data.load(data_dir or config.data_dir)
@@ -185,8 +177,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,
     # the superclasses are the dataset's (a run folder's classes.json only names them)
     metrics = detailed_metrics(probabilities, dataset.y_test, dataset.class_names, dataset.fine_to_coarse,
                                dataset.coarse_names)
-    # test-time augmentation, reported beside (never instead of) the plain numbers: each image and its
-    # mirror image, their probabilities averaged
+    # flip test-time augmentation, reported beside (never instead of) the plain numbers
     mirrored = predict_probabilities(model, dataset.x_test[:, :, ::-1], models.inference_batch_size(config))
     metrics["flip_tta"] = summary_metrics((probabilities + mirrored) / 2, dataset.y_test, dataset.num_classes)
     if Path(dataset.path).resolve() != Path(config.data_dir).resolve():
@@ -209,8 +200,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """Any PNG or JPEG, any size up to PIL's MAX_IMAGE_PIXELS -> a 32x32 RGB uint8 image, as the model takes
-    it. Raises DatasetError naming the file for anything else (a decompression bomb included)."""
+    """A PNG or JPEG -> a 32x32 RGB uint8 image; anything else (a decompression bomb too) is a DatasetError."""
     from PIL import Image
 
     with data.open_regular(path) as handle, warnings.catch_warnings():
@@ -229,8 +219,7 @@ def load_image(path: str | Path) -> np.ndarray:
 
 def predict_files(run_dir: str | Path, paths: list[str | Path],
                   top: int = 5) -> list[list[tuple[str, float]] | DatasetError]:
-    """The top classes, with probabilities, for each image file; for a file that cannot be read, its
-    DatasetError instead (the other files are still predicted)."""
+    """The top (class, probability) pairs of each image file; an unreadable file's DatasetError in its place."""
     config, model, classes = load_run(run_dir)
     loaded = []
     for path in paths:
@@ -255,12 +244,10 @@ EXPORT_TOLERANCE = 1e-4  # the largest difference in any probability from the Ke
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, images: np.ndarray | None = None) -> dict:
-    """Write the run's inference model to a new folder `out_dir`: a SavedModel (`saved_model/`, serving
-    signature `serve`: uint8 (None, 32, 32, 3) images -> probabilities), `model.tflite`, `model.onnx` (when
-    tf2onnx and onnxruntime are installed), `classes.json`, and `export.json`, which records how each form
-    compared with `model.predict` on `images` (default: up to 256 of the run's test images). A form whose
-    top-1 differs, or whose probabilities differ by more than EXPORT_TOLERANCE, is an error, and nothing is
-    left in `out_dir`; an existing `out_dir` is never written into."""
+    """Write the run's inference model to a new folder `out_dir`: saved_model/ (signature `serve`: uint8 images
+    -> probabilities), model.tflite, model.onnx (with tf2onnx and onnxruntime), classes.json and export.json (each
+    form against `model.predict` on `images`, default 256 test images). A form whose top-1 differs, or whose
+    probabilities differ by more than EXPORT_TOLERANCE, is an error and nothing is left."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() or out_dir.is_symlink():
         raise RunError(f"{out_dir} exists: export writes a new folder; name another one, or delete that one")
@@ -335,3 +322,80 @@ def _export_check_images(config: Config, count: int = 256) -> tuple[np.ndarray, 
     except (DatasetError, OSError):
         random = np.random.default_rng(0).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
         return random, f"random images: the dataset {config.data_dir} could not be read"
+
+
+# --- results.json: what a finished run reports -----------------------------------------------------------
+
+def write_results(config: Config, run_dir: Path, splits, seconds: float) -> dict:
+    """Evaluate the best checkpoint on validation and (once) on test; write results.json."""
+    best = load_checkpoint(run_dir / "best.keras", config, splits.dataset.num_classes)
+    val = basic_metrics(best, splits.x_val, splits.y_val, splits.dataset.num_classes,
+                                 models.inference_batch_size(config))
+    rows = run_folder.history_rows(run_dir)
+    state = run_folder.read_state(run_dir)
+    # the speed of training on images (phase 1 on cached features trains on features, not images)
+    image_rows = rows[state.get("head_epochs_done", 0):] if config.head_features == "cached" else rows
+    speeds = [float(r["train_images_per_second"]) for r in image_rows if r.get("train_images_per_second")]
+    feature_seconds = float(state.get("head_feature_seconds") or 0)
+    results = {
+        "run": config.run_name(),
+        "backbone": config.backbone,
+        "image_size": config.image_size,
+        "data": {"kind": splits.dataset.kind, "path": str(splits.dataset.path), "synthetic": splits.dataset.synthetic,
+                 "official": splits.dataset.official, "classes": splits.dataset.num_classes,
+                 "train_images": int(len(splits.train_indices)), "val_images": int(len(splits.val_indices)),
+                 "test_images": int(len(splits.dataset.y_test))},
+        "validation": val,
+        "epochs_run": len(rows),
+        "best_epoch": int(rows[int(np.argmax([float(r["val_accuracy"]) for r in rows]))]["epoch"]) if rows else None,
+        "wall_seconds_this_process": round(seconds, 1),
+        "train_seconds_total": round(feature_seconds + sum(float(r["epoch_seconds"]) for r in rows
+                                                           if r.get("epoch_seconds")), 1),
+        "head_feature_seconds": feature_seconds or None,
+        "seconds_outside_steps_per_epoch": _mean(r.get("other_seconds") for r in image_rows),
+        # what each phase's optimiser was given (after any scaling asked with reference_batch_size)
+        "optimization": {phase: state.get(f"{phase}_compiled") for phase in ("head", "finetune")},
+        "train_images_per_second": round(float(np.median(speeds)), 1) if speeds else None,
+        "mining": _mining_totals(config, rows),
+        "environment": environment(),
+    }
+    if config.hem:  # the hardest training examples for the best model, to be shown
+        indices, losses = hem.hardest_examples(best, splits.x_train, splits.y_train, config.hem_fraction,
+                                               config.hem_keep, config.seed, models.inference_batch_size(config))
+        predicted = best.predict(splits.x_train[indices], batch_size=models.inference_batch_size(config),
+                                 verbose=0).argmax(1)
+        results["hardest_examples"] = {"train_set_indices": splits.train_indices[indices].tolist(),
+                                       "labels": splits.y_train[indices].tolist(),
+                                       "predicted": predicted.tolist(),
+                                       "losses": [round(float(v), 4) for v in losses]}
+    run_folder.write_json(run_dir / "results.json", results)
+    results["test"] = evaluate_run(run_dir, dataset=splits.dataset)  # the test set, once, at the end
+    return results
+
+
+def _mining_totals(config: Config, rows: list[dict]) -> dict | None:
+    """What hard-example mining did: its counters summed over the run, and the mean backpropagated fraction
+    over the epochs that backpropagated (not phase 1 on cached features)."""
+    if not config.hem:
+        return None
+    totals = {key: sum(float(r.get(key) or 0) for r in rows) for key in hem.COUNTERS}
+    fractions = [float(r.get("backprop_fraction") or 0) for r in rows if float(r.get("examples_backprop") or 0) > 0]
+    return {"mode": config.hem_mode, **{k: round(v, 1) if k.endswith("seconds") else int(v) for k, v in totals.items()},
+            "backprop_fraction": round(float(np.mean(fractions)), 4) if fractions else None}
+
+
+def _mean(values) -> float | None:
+    numbers = [float(v) for v in values if v not in (None, "")]
+    return round(float(np.mean(numbers)), 2) if numbers else None
+
+
+def environment() -> dict:
+    versions = {}
+    for name in ("tensorflow", "jax"):
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = module.__version__
+    return {"python": sys.version.split()[0], "keras": keras.__version__, "backend": keras.backend.backend(),
+            **versions, "numpy": np.__version__, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "gpus": models.gpu_names() or None,
+            "device": ", ".join(models.gpu_names()) or f"CPU ({os.cpu_count()} cores)"}

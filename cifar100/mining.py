@@ -1,24 +1,14 @@
-"""Hard-example mining: training emphasises the examples with the largest categorical cross-entropy.
+"""Hard-example mining (`hem=True`): training emphasises the examples with the largest categorical cross-entropy.
 
-Two modes, each a Keras callback that a run switches on like the others (`hem=True`, `hem_mode=...`):
+- "reweight": every `hem_every` epochs an inference pass scores a `hem_fraction` of the training set; every example
+  is still seen once an epoch, its loss weighted by (loss / mean loss) ** strength mixed with a uniform floor.
+- "selective" (Selective-Backprop, Jiang et al. 2019, arXiv:1910.00762): each step scores the whole batch in
+  inference mode and keeps an example with probability p ** beta (p: its loss's percentile among recent losses,
+  beta = 1 / selectivity - 1); only the kept ones, topped up to a multiple of an eighth of the batch, backpropagate.
 
-- "reweight": every `hem_every` epochs, a forward pass in inference mode scores a `hem_fraction` of the
-  training set. Every example is still seen once per epoch; its loss is weighted by
-  (loss / mean loss) ** strength, mixed with a uniform floor (mean weight 1). In expectation this is the
-  gradient of drawing the hard examples more often, without skipping any example.
-- "selective" (Selective-Backprop, Jiang et al. 2019, arXiv:1910.00762): each training step runs a forward
-  pass in inference mode over the whole batch, ranks each example's loss against a window of recent losses
-  (its percentile p), keeps it with probability p ** beta, where beta = 1 / selectivity - 1 keeps a
-  `selectivity` fraction on average, and runs the forward-backward training pass on the kept examples only
-  (topped up with the next-hardest to a multiple of an eighth of the batch, so that few batch shapes occur).
-  The backward pass is about two thirds of a step, so the saving is on the easy examples.
-
-The callback owns the schedule and the logs; in the selective mode, the training step does the selection
-(it replaces the model's `train_step` while `fit` runs). Both log, per epoch, in history.csv:
-`examples_forward` / `forward_seconds` (the scoring passes), `examples_backprop` / `backprop_seconds` (the
-training passes). In both, `loss` and the compiled metrics are those of the training passes, as in a run
-without mining; the selective mode logs its scoring passes' apart, as `scored_loss` (the plain cross-entropy
-that it ranks) and `scored_accuracy` (`log_keys` lists a mode's columns).
+Both log per epoch `examples_forward` / `forward_seconds` (scoring) and `examples_backprop` / `backprop_seconds`
+(training); `loss` and the metrics are the training passes', and the selective mode logs its scoring passes as
+`scored_loss` and `scored_accuracy` (`log_keys` lists a mode's columns).
 """
 
 from __future__ import annotations
@@ -27,10 +17,9 @@ import time
 
 import numpy as np
 
-from cifar100 import models
-from cifar100.config import Config
-from cifar100.errors import RunError
-from cifar100.sampling import TrainBatches
+from cifar100 import keras_internals, models
+from cifar100.batches import TrainBatches
+from cifar100.config import Config, RunError
 from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
 
 LOG_KEYS = ("examples_forward", "forward_seconds", "examples_backprop", "backprop_seconds", "backprop_fraction")
@@ -39,8 +28,7 @@ SCORED_KEYS = ("scored_loss", "scored_accuracy")  # the selective mode's scoring
 
 
 def log_keys(config: Config) -> tuple[str, ...]:
-    """The history.csv columns that mining adds under `config`: none without `hem`, LOG_KEYS in either mode,
-    and in the selective mode SCORED_KEYS too."""
+    """The history.csv columns mining adds: none without `hem`, LOG_KEYS, and SCORED_KEYS too in the selective mode."""
     if not config.hem:
         return ()
     return LOG_KEYS + (SCORED_KEYS if config.hem_mode == "selective" else ())
@@ -54,10 +42,7 @@ def per_example_cross_entropy(model: keras.Model, images: np.ndarray, labels: np
 
 
 def mining_weights(losses: np.ndarray, strength: float, floor: float) -> np.ndarray:
-    """Per-example loss weights of mean 1: (loss / mean) ** strength, mixed with a uniform floor.
-
-    Every example keeps a weight of at least `floor`; the rest of the mass goes to the high-loss examples.
-    """
+    """Per-example loss weights of mean 1: (loss / mean) ** strength mixed with a uniform floor (each >= `floor`)."""
     n = len(losses)
     weights = (np.maximum(losses, 0) / max(float(np.mean(losses)), 1e-12)) ** strength
     if not np.isfinite(weights).all() or weights.sum() <= 0:
@@ -77,8 +62,7 @@ def hardest_examples(model: keras.Model, images: np.ndarray, labels: np.ndarray,
 
 
 class HardExampleMining(keras.callbacks.Callback):
-    """The "reweight" mode: every `every` epochs, scores a `fraction` of the training examples and makes the
-    sampler weight each example's loss by its hardness from the next epoch on."""
+    """The "reweight" mode: every `every` epochs, scores a `fraction` of the examples and reweights their losses."""
 
     def __init__(self, sampler: TrainBatches, every: int = 1, fraction: float = 1.0, strength: float = 1.0,
                  floor: float = 0.5, seed: int = 0, batch_size: int = 256):
@@ -130,19 +114,9 @@ class HardExampleMining(keras.callbacks.Callback):
 
 
 class SelectiveBackprop(keras.callbacks.Callback):
-    """The "selective" mode: while `fit` runs, the model's training step backpropagates only the examples
-    whose loss ranks high among the last `window` losses seen (see the module's docstring).
-
-    `loss` and the compiled metrics are logged as Keras' own step logs them, from the training pass (in
-    training mode, over the kept examples); the scoring pass (in inference mode, over the whole batch) is
-    logged as `scored_loss` (the mean plain cross-entropy, unweighted: what the selection ranks) and
-    `scored_accuracy`.
-
-    Needs the TensorFlow backend: the kept examples form a batch of varying size, which TensorFlow's graphs
-    allow and JAX's jit (static shapes) does not. XLA is turned off for the same reason. Works under a
-    tf.distribute strategy (each replica selects from its part of the batch; the window holds the first
-    replica's losses) and under mixed precision (the loss is scaled as Keras' own step scales it).
-    """
+    """The "selective" mode: while `fit` runs, the training step backpropagates only the examples whose loss ranks
+    high among the last `window` seen. Needs TensorFlow, and turns XLA off: the kept batch varies in size. Works
+    under tf.distribute (each replica selects its part; the window holds the first replica's) and mixed precision."""
 
     def __init__(self, selectivity: float = 0.5, window: int = 1024, seed: int = 0):
         super().__init__()
@@ -161,13 +135,10 @@ class SelectiveBackprop(keras.callbacks.Callback):
             self.make_state(model)
         if model.jit_compile:
             model.jit_compile = False  # XLA needs static shapes
-        model.train_step = self._train_step  # an instance attribute: the class's step is untouched
-        model.train_function = None  # fit() builds its step function again, from this step
+        keras_internals.replace_train_step(model, self._train_step)
 
     def on_train_end(self, logs=None):
-        if "train_step" in vars(self.model):
-            del self.model.train_step  # the class's own step again for a later fit()
-            self.model.train_function = None
+        keras_internals.restore_train_step(self.model)
 
     def make_state(self, model) -> None:
         with model.distribute_strategy.scope():
@@ -215,9 +186,7 @@ class SelectiveBackprop(keras.callbacks.Callback):
         self.counters["examples_backprop"].update_state(tf.cast(tf.size(chosen), tf.float32))
         self.counters["forward_seconds"].update_state(tf.cast(scored - started, tf.float32))
         self.counters["backprop_seconds"].update_state(tf.cast(trained - scored, tf.float32))
-        # loss and compiled metrics of the training pass, as Keras' own step logs them: the unscaled loss (not
-        # the one mixed precision scales), times the replicas (compute_loss divides by their number), weighted
-        # by the examples it saw
+        # as Keras logs it: the unscaled loss, times the replicas (compute_loss divides by them), per example seen
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         self.loss_metric.update_state(loss * replicas, sample_weight=tf.size(chosen))
         logs = model.compute_metrics(x_kept, y_kept, predictions, sample_weight=weight_kept)
@@ -226,7 +195,7 @@ class SelectiveBackprop(keras.callbacks.Callback):
         self.scored["scored_loss"].update_state(losses)
         self.scored["scored_accuracy"].update_state(y, scores)
         logs.update({key: metric.result() for key, metric in self.scored.items()})
-        # a key that the model's metrics do not have: Keras then reports these logs, not its own loss tracker
+        # a key that the model's metrics do not have (see keras_internals.replace_train_step)
         logs["backprop_fraction"] = (self.counters["examples_backprop"].result()
                                      / tf.maximum(self.counters["examples_forward"].result(), 1.0))
         return logs
@@ -249,9 +218,8 @@ class SelectiveBackprop(keras.callbacks.Callback):
 
     @staticmethod
     def _bucketed(tf, keep, losses):
-        """The indices to backpropagate: the kept examples, topped up with the highest-loss others to a multiple
-        of an eighth of the batch. A batch of a new size costs the first time (kernels are set up for each
-        shape): eight sizes instead of one per count of kept examples."""
+        """The indices to backpropagate: the kept examples, topped up with the highest-loss others to a multiple of
+        an eighth of the batch, so that only eight batch shapes occur (each new one sets up its kernels)."""
         size = tf.shape(losses)[0]
         bucket = tf.maximum(1, (size + 7) // 8)
         kept = tf.reduce_sum(tf.cast(keep, tf.int32))

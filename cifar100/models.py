@@ -1,10 +1,5 @@
-"""The backbones, the inference model that is saved and exported, and the training model around it.
-
-The inference model (`build_model`), from Keras' own layers only, so that `keras.saving.load_model` reads it
-in any process: raw 32x32 uint8 images -> upsampling (Resizing) -> the backbone's own preprocessing -> the
-pretrained backbone -> dropout -> softmax head. `training_model` puts the training augmentation in front of
-the same layers (the weights are shared): that is the model `fit` trains; it is never saved.
-"""
+"""The backbones, the inference model (saved and exported; Keras' own layers only, so any process can load it)
+and the training model `fit` trains: augmentation in front of the same layers, weights shared, never saved."""
 
 from __future__ import annotations
 
@@ -39,13 +34,8 @@ CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
 def preprocessing_layers(mode: str) -> list[layers.Layer]:
-    """The backbone's input convention, from 0..255 RGB, as Keras layers (a saved model carries them).
-
-    tf: scaled to [-1, 1] (Xception, MobileNetV2). caffe (ResNet50): RGB -> BGR and the ImageNet mean
-    subtracted, a fixed linear map of the channels, so a frozen Dense layer of 3 units (a permutation
-    matrix and the negated mean as bias). none: the backbone rescales itself (MobileNetV3, EfficientNetV2,
-    ConvNeXt). Tested against `keras.applications.<module>.preprocess_input`.
-    """
+    """The backbone's input convention on 0..255 RGB, as Keras layers (a saved model carries them): tf scales
+    to [-1, 1]; caffe is RGB -> BGR minus the ImageNet mean, a frozen Dense(3); none: the backbone rescales."""
     if mode == "tf":
         return [layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")]
     if mode == "caffe":
@@ -60,11 +50,8 @@ def preprocessing_layers(mode: str) -> list[layers.Layer]:
 
 
 class RandomShift(layers.Layer):
-    """Shifts each image by up to `max_shift` pixels in each direction, the edges reflected (training only).
-
-    What `RandomTranslation(fill_mode="reflect")` does by whole pixels, built from padding and a gather, so
-    that XLA can compile it (RandomTranslation cannot, which silently turns XLA off for the whole model).
-    """
+    """Shifts each image by up to `max_shift` pixels each way, edges reflected (training only). Like
+    RandomTranslation(fill_mode="reflect"), but XLA can compile it (RandomTranslation turns XLA off silently)."""
 
     def __init__(self, max_shift: int = 4, seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -88,27 +75,6 @@ class RandomShift(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "max_shift": self.max_shift, "seed": self.seed}
-
-
-class Upsample(layers.Resizing):
-    """Resizing that can train at a smaller size for a while (progressive resizing), in the training model
-    only: in training, when `training_size` is set, it resizes to that size; validation uses the full size,
-    and the inference model has Keras' own Resizing. A traced training step keeps the size it was traced
-    with: change `training_size`, then rebuild the step (callbacks.ProgressiveResizing does both)."""
-
-    def __init__(self, height, width, **kwargs):
-        super().__init__(height, width, **kwargs)
-        self.training_size: int | None = None
-
-    def transform_images(self, images, transformation=None, training=True):
-        if not (training and self.training_size):
-            return super().transform_images(images, transformation, training)
-        full = self.height, self.width  # Resizing's own path (dtype cast, crop and pad options) at the small size
-        self.height = self.width = self.training_size
-        try:
-            return super().transform_images(images, transformation, training)
-        finally:
-            self.height, self.width = full
 
 
 def tiny_cnn(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg", name="tinycnn"):
@@ -155,7 +121,7 @@ def augmentation_layers(config: Config) -> list[layers.Layer]:
 
 def build_backbone(config: Config) -> keras.Model:
     spec = BACKBONES[config.backbone]
-    # progressive resizing feeds the backbone more than one size: its input size is then left open
+    # progressive resizing feeds the backbone several sizes: leave its input size open
     size = None if config.progressive_size else config.image_size
     kwargs = dict(include_top=False, weights=config.weights, input_shape=(size, size, 3), pooling="avg")
     try:
@@ -176,10 +142,7 @@ def build_backbone(config: Config) -> keras.Model:
 
 def build_model(config: Config, num_classes: int = 100, backbone: keras.Model | None = None) -> keras.Model:
     """The inference model: raw (None, 32, 32, 3) uint8 images in, `num_classes` probabilities (float32) out.
-
-    This is the model saved as best.keras and exported. `backbone` replaces the registry's (benchmarks pass
-    a trivial one to measure the data path alone).
-    """
+    Saved as best.keras and exported. `backbone` replaces the registry's (benchmarks pass a trivial one)."""
     spec = BACKBONES[config.backbone]
     inputs = keras.Input((32, 32, 3), dtype="uint8", name="image")
     x = layers.Rescaling(1.0, name="to_float")(inputs)  # uint8 -> the compute dtype
@@ -199,11 +162,8 @@ def build_model(config: Config, num_classes: int = 100, backbone: keras.Model | 
 
 
 def training_model(model: keras.Model, config: Config) -> keras.Model:
-    """The model `fit` trains: the training augmentation, then `model`'s own layers (its weights, shared).
-
-    With progressive resizing, its upsampling is an `Upsample` that can train at a smaller size for a
-    while; the inference model keeps Keras' Resizing at the full size.
-    """
+    """The model `fit` trains: the augmentation, then `model`'s own layers (weights shared). With progressive
+    resizing its upsampling is an `Upsample` that can train smaller; the inference model keeps Resizing."""
     inputs = keras.Input((32, 32, 3), dtype="uint8", name="image")
     x = inputs
     for layer in model.layers[1:]:  # after the InputLayer
@@ -213,8 +173,8 @@ def training_model(model: keras.Model, config: Config) -> keras.Model:
         if layer.name == "to_float":
             upsample = [model.get_layer("upsample")] if config.image_size != 32 else []
             if config.progressive_size:
-                upsample = [Upsample(config.image_size, config.image_size, interpolation=config.interpolation,
-                                     name="upsample")]
+                upsample = [keras_internals.Upsample(config.image_size, config.image_size,
+                                                     interpolation=config.interpolation, name="upsample")]
             for training_only in augmentation_layers(config) + upsample:
                 x = keras_internals.call_in_inference_mode_by_default(training_only, x)
     return keras.Model(inputs, x, name=f"{model.name}_training")
@@ -226,15 +186,10 @@ def backbone_of(model: keras.Model) -> keras.Model:
 
 def set_phase(model: keras.Model, phase: str, finetune_fraction: float = 1.0, pretrained: bool = True) -> None:
     """'head': the backbone frozen. 'finetune': the top `finetune_fraction` of the backbone's layers train.
-
-    With pretrained weights, BatchNormalization layers stay frozen in both phases, which in Keras 3 also
-    keeps them in inference mode (the pretrained moving statistics used, never updated). Passing
-    `training=False` when calling the backbone is not enough in Keras 3: a functional model passes fit()'s
-    `training=True` down to every nested layer. Without pretrained weights (`pretrained=False`) there are
-    no statistics to keep: BatchNorm trains and normalises with batch statistics like any other layer.
-    """
+    If `pretrained`, BatchNorm stays frozen, which in Keras 3 also keeps it in inference mode (`training=False`
+    on the backbone's call would not: fit's `training=True` reaches every nested layer)."""
     with contextlib.suppress(ValueError):  # a phase starts at full size (a stopped fit may have left it small)
-        if isinstance(upsample := model.get_layer("upsample"), Upsample):
+        if isinstance(upsample := model.get_layer("upsample"), keras_internals.Upsample):
             upsample.training_size = None
     backbone = backbone_of(model)
     if phase == "head":
@@ -250,9 +205,8 @@ def set_phase(model: keras.Model, phase: str, finetune_fraction: float = 1.0, pr
 
 
 def fingerprint(model: keras.Model) -> str:
-    """8 hex digits of what a model is: each layer's class and configuration in order (nested models walked
-    into) and its weights' shapes; names and trainable flags left out (they change with the session and
-    the phase, not what the model computes)."""
+    """8 hex digits of what a model computes: each layer's class, config and weight shapes, nested models
+    included; names and trainable flags (which change with the session and phase) left out."""
     def describe(layer):
         try:
             config = layer.get_config()
@@ -269,8 +223,7 @@ def fingerprint(model: keras.Model) -> str:
 
 
 def recipe_fingerprint(config: Config, num_classes: int) -> str:
-    """The fingerprint of the training model this module builds for `config` (random weights: the same
-    architecture, without reading a weights file)."""
+    """The fingerprint of the training model built for `config` (random weights: no weights file read)."""
     key = json.dumps([config.identity(), num_classes], sort_keys=True, default=str)
     if key not in _RECIPES:
         previous = keras.mixed_precision.global_policy()
@@ -300,8 +253,7 @@ def head_model(model: keras.Model) -> keras.Model:
 
 
 def inference_batch_size(config: Config) -> int:
-    """The batch size for prediction: the training batch (128 at the least), at most what keeps one batch of
-    upsampled float32 images near 32 MB: memory bounded at any image size."""
+    """The prediction batch size: the training batch (at least 128), capped at ~32 MB of upsampled images."""
     per_image = config.image_size * config.image_size * 3 * 4
     return max(1, min(max(config.batch_size, 128), (32 << 20) // per_image))
 
@@ -340,9 +292,8 @@ def count_parameters(model: keras.Model) -> dict[str, int]:
 
 
 def new_model(config: Config, num_classes: int, strategy=None) -> keras.Model:
-    """The run's model as training starts it: the precision policy set, the seed set (the head's initial
-    weights), built under `strategy`'s scope. Its initial weights are kept (`model.initial_weights`), so that
-    a phase 1 that starts again (a killed run, an interrupted notebook cell) starts from them."""
+    """The run's model as training starts it (precision policy and seed set, under `strategy`'s scope), with
+    `model.initial_weights` kept so that a restarted phase 1 starts from them."""
     keras.mixed_precision.set_global_policy(precision_policy(config.mixed_precision))
     keras.utils.set_random_seed(config.seed)
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()

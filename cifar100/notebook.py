@@ -1,21 +1,15 @@
-"""Helpers for main.ipynb: one-line errors, the run's settings from the parameters cell, and a check that
-the parameters have not changed since those settings were built.
-
-The notebook's cells run in any order a person chooses. The settings cell builds the Config from the
-parameters cell; every cell below starts with `params.check()`, which returns that Config, or stops with
-one line naming the parameter that changed and the cell to run, so that no cell silently uses old settings.
-"""
+"""Helpers for main.ipynb: one-line errors, the run's settings from the parameters cell, and `guard_cells`: a
+later cell stops with one line naming the parameter that changed since the settings were built."""
 
 from __future__ import annotations
 
+import ast
 import copy
 import sys
 from pathlib import Path
 
 from cifar100 import tflogs
-from cifar100.config import Config, make_config
-from cifar100.errors import RunError, UserError
-from cifar100.validation import validate
+from cifar100.config import Config, RunError, UserError, make_config, validate
 
 # The parameters cell's names, and the Config setting each one fills.
 PARAMETERS = {"PRESET": None, "BACKBONE": "backbone", "IMAGE_SIZE": "image_size", "HEAD_EPOCHS": "head_epochs",
@@ -30,8 +24,7 @@ class ParametersChanged(UserError):
 
 
 def setup() -> None:
-    """For the notebook's first code cell: Keras imported without TensorFlow's C++ start-up lines, and
-    errors a user can cause (UserError) shown as one red line instead of a traceback."""
+    """The first code cell: Keras imported without TensorFlow's start-up lines; a UserError is one red line."""
     tflogs.import_keras()
     show_user_errors()
 
@@ -115,6 +108,7 @@ class Parameters:
         self.config = config_from(self.values)
         validate(self.config, check_data=not self.values["DOWNLOAD"])  # before anything is read or built
         self.figures: dict | None = None  # the run's figures, once the first figures cell made them
+        guard_cells(namespace)
 
     def changed(self) -> list[str]:
         """'NAME: old -> new' for each parameter whose value differs from when the settings were built."""
@@ -122,8 +116,7 @@ class Parameters:
                 if self.namespace.get(name) != self.values[name]]
 
     def check(self, dataset=None) -> Config:
-        """The run's Config, after checking that the parameters are those it was built from (and that
-        `dataset`, when given, is the one the settings name)."""
+        """The run's Config, once the parameters (and `dataset`, when given) are checked to be its own."""
         changed = self.changed()
         if changed:
             raise ParametersChanged(f"the parameters changed since the settings were built ({'; '.join(changed)}): "
@@ -132,7 +125,6 @@ class Parameters:
             raise ParametersChanged(f"the data in memory come from {dataset.path}, but DATA_DIR is "
                                     f"{self.config.data_dir}: run the data cell (under 'The data'), then this cell")
         return self.config
-
 
     def figure(self, name: str):
         """One of the run's figures, after `check()`; for a figure that does not apply to this run, the line
@@ -148,9 +140,39 @@ class Parameters:
         return figure
 
 
+GUARD = "_cifar100_check_parameters"
+
+
+def guard_cells(namespace: dict, shell=None) -> None:
+    """Make every later cell that uses the notebook's names (DEFINED_BY) start with `params.check()`, via an
+    IPython AST transformer; the parameters and settings cells, and cells of one's own, run as they are."""
+    shell = shell or _ipython()
+    if shell is None:
+        return
+
+    def check(dataset_too: bool) -> None:
+        params = namespace.get("params")
+        if isinstance(params, Parameters):
+            params.check(namespace.get("dataset") if dataset_too else None)
+
+    namespace[GUARD] = check
+    if not any(isinstance(t, _Guard) for t in shell.ast_transformers):
+        shell.ast_transformers.append(_Guard())
+
+
+class _Guard(ast.NodeTransformer):
+    def visit_Module(self, node: ast.Module) -> ast.Module:
+        used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        assigned = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        if "params" in assigned or not used & set(DEFINED_BY) or PARAMETERS.keys() & assigned:
+            return node  # the settings cell, the parameters cell, a cell of one's own
+        call = ast.parse(f"{GUARD}(dataset_too={'dataset' not in assigned})").body
+        node.body[:0] = call
+        return ast.fix_missing_locations(node)
+
+
 def check_run_folder(config: Config) -> None:
-    """Refuse, in the notebook's words, a run folder that holds a run of other settings (an explicit
-    RUN_NAME reused with other settings); nothing there is changed."""
+    """Refuse, in the notebook's words, a run folder holding a run of other settings (nothing there changes)."""
     saved = config.run_dir() / "config.json"
     if not saved.exists():
         return

@@ -1,10 +1,5 @@
-"""Figures of a run and of several runs. Each function returns a matplotlib Figure (never calls plt.show);
-`save` writes one as PNG into the run folder's figures/.
-
-The figures are closed in pyplot as soon as they are made: Jupyter's inline backend then does not show
-them on its own at the end of the cell, so a notebook cell shows each figure once, when it returns or
-displays it, and figures made in a loop do not pile up in memory.
-"""
+"""Figures of a run and of several runs, as matplotlib Figures (never plt.show); `save` writes one as PNG.
+Figures are closed in pyplot once made, so a notebook shows each once and figures made in a loop do not pile up."""
 
 from __future__ import annotations
 
@@ -19,12 +14,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter, PercentFormatter
 
 from cifar100 import data, run_folder
-from cifar100.errors import RunError, printable
+from cifar100.config import RunError, printable
 
 
 def _plain_text(function):
-    """Make a figure function's text plain: names and paths from data or folders may hold "$", which
-    matplotlib would otherwise parse as mathtext (and fail on, for a malformed expression)."""
+    """Make a figure function's text plain: names and paths may hold "$", which mathtext would parse (or fail on)."""
     @functools.wraps(function)
     def figure_with_plain_text(*args, **kwargs):
         with plt.rc_context({"text.parse_math": False}):
@@ -53,11 +47,8 @@ def save(figure: Figure, run_dir: str | Path, name: str) -> Path:
     return path
 
 
-
-
 def data_note(synthetic: bool, official: bool | None = True, kind: str = "cifar100") -> str | bool:
-    """The `synthetic` argument of the figures for a dataset: the note naming data that are synthetic or not
-    the verified official files (data.caveat), or False."""
+    """The figures' `synthetic` argument for a dataset: its data.caveat note, or False."""
     return data.caveat(synthetic, official, kind) or False
 
 
@@ -78,8 +69,7 @@ def read_history(run_dir: str | Path) -> dict[str, np.ndarray]:
 @_plain_text
 def training_curves(history: dict[str, np.ndarray], phase_boundary: int | None = None, title: str = "",
                     synthetic: bool = False) -> Figure:
-    """Loss and accuracy per epoch (training and validation), the learning rate, the phase boundary, and with
-    hard-example mining the examples it scored (forward only) and backpropagated each epoch."""
+    """Loss, accuracy and learning rate per epoch, the phase boundary and, with mining, its examples per epoch."""
     epochs = history["epoch"]
     mining = "examples_backprop" in history
     figure, axes = _subplots(1, 4 if mining else 3, figsize=(20 if mining else 15, 4))
@@ -122,8 +112,7 @@ def training_curves(history: dict[str, np.ndarray], phase_boundary: int | None =
 
 
 def _mining_panel(ax, epochs: np.ndarray, history: dict[str, np.ndarray]) -> None:
-    """Examples per epoch through a forward-only scoring pass and through a training (forward-backward) pass,
-    with the seconds each took over the run."""
+    """Examples per epoch scored (forward only) and backpropagated, with each pass's seconds over the run."""
     for key, seconds, label, style in (("examples_backprop", "backprop_seconds", "backpropagated", "o-"),
                                        ("examples_forward", "forward_seconds", "scored (forward only)", "s--")):
         ax.plot(epochs, history[key], style, label=f"{label}: {np.nansum(history[seconds]):.0f} s in all")
@@ -139,12 +128,8 @@ TEST_REPORT = "test top-1, reported, not used to choose"
 
 @_plain_text
 def compare_runs(groups: list, current: str | None = None) -> Figure:
-    """Validation top-1 (and top-5, for more than 10 classes) of every finished run
-    (`cifar100.compare.group_runs`): one panel per dataset, its bars ordered by validation top-1, best first,
-    each labelled by the settings in which its runs differ from the others; several runs of the same
-    settings are one bar, the mean, with the standard deviation as an error bar. The test top-1 is drawn
-    apart, as a black marker on each top-1 bar: the report of a choice made on validation. `current` (a run
-    folder's name) is written in bold."""
+    """Validation top-1 (and top-5 above 10 classes) of `compare.group_runs` groups: a panel per dataset, bars best
+    first, seeds averaged (std as error bar); the test top-1 is a marker, a report only. `current` is in bold."""
     if not groups:
         figure, ax = _subplots(figsize=(6, 2))
         ax.text(0.5, 0.5, "no finished runs found", ha="center", va="center")
@@ -234,8 +219,7 @@ def class_order(num_classes: int, fine_to_coarse: np.ndarray | None = None) -> n
 @_plain_text
 def class_confusion(labels: np.ndarray, predicted: np.ndarray, class_names: list[str],
                     fine_to_coarse: np.ndarray | None = None, synthetic: bool = False) -> Figure:
-    """The confusion matrix of the classes, each row normalised to its test images, ordered by superclass
-    (lines between them). The colour scale is a square root, so that the small shares of 100 classes show."""
+    """The class confusion matrix, rows normalised, by superclass; a square-root colour scale shows small shares."""
     from matplotlib.colors import PowerNorm
     from sklearn.metrics import confusion_matrix
 
@@ -342,8 +326,7 @@ def misclassified(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray,
 @_plain_text
 def hardest_examples(images: np.ndarray, labels: np.ndarray, losses: np.ndarray, class_names: list[str],
                      synthetic: bool = False, predicted: np.ndarray | None = None) -> Figure:
-    """The training examples that the best model finds hardest: their label, what it predicted, the
-    cross-entropy."""
+    """The training examples the best model finds hardest: label, prediction, cross-entropy."""
     captions = [f"label: {class_names[y]}\n" + (f"pred: {class_names[predicted[i]]}\n" if predicted is not None
                                                 else "") + f"loss {loss:.2f}"
                 for i, (y, loss) in enumerate(zip(labels, losses, strict=True))]
@@ -405,8 +388,7 @@ def class_balance(labels: np.ndarray, class_names: list[str], synthetic: bool = 
 
 
 def run_figures(run_dir: str | Path, dataset) -> dict[str, Figure | str]:
-    """Every figure of one finished run (after evaluation), saved as PNG into run_dir/figures/. A figure that
-    does not apply to this run is a line saying why instead (a str)."""
+    """Every figure of a finished, evaluated run, saved in run_dir/figures/ (one that does not apply: a str why)."""
     run_dir = Path(run_dir)
     run_folder.refuse_links(run_dir)
     results = run_folder.read_json(run_dir / "results.json")
@@ -475,13 +457,12 @@ def _most_confused(results: dict, names: list[str], top: int = 10) -> list[dict]
 
 
 def _hardest(run_dir: Path, hardest, dataset, keep: int = 24):
-    """(train-set indices, labels, losses, predicted classes or None) of the hardest examples that results.json
-    names, checked."""
+    """(train-set indices, labels, losses, predicted or None) of results.json's hardest examples, checked."""
     if not hardest:
         return None
     try:
         indices, labels, losses = (np.asarray(hardest[k][:keep]) for k in ("train_set_indices", "labels", "losses"))
-        predicted = np.asarray(hardest["predicted"][:keep]) if "predicted" in hardest else None  # since 2026-12
+        predicted = np.asarray(hardest["predicted"][:keep]) if "predicted" in hardest else None  # absent in older runs
         classes = [labels] + ([predicted] if predicted is not None else [])
         ok = (indices.dtype.kind in "iu" and losses.dtype.kind in "fiu" and indices.ndim == 1
               and all(c.dtype.kind in "iu" and c.shape == indices.shape for c in classes)

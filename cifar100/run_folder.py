@@ -1,14 +1,8 @@
-"""The run folder (models/<run>/) and the guarantees it keeps: a kill at any moment loses nothing, and a
-folder from someone else is read as untrusted input.
+"""The run folder (models/<run>/): a kill at any moment loses nothing, and a folder from elsewhere is untrusted.
 
-- Every file that is rewritten is written to a temporary file and renamed (`write_atomic`).
-- Every file is read through `read_bytes`: never through a symbolic link, never a FIFO, device or folder,
-  and never more than the project writes; a run folder holding a link is refused (`refuse_links`).
-- A run folder is locked while a process trains in it (`RunLock`); a second start says who holds it.
-- An epoch is committed when Keras' BackupAndRestore has written its backup. Everything else that an epoch
-  writes is made consistent with the last committed epoch when a phase (re)starts: history rows of
-  uncommitted epochs are dropped, the best checkpoint of a committed epoch is published, and that of an
-  uncommitted ("ghost") epoch is discarded (`settle_phase`).
+Files are rewritten atomically (`write_atomic`) and read only as bounded regular files, never through a link
+(`read_bytes`, `refuse_links`); `RunLock` keeps one process per folder. An epoch is committed once BackupAndRestore
+has written its backup; when a phase (re)starts, `settle_phase` makes everything else agree with that epoch.
 """
 
 from __future__ import annotations
@@ -25,21 +19,18 @@ import sys
 import time
 from pathlib import Path
 
-from cifar100.config import Config
+from cifar100.config import Config, ConfigError, DatasetError, RunError, printable, shown
 from cifar100.data import md5sum
-from cifar100.errors import ConfigError, DatasetError, RunError, printable, shown
 
 HISTORY = "history.csv"
 CHECKPOINTS = ".checkpoints"  # ModelCheckpoint's files, one per improving epoch, until the epoch is committed
 CHECKPOINT_PATTERN = "best-{epoch:04d}.keras"  # Keras fills in the 1-based epoch: the committed-epoch count
-MAX_JSON_BYTES = 64 << 20  # results.json of a CIFAR-100 run is about 100 kB
-MAX_HISTORY_BYTES = 64 << 20  # history.csv: about 1 kB an epoch
+MAX_JSON_BYTES = 64 << 20  # far more than any JSON file a run writes
+MAX_HISTORY_BYTES = 64 << 20
 
 
 def write_atomic(path: Path, content: str | bytes) -> None:
-    """Write a file so that a reader (or a kill) sees either the old content or the new, never a mix. The
-    temporary file is made new (a link or file left in its place is removed, never written through), and
-    the rename replaces whatever `path` was (a link included) without following it."""
+    """Replace `path` atomically (new temp file, rename): a reader or a kill sees old or new; no link is written to."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with contextlib.suppress(FileNotFoundError):
@@ -53,8 +44,7 @@ def write_atomic(path: Path, content: str | bytes) -> None:
 
 
 def save_atomic(path: Path, save) -> None:
-    """`save(tmp)` (Keras' model.save or save_weights: the name keeps its suffix), then the rename of
-    write_atomic: a reader or a kill sees the old file or the new one."""
+    """`save(tmp)` (model.save or save_weights: the name keeps its suffix), then an atomic rename onto `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}")
     with contextlib.suppress(FileNotFoundError):
@@ -64,8 +54,7 @@ def save_atomic(path: Path, save) -> None:
 
 
 def read_bytes(path: Path, what: str | None = None, max_bytes: int | None = None) -> bytes:
-    """A run folder's file: a regular file (not a link, FIFO, device or folder) of at most `max_bytes`
-    (default MAX_JSON_BYTES); anything else is a RunError naming the file."""
+    """A run folder's file: a regular file (no link, FIFO, device or folder) of at most `max_bytes`, else RunError."""
     path, what = Path(path), what or Path(path).name
     limit = MAX_JSON_BYTES if max_bytes is None else max_bytes
     try:
@@ -86,8 +75,7 @@ MAX_LINK_CHECK_ENTRIES = 100_000
 
 
 def refuse_links(run_dir: Path) -> None:
-    """Refuse a run folder that holds a symbolic link, FIFO, socket or device anywhere inside it: this
-    project reads and writes only regular files and folders there (the folder itself may be a link)."""
+    """Refuse a run folder holding a link, FIFO, socket or device anywhere inside (the folder itself may be a link)."""
     run_dir, seen = Path(run_dir), 0
     pending = [run_dir] if run_dir.is_dir() else []
     while pending:
@@ -135,8 +123,8 @@ MAX_WEIGHTS_SLACK = 16 << 20  # what a weights or .keras file may hold beyond th
 
 
 def check_weights(raw: bytes, expected_bytes: int, where: Path) -> None:
-    """Refuse an HDF5 weights file (its bytes) whose arrays hold more than a model of `expected_bytes` needs:
-    h5py would allocate an array as large as its file declares (a compressed file of zeros is small)."""
+    """Refuse HDF5 weights (bytes) whose arrays exceed what a model of `expected_bytes` needs: h5py allocates an
+    array as large as the file declares, however small the (compressed) file is."""
     import h5py
 
     arrays = []
@@ -153,8 +141,7 @@ def check_weights(raw: bytes, expected_bytes: int, where: Path) -> None:
 
 
 def check_weights_file(path: Path, model, copies: int = 1) -> None:
-    """`check_weights` for a .weights.h5 file in the run folder, before Keras loads it into `model`; `copies`
-    of the weights (a backup also holds the optimiser's: Adam keeps two values a weight)."""
+    """`check_weights` for a .weights.h5 file before loading it into `model`: `copies` 3 for a backup (Adam's two)."""
     expected = copies * weight_bytes(model)
     check_weights(read_bytes(path, "weights file", 2 * expected + MAX_WEIGHTS_SLACK), expected, path)
 
@@ -163,8 +150,7 @@ MAX_CLASSES = 10_000
 
 
 def read_classes(run_dir: Path) -> dict:
-    """classes.json of a run folder, checked: class names (printable, bounded, distinct), superclass names
-    and each class's superclass index, or None for both; anything else is a RunError naming the file."""
+    """classes.json of a run folder, checked: class names, and superclass names and indices (or None for both)."""
     from cifar100.data import check_class_names
 
     path = Path(run_dir) / "classes.json"
@@ -197,11 +183,8 @@ _HELD: dict[str, list] = {}  # the run folders this process holds: [the lock fil
 
 
 class RunLock:
-    """An exclusive lock on a run folder for as long as a process uses it (released when it exits or dies).
-
-    The lock file says who holds it: host, process id, command and start time. Within one process the lock
-    is shared (a notebook cell run again takes it while the object made by its previous run still holds it).
-    """
+    """An exclusive lock on a run folder while a process uses it (released when it exits or dies); the lock file
+    names its holder. Shared within a process: a notebook cell run again takes it while its last run holds it."""
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / ".lock"
@@ -263,8 +246,7 @@ def has_progress(run_dir: Path) -> bool:
     return any((Path(run_dir) / name).exists() for name in (HISTORY, "best.keras", "backup", "phase1.weights.h5"))
 
 
-# 2: best.keras is the inference model, of Keras' own layers (1, before 2026-12: the training augmentation and
-# layers of this project's own inside it, which plain Keras cannot load)
+# 2: best.keras is the inference model, of Keras' own layers (1: it held this project's layers and augmentation)
 MODEL_FORMAT = 2
 
 
@@ -277,8 +259,7 @@ def check_model_format(run_dir: Path) -> None:
 
 
 def check_fingerprint(run_dir: Path, fingerprint: str | None) -> None:
-    """Refuse a run folder whose run was trained with another model than `fingerprint` (models.fingerprint)
-    says: the same settings, but cifar100/models.py builds another model since."""
+    """Refuse a run folder trained with another model than `fingerprint` (cifar100/models.py changed since)."""
     trained = read_state(run_dir).get("model_fingerprint")
     if fingerprint is not None and trained not in (None, fingerprint) and has_progress(run_dir):
         raise RunError(f"{run_dir} holds a run of these settings trained with another model (fingerprint "
@@ -287,12 +268,8 @@ def check_fingerprint(run_dir: Path, fingerprint: str | None) -> None:
 
 
 def claim(config: Config, run_dir: Path, fingerprint: str | None = None) -> bool:
-    """Check that the run folder belongs to this config and model, writing config.json if it is new. True when
-    resuming.
-
-    A folder where nothing was trained yet (a start that failed early, a config.json damaged by a kill) is
-    taken over; a folder with training progress and other settings, or another model, is left untouched.
-    """
+    """Check that the run folder belongs to this config and model (writing config.json if new); True when resuming.
+    A folder without training progress is taken over; one with progress and other settings is left untouched."""
     saved = Path(run_dir) / "config.json"
     saved.parent.mkdir(parents=True, exist_ok=True)
     check_model_format(run_dir)
@@ -325,8 +302,7 @@ def claim(config: Config, run_dir: Path, fingerprint: str | None = None) -> bool
 # --- history and state ---------------------------------------------------------------------------------
 
 def history_rows(run_dir: Path) -> list[dict]:
-    """The rows of history.csv (CSVLogger's: an epoch, then numbers), each checked; a torn last row (a
-    write cut short by a kill) is left out."""
+    """The rows of history.csv, each checked; a torn last row (a write cut short by a kill) is left out."""
     return _read_history(Path(run_dir) / HISTORY)[0]
 
 
@@ -357,8 +333,7 @@ def _read_history(path: Path) -> tuple[list[dict], list[str], bool]:
 
 
 def _history_row(header: list[str], values: list[str]) -> dict | None:
-    """A row as a dict, or None when it does not have one value per column, an integer epoch >= 0 and
-    numbers (or nothing) in every other column."""
+    """A row as a dict; None unless it has one value per column, an integer epoch >= 0, and numbers or blanks."""
     if len(values) != len(header):
         return None
     try:
@@ -373,8 +348,7 @@ def _history_row(header: list[str], values: list[str]) -> dict | None:
 
 
 def trim_history(path: Path, epochs_kept: int) -> None:
-    """Keep the header and the rows of epochs 1 to `epochs_kept` (rewritten atomically); a torn last row goes
-    too."""
+    """Keep the header and the rows of epochs 1 to `epochs_kept` (atomically); a torn last row goes too."""
     path = Path(path)
     rows, lines, complete = _read_history(path)
     if not lines:
@@ -387,8 +361,7 @@ def trim_history(path: Path, epochs_kept: int) -> None:
 
 
 def count_epochs_from_1(run_dir: Path) -> None:
-    """history.csv counts epochs from 1, as Keras' progress bar and the figures do; a folder whose history an
-    earlier version wrote from 0 is rewritten once (atomically), so that a resumed run continues its count."""
+    """Make history.csv count epochs from 1, as Keras' progress bar does (a history counted from 0 is renumbered)."""
     if read_state(run_dir).get("history_epochs_from") == 1:
         return
     path = Path(run_dir) / HISTORY
@@ -465,14 +438,9 @@ def _is_committed(weights: Path, metadata: Path, committed: dict) -> bool:
 
 
 def repair_backup(backup_dir: Path) -> str:
-    """Make BackupAndRestore's folder hold exactly the last committed epoch, after a kill.
-
-    Keras writes its backup in place (it copies the previous one to *.bkp, then writes the weights, then
-    the epoch), so a kill can leave a truncated weights file, or new weights beside the old epoch. The backup
-    that matches committed.json (written after Keras' save) is kept: the latest, or else the previous one;
-    with neither (nothing committed yet in this phase) the folder is removed and the phase starts afresh.
-    Returns what was done: "ok", "previous", "removed" or "none".
-    """
+    """After a kill, make BackupAndRestore's folder hold exactly the last committed epoch: Keras writes in place, so
+    the backup (latest or *.bkp) matching committed.json is kept, and with neither the folder is removed. Returns
+    "ok", "previous", "removed" or "none"."""
     backup_dir = Path(backup_dir)
     if not backup_dir.exists():
         return "none"
@@ -495,11 +463,8 @@ def committed_epochs(backup_dir: Path, default: int) -> int:
 
 
 def settle_phase(run_dir: Path, backup_dir: Path, start_epoch: int) -> int:
-    """Before a phase (re)starts: make the folder agree with its last committed epoch; returns that count.
-
-    Rows of history.csv from uncommitted epochs are dropped. The best checkpoint of a committed epoch that
-    was not yet published becomes best.keras; those of uncommitted epochs are deleted.
-    """
+    """Before a phase (re)starts, make the folder agree with its last committed epoch (returned): rows of uncommitted
+    epochs are dropped, a committed epoch's unpublished checkpoint becomes best.keras, uncommitted ones go."""
     run_dir = Path(run_dir)
     repair_backup(backup_dir)
     committed = committed_epochs(backup_dir, start_epoch)
@@ -546,8 +511,7 @@ def load_callback_state(backup_dir: Path, epochs_done: int) -> dict | None:
 
 
 def _read_callback_state(path: Path) -> dict | None:
-    """The callbacks' state as ResumeState saved it, each value checked (a file from elsewhere sets nothing
-    else on the callbacks)."""
+    """The callbacks' state as ResumeState saved it, each value checked (a foreign file sets nothing else)."""
     if not path.exists():
         return None
     state = read_json(path, "callback state")

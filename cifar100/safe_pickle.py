@@ -1,10 +1,6 @@
-"""Reading the official CIFAR pickles without running what they name.
-
-The official "python version" files are pickles written by Python 2. A pickle can run any code it
-names, so they are read with an unpickler that only builds what those files contain: dicts, lists,
-strings, numbers and numpy arrays of plain numeric dtypes, each array checked before numpy builds it.
-Anything else is refused, and so is a file that would crash, stall or exhaust the unpickler (see
-`_check_opcodes`). Every failure is a DatasetError naming the file.
+"""Reading the official CIFAR pickles (Python 2) without running what they name: a pickle can run any code, so
+only dicts, lists, strings, numbers and checked numpy arrays of plain numeric dtypes are built. Anything else is
+refused, as is a file that would crash, stall or exhaust the unpickler. Failures are DatasetErrors naming the file.
 """
 
 from __future__ import annotations
@@ -20,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar100.errors import DatasetError
+from cifar100.config import DatasetError
 
-# What a file may build: dicts, lists, tuples, strings, bytes, numbers, and numpy arrays of the plain numeric
-# dtypes below, each checked before numpy sees it. Official files hold uint8 pixels and lists of ints.
+# The array dtypes a file may hold (official files: uint8 pixels, lists of ints).
 DTYPE_CODES = ("u1", "u2", "u4", "u8", "i1", "i2", "i4", "i8", "f2", "f4", "f8")
 MAX_TUPLE_NESTING = 100  # hashing a tuple nested ~100,000 deep as a dict key overflows the C stack
 MAX_ENTRIES = 1_000  # dict and set entries per file (official: 5); crafted hash collisions cost n**2
@@ -50,12 +45,9 @@ _PUT_OPCODES = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
 
 
 def _check_opcodes(raw: bytes) -> None:
-    """Read the pickle's opcodes without running them and refuse what would crash or stall the unpickler
-    before it could be stopped: tuples nested deeper than MAX_TUPLE_NESTING, memo indices beyond the file's
-    size (the memo is allocated up to the index), more than MAX_ENTRIES dict or set entries.
-
-    The stack is followed as the unpickler follows it, each item as an upper bound of its tuple nesting (a
-    hashed dict key nests only through tuples and frozensets)."""
+    """Walk the opcodes without running them; refuse what would crash or stall the unpickler: tuples nested past
+    MAX_TUPLE_NESTING, memo indices beyond the file's size (the memo is allocated up to the index), more than
+    MAX_ENTRIES dict or set entries. Stack items carry a bound of their tuple nesting (keys nest only via tuples)."""
     stack, marks, memo, entries = [], [], {}, 0
     for op, arg, pos in pickletools.genops(raw):
         name = op.name
@@ -91,8 +83,8 @@ def _check_opcodes(raw: bytes) -> None:
 
 
 class _Global:
-    """An allowed global as the file sees it: calls a builder that checks its arguments. The file cannot
-    change it (BUILD on it is refused), and `numpy.ndarray` (build None) cannot be called at all."""
+    """An allowed global: calls a builder that checks its arguments; BUILD on it is refused, `numpy.ndarray`
+    (build None) cannot be called."""
 
     __slots__ = ("name", "build")
 
@@ -144,9 +136,7 @@ class _PendingArray:
 
 class _SafeUnpickler(pickle.Unpickler):
     """Builds only plain containers, strings, numbers and checked numpy arrays; refuses every other global.
-
-    A file of N bytes may build at most 2N bytes of arrays and byte strings in all: an honest file holds its
-    pixels once (Python 3 at protocol 2 writes them as text, which becomes bytes, then an array)."""
+    A file of N bytes may build at most 2N bytes of arrays and bytes (protocol 2 pixels: text -> bytes -> array)."""
 
     def __init__(self, raw: bytes):
         super().__init__(io.BytesIO(raw), encoding="bytes")
@@ -224,8 +214,8 @@ def as_text(value):
 
 
 def open_regular(path: str | Path):
-    """Open a regular file for binary reading. A FIFO, device or folder in its place is refused at once
-    (opening does not block); every failure is a DatasetError naming the file."""
+    """Open a regular file for binary reading; a FIFO, device or folder is refused at once (never blocks).
+    Raises DatasetError naming the file."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:

@@ -1,12 +1,8 @@
 """TensorFlow's C++ log lines, hidden by default; Python warnings are left alone.
 
-On every start TensorFlow's C++ code writes lines such as "Could not find cuda drivers on your machine",
-"failed call to cuInit" (on a machine without a GPU), cpu_feature_guard's "This TensorFlow binary is
-optimized...", oneDNN's notice and "Memory patch applied". `import cifar100` sets TF_CPP_MIN_LOG_LEVEL=2
-(C++ INFO and WARNING lines hidden, errors kept) unless it is already set, and `import_keras()` imports Keras
-with the lines written before TensorFlow's logging is set up filtered out. Set CIFAR100_TF_LOGS=1 before
-`import cifar100` (or the command line) to see every line; TF_CPP_MIN_LOG_LEVEL, when set, is respected.
-TF_ENABLE_ONEDNN_OPTS is never changed: it changes numerics; only its notice is hidden.
+`import cifar100` sets TF_CPP_MIN_LOG_LEVEL=2 (errors kept) unless it is set, and `import_keras()` filters the
+lines written before TensorFlow's logging is set up. CIFAR100_TF_LOGS=1 (before `import cifar100`) shows every
+line. TF_ENABLE_ONEDNN_OPTS is never changed (it changes numerics); only its notice is hidden.
 """
 
 from __future__ import annotations
@@ -84,8 +80,7 @@ def filtered_stderr(pattern: re.Pattern = NOISE):
 
 
 def quiet_first_steps():
-    """A Keras callback that filters TensorFlow's lines written while fit's first training and validation
-    steps build their graphs (oneDNN's notes on data types come then); later steps are not held back."""
+    """A Keras callback filtering TensorFlow's lines while fit's first train and test steps build graphs."""
     import keras
 
     class QuietFirstSteps(keras.callbacks.Callback):

@@ -1,6 +1,4 @@
-"""A training run: a Config in, a run folder out (models/<run>/).
-
-`run` trains both phases as the notebook's cells do, with the same calls:
+"""A training run: a Config in, a run folder out (models/<run>/). `run` makes the notebook cells' calls:
 
     training = Training(config)                     # claims the run folder (or finds the run finished)
     for phase in ("head", "finetune"):
@@ -12,8 +10,7 @@
             training.end(phase)
     training.finish()                               # the best checkpoint on validation and test: results.json
 
-Without pretrained weights phase 1 is skipped (nothing to keep frozen). A run killed at any point and
-started again with the same run folder resumes where it stopped.
+Without pretrained weights phase 1 is skipped. A killed run started again in its run folder resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -26,15 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar100 import data, distribution, keras_internals, models, results, run_folder, tflogs
+from cifar100 import data, distribution, evaluate, keras_internals, models, run_folder, tflogs
 from cifar100 import mining as hem
+from cifar100.batches import EpochOrder, TrainBatches, one_hot
 from cifar100.callbacks import EpochLine, EpochTimer, HistoryLog, callback_set, reduce_lr_on_plateau, write_tensorboard
-from cifar100.config import Config, ConfigError
-from cifar100.datasplit import Splits, prepare_data, splits_key
-from cifar100.errors import RunError
-from cifar100.sampling import EpochOrder, TrainBatches, one_hot
+from cifar100.config import Config, ConfigError, RunError, validate
+from cifar100.data import Splits, prepare_data, splits_key
 from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
-from cifar100.validation import validate
 
 PHASE1_WEIGHTS = "phase1.weights.h5"
 PHASES = ("head", "finetune")
@@ -83,8 +78,7 @@ def compile_model(model: keras.Model, rate, config: Config) -> None:
 
 def run(config: Config, verbose: int | str = "auto", callbacks: list | None = None, splits: Splits | None = None,
         model: keras.Model | None = None) -> Path:
-    """Train (or resume) the run described by `config`, both phases and the evaluation; returns its run folder.
-    The notebook's phase cells are this loop's body, written out."""
+    """Train (or resume) `config`'s run, both phases and the evaluation; returns its run folder."""
     training = Training(config, splits=splits, model=model)
     try:
         for phase in PHASES:
@@ -125,15 +119,9 @@ def cached_features(model: keras.Model, x_train: np.ndarray, y_train: np.ndarray
 
 
 class Training:
-    """One run's bookkeeping, for the cells (and `run`) that compile and fit: the run folder claimed (or found
-    finished), each phase's batches, callbacks and epochs, and what a finished phase leaves behind.
-
-    `splits` (prepare_data) and `model` (models.new_model), when the caller already has them for these
-    settings, are used instead of loading the data and building the model again. Progress is recorded in
-    the run folder (state.json, the phase-1 weights, BackupAndRestore's backup), so that a process killed
-    at any point resumes where it stopped. Under a multi-worker distribution only the chief writes the run
-    folder; every other worker works in a temporary folder removed by `close`.
-    """
+    """One run's bookkeeping for the cells (and `run`) that compile and fit: the run folder, each phase's batches,
+    callbacks and epochs. `splits` and `model`, given for these settings, are reused. Under multi-worker only the
+    chief writes the run folder; the others use a temporary folder that `close` removes."""
 
     def __init__(self, config: Config, splits: Splits | None = None, model: keras.Model | None = None,
                  training_model: keras.Model | None = None):
@@ -213,8 +201,7 @@ class Training:
                            "cell (it makes the training) and then this one")
 
     def set_phase(self, phase: str) -> None:
-        """Freeze ('head': the backbone) or unfreeze ('finetune': the top finetune_fraction of the backbone,
-        BatchNorm kept in inference mode with pretrained weights)."""
+        """Freeze the backbone ('head') or unfreeze its top finetune_fraction (BatchNorm frozen if pretrained)."""
         if not self.done:
             models.set_phase(self.fit_model, phase, self.config.finetune_fraction, self.pretrained)
             self.phase = phase
@@ -228,8 +215,7 @@ class Training:
         return bool(state.get("finetune_done"))
 
     def needs(self, phase: str) -> bool:
-        """True when `phase` has training to do. False when the run is finished or the phase was done earlier
-        (its weights are then loaded), and for phase 1 without pretrained weights (skipped)."""
+        """True when `phase` has training to do; False when finished, skipped, or done earlier (its weights loaded)."""
         if self.done:
             return False
         if self.phase != phase:
@@ -248,10 +234,8 @@ class Training:
         return True
 
     def data(self, phase: str) -> tuple[keras.Model, object, tuple]:
-        """The start of an attempt at `phase`: (the model to compile and fit, its training batches, its
-        validation data). Phase 1 on cached features (head_features="cached") is the head alone on the
-        backbone's features, computed here once; otherwise the whole training model on the images. A phase
-        a killed process left unfinished is picked up where it stopped (see epochs())."""
+        """Start an attempt at `phase`: (the model to compile and fit, training batches, validation data). Phase 1 on
+        cached features trains the head alone on features computed here; an unfinished phase resumes (epochs())."""
         if not self.needs(phase):
             raise RunError(f"phase {phase!r} has nothing to train (training.needs({phase!r}) is False)")
         config, num_classes = self.config, self.splits.dataset.num_classes
@@ -310,23 +294,19 @@ class Training:
         return self.attempt
 
     def epochs(self, phase: str) -> tuple[int, int]:
-        """fit's (initial_epoch, epochs), counted from the run's first epoch: a stopped phase resumes after
-        its last finished epoch."""
+        """fit's (initial_epoch, epochs), counted from the run's first epoch: a stopped phase resumes after its last."""
         return self._attempt(phase)["epochs"]
 
     def callbacks(self, phase: str, extra: list | None = None) -> list[keras.callbacks.Callback]:
-        """The phase's callbacks, watching the validation split: ModelCheckpoint (best.keras), EarlyStopping,
-        ReduceLROnPlateau (the plateau schedule), CSVLogger (history.csv), BackupAndRestore, hard-example
-        mining, TensorBoard logs, and the resume state that lets a killed phase continue exactly; `extra`
-        after them, then the progress line (last: Keras then uses it instead of its own)."""
+        """The phase's callbacks (callbacks.callback_set, or the short set of phase 1 on cached features), then
+        `extra`, then the progress line (last: Keras then uses it instead of its own)."""
         attempt, config = self._attempt(phase), self.config
         self._record_compile(phase, attempt["model"])
         quiet = tflogs.quiet_first_steps()
         if phase == "head" and self.cached:  # a short phase, atomic: a kill during it does it again
             (self.run_dir / run_folder.HISTORY).unlink(missing_ok=True)
             reduce_lr = reduce_lr_on_plateau(config)
-            # mining does not apply to the head on features; its columns are filled so that history.csv keeps
-            # one set of columns across the phases: no example mined, no scoring pass (NaN, not a loss of 0)
+            # no mining here, but its columns are filled (NaN: no scoring pass): history.csv keeps one set of columns
             unmined = {key: 0 if key in hem.LOG_KEYS else float("nan") for key in hem.log_keys(config)}
             return [quiet, EpochOrder(attempt["sampler"]), EpochTimer(config.batch_size),
                     *([keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: logs.update(unmined))]
@@ -379,7 +359,7 @@ class Training:
     def finish(self) -> Path:
         """Evaluate the best checkpoint and write results.json; the backups go. Returns the run folder."""
         if not self.done:
-            results.write(self.config, self.run_dir, self.splits, time.perf_counter() - self.started)
+            evaluate.write_results(self.config, self.run_dir, self.splits, time.perf_counter() - self.started)
             run_folder.write_state(self.run_dir, finished=True)
             shutil.rmtree(self.run_dir / "backup", ignore_errors=True)
             shutil.rmtree(self.run_dir / run_folder.CHECKPOINTS, ignore_errors=True)
@@ -400,9 +380,8 @@ class Training:
 
 
 def identify(config: Config, model: keras.Model, training_model: keras.Model | None) -> tuple[Config, str]:
-    """`config` as it names the run of `model` (and `training_model`, the augmentation in front of it): the
-    same when models.py builds this model for these settings, else with the model's fingerprint as its
-    `model` setting. Also returns the fingerprint."""
+    """(`config` naming `model`'s run, the fingerprint): `config` as is when models.py builds this model (behind
+    `training_model`'s augmentation) for these settings, else with the fingerprint as its `model` setting."""
     trainee = training_model or models.training_model(model, config)
     found = models.fingerprint(trainee)
     recipe = models.recipe_fingerprint(config.replace(model=""), int(model.output.shape[-1]))
@@ -410,8 +389,7 @@ def identify(config: Config, model: keras.Model, training_model: keras.Model | N
 
 
 def refuse_a_diverged_phase(run_dir: Path, phase: str) -> None:
-    """Stop the run, before anything is evaluated, when its loss became NaN or infinite (TerminateOnNaN
-    then ended the phase): nothing trained after that epoch, and the settings need changing."""
+    """Stop the run before anything is evaluated when its loss became NaN or infinite (TerminateOnNaN ended it)."""
     rows = run_folder.history_rows(run_dir)
     loss = rows[-1].get("loss") if rows else None
     if loss and not math.isfinite(float(loss)):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cifar100.config import ConfigError, DatasetError
 from cifar100.data import (
     CIFAR10_FILES,
     CIFAR10_NAMES,
@@ -22,18 +23,13 @@ from cifar100.data import (
     ROW_BYTES,
     images_to_rows,
 )
-from cifar100.errors import ConfigError, DatasetError
 
 MAX_SYNTHETIC_IMAGES = 100_000  # per set; 100,000 images are 300 MB
 
 
 class _Py2Pickler(pickle._Pickler):
-    """Writes bytes as Python 2 strings, as the official files do, so that readers using
-    `encoding="bytes"` or `encoding="latin1"` see exactly what they see in the official files.
-
-    The one adapter over private APIs in this project: the pure-Python `pickle._Pickler` (the C pickler
-    has no per-type dispatch table to extend) and `numpy._core.multiarray._reconstruct` (to name it as
-    numpy 1.x wrote it). Only the writer of test and demo data uses them; reading never does."""
+    """Writes bytes as Python 2 strings, as the official files do. Uses private APIs: the pure-Python
+    `pickle._Pickler` (the C one has no dispatch table to extend) and numpy's `_reconstruct`; reading never does."""
 
     dispatch = pickle._Pickler.dispatch.copy()
 
@@ -116,10 +112,8 @@ def write_official(path: str | Path, kind: str, x_train, y_train, x_test, y_test
 
 
 def synthetic_images(labels: np.ndarray, num_classes: int, seed: int, chunk: int = 4096) -> np.ndarray:
-    """Images whose class is learnable but not trivially: a smooth colour pattern made mostly of the
-    class's group pattern (its CIFAR-100 superclass, so related classes look alike) plus a fainter pattern
-    of its own, under heavy per-image noise, random shifts and brightness changes. Made `chunk` images at
-    a time, so that memory stays small for any count."""
+    """Images with a learnable, not trivial class signal: mostly the superclass's colour pattern plus a fainter
+    one of the class's own, under heavy noise, shifts and brightness changes; made `chunk` at a time."""
     rng = np.random.default_rng(seed)
     pattern_rng = np.random.default_rng(12345)  # the class patterns are the same for every seed
     group_of = CIFAR100_FINE_TO_COARSE if num_classes == 100 else np.arange(num_classes) % max(1, num_classes // 5)
@@ -142,11 +136,8 @@ def synthetic_images(labels: np.ndarray, num_classes: int, seed: int, chunk: int
 
 def write_synthetic(path: str | Path, kind: str = "cifar100", n_train: int = 5000, n_test: int = 1000,
                     seed: int = 0) -> Path:
-    """Write a synthetic dataset in the exact official format, with a learnable class signal.
-
-    Labels are balanced (as in CIFAR) and the folder's DATASET.json marker says the data is synthetic, so
-    that the loader and the notebook can say so plainly.
-    """
+    """Write a synthetic dataset in the exact official format: balanced labels, a learnable class signal, and a
+    DATASET.json marker saying it is synthetic."""
     num_classes = {"cifar100": 100, "cifar10": 10}.get(kind)
     if num_classes is None:
         raise ConfigError(f"kind must be 'cifar100' or 'cifar10', got {kind!r}")

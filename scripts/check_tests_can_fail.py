@@ -82,14 +82,14 @@ MUTATIONS = {
         'dataset.class_names, np.asarray(classes["fine_to_coarse"]),',
         ["tests/test_hostile_run_folders.py::test_classes_json_is_checked_and_superclasses_come_from_the_data"]),
     "cutmix label weight from the drawn lam, not the pasted area": (
-        "cifar100/sampling.py", "            lam = 1 - side * side / 1024\n", "",
-        ["tests/test_sampling.py::test_mixing_gives_each_label_the_share_of_the_image_it_has"]),
+        "cifar100/batches.py", "            lam = 1 - side * side / 1024\n", "",
+        ["tests/test_batches.py::test_mixing_gives_each_label_the_share_of_the_image_it_has"]),
     "mixup labels unmixed": (
-        "cifar100/sampling.py", "return images, lam * labels + (1 - lam) * labels[partner]",
+        "cifar100/batches.py", "return images, lam * labels + (1 - lam) * labels[partner]",
         "return images, labels",
-        ["tests/test_sampling.py::test_mixing_gives_each_label_the_share_of_the_image_it_has"]),
+        ["tests/test_batches.py::test_mixing_gives_each_label_the_share_of_the_image_it_has"]),
     "the layers' random streams overlap (a layer's index in Keras' counter slot)": (
-        "cifar100/sampling.py", "    return [key, 0]\n", "    return [epoch + 1, seed * 1_000_003 + layer]\n",
+        "cifar100/batches.py", "    return [key, 0]\n", "    return [epoch + 1, seed * 1_000_003 + layer]\n",
         ["tests/test_training_levers.py::test_each_random_layer_draws_a_stream_of_its_own_each_epoch"]),
     "selective backprop logs its scoring pass as the training loss": (
         "cifar100/mining.py",
@@ -99,7 +99,7 @@ MUTATIONS = {
     "history.csv counts epochs from 0": (
         "cifar100/callbacks.py", "        super().on_epoch_end(epoch + 1, logs)\n",
         "        super().on_epoch_end(epoch, logs)\n",
-        ["tests/test_sampling.py::test_history_counts_epochs_from_1_and_an_earlier_folder_is_renumbered_once"]),
+        ["tests/test_batches.py::test_history_counts_epochs_from_1_and_an_earlier_folder_is_renumbered_once"]),
     "TensorBoard logs an epoch again": (
         "cifar100/callbacks.py", "            if (split, f\"epoch-{epoch:06d}\") in written:", "            if False:",
         ["tests/test_run_folder.py::test_tensorboard_logs_each_committed_epoch_once_and_fills_in_one_left_out"]),
@@ -110,10 +110,10 @@ MUTATIONS = {
         "cifar100/models.py", "        return bool(gpu_names())\n", "        return True\n",
         ["tests/test_config.py::test_precision_and_xla_follow_the_gpu_unless_asked"]),
     "cap not stratified": (
-        "cifar100/datasplit.py", CAP, "train_idx = train_idx[:cap]",
+        "cifar100/data.py", CAP, "train_idx = train_idx[:cap]",
         ["tests/test_training_levers.py::test_the_cap_shrinks_training_not_validation"]),
     "cap taken before the validation split": (
-        "cifar100/datasplit.py", CAP, "train_idx = stratified_subset(dataset.y_train, cap, config.seed)",
+        "cifar100/data.py", CAP, "train_idx = stratified_subset(dataset.y_train, cap, config.seed)",
         ["tests/test_training_levers.py::test_the_cap_shrinks_training_not_validation"]),
     "mirrored strategy falls back to one device": (
         "cifar100/distribution.py", "return tf.distribute.MirroredStrategy(devices), None",
@@ -124,16 +124,16 @@ MUTATIONS = {
         ["tests/test_run_folder.py::test_keras_keeps_a_restored_epoch_for_later_fits_until_it_is_forgotten"]),
     "tf.data autotuning left on for fit's batches": (
         "cifar100/keras_internals.py", "    options.autotune.enabled = False\n", "",
-        ["tests/test_sampling.py::test_fit_input_reads_each_epochs_batches_as_the_sampler_then_makes_them_without_"
+        ["tests/test_batches.py::test_fit_input_reads_each_epochs_batches_as_the_sampler_then_makes_them_without_"
          "tf_data_autotuning"]),
     "fit's batches read ahead of the epoch (eagerly)": (
         "cifar100/keras_internals.py", "    def generate():\n        for index in range(len(batches)):\n"
         "            yield batches[index]\n",
         "    def generate(eager=[batches[i] for i in range(len(batches))]):\n        yield from eager\n",
-        ["tests/test_sampling.py::test_fit_input_reads_each_epochs_batches_as_the_sampler_then_makes_them_without_"
+        ["tests/test_batches.py::test_fit_input_reads_each_epochs_batches_as_the_sampler_then_makes_them_without_"
          "tf_data_autotuning"]),
     "progressive resizing ignored in training": (
-        "cifar100/models.py", "        if not (training and self.training_size):\n", "        if True:\n",
+        "cifar100/keras_internals.py", "        if not (training and self.training_size):\n", "        if True:\n",
         ["tests/test_training_levers.py::test_progressive_resizing_trains_small_first_and_validates_at_full_size"]),
     "a phase inherits the small size a stopped fit left": (
         "cifar100/models.py", "            upsample.training_size = None\n", "            pass\n",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifar100 import data, datasplit, download, safe_pickle, write_data
+from cifar100 import data, safe_pickle, write_data
 from cifar100.data import DatasetError
 
 from .conftest import SAMPLE_DIR, run_cli
@@ -225,17 +225,17 @@ def test_md5_checked_for_official_names_and_skippable(dataset_dir, monkeypatch):
 
 def test_split_is_stratified_seeded_and_disjoint():
     labels = np.repeat(np.arange(10), 50)
-    train_idx, val_idx = datasplit.split(labels, val_fraction=0.1, seed=3)
+    train_idx, val_idx = data.split(labels, val_fraction=0.1, seed=3)
     assert len(val_idx) == 50 and len(train_idx) == 450
     assert not set(train_idx) & set(val_idx) and len(set(train_idx) | set(val_idx)) == 500
     np.testing.assert_array_equal(np.bincount(labels[val_idx]), np.full(10, 5))
-    np.testing.assert_array_equal(datasplit.split(labels, 0.1, seed=3)[1], val_idx)
-    assert not np.array_equal(datasplit.split(labels, 0.1, seed=4)[1], val_idx)
+    np.testing.assert_array_equal(data.split(labels, 0.1, seed=3)[1], val_idx)
+    assert not np.array_equal(data.split(labels, 0.1, seed=4)[1], val_idx)
 
 
 def test_split_rejects_a_bad_fraction():
     with pytest.raises(ValueError, match="val_fraction"):
-        datasplit.split(np.zeros(10), val_fraction=1.5)
+        data.split(np.zeros(10), val_fraction=1.5)
 
 
 def closed_port() -> int:
@@ -246,7 +246,7 @@ def closed_port() -> int:
 
 def test_offline_download_fails_fast_with_instructions(tmp_path):
     with pytest.raises(DatasetError) as err:
-        download.fetch(tmp_path / "cifar-100-python", url=f"http://127.0.0.1:{closed_port()}/cifar-100-python.tar.gz")
+        data.fetch(tmp_path / "cifar-100-python", url=f"http://127.0.0.1:{closed_port()}/cifar-100-python.tar.gz")
     assert "could not download" in str(err.value) and "tar xzf cifar-100-python.tar.gz" in str(err.value)
     assert not (tmp_path / "cifar-100-python").exists()
 
@@ -257,7 +257,7 @@ def test_download_from_a_silent_server_times_out(tmp_path):
         server.listen(1)  # accepts the connection but never answers
         # without the timeout this would wait for ever: the test would hang, not pass
         with pytest.raises(DatasetError, match=r"could not download .*timed out"):
-            download.fetch(tmp_path / "x", url=f"http://127.0.0.1:{server.getsockname()[1]}/a.tar.gz", timeout=1)
+            data.fetch(tmp_path / "x", url=f"http://127.0.0.1:{server.getsockname()[1]}/a.tar.gz", timeout=1)
 
 
 @pytest.fixture
@@ -291,14 +291,14 @@ def test_download_fills_the_repos_empty_data_folder(tmp_path, archive_server, mo
     data.load(target, download=True)
     assert (target / "train").is_file() and (target / ".gitkeep").exists()
     with pytest.raises(DatasetError, match="already holds files"):
-        download.fetch(target)
+        data.fetch(target)
 
 
 def test_download_with_wrong_md5_extracts_nothing(tmp_path, archive_server, monkeypatch):
     url, _ = archive_server
     monkeypatch.setitem(data.ARCHIVES, "cifar100", (url, "0" * 32, "cifar-100-python"))
     with pytest.raises(DatasetError, match="md5 mismatch of the downloaded archive"):
-        download.fetch(tmp_path / "cifar-100-python")
+        data.fetch(tmp_path / "cifar-100-python")
     assert not (tmp_path / "cifar-100-python").exists()
 
 

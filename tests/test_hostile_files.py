@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from numpy._core import multiarray
 
-from cifar100 import data, download, safe_pickle, write_data
+from cifar100 import data, safe_pickle, write_data
 from cifar100.data import DatasetError
 
 from .conftest import ROOT
@@ -286,7 +286,7 @@ def test_download_into_a_file_fails_before_downloading(tmp_path, serve):
     notes.write_text("mine")
     for target in (notes, notes / "cifar-100-python"):
         with pytest.raises(DatasetError, match=rf"{notes}: a file, where a folder is needed .*nothing was downloaded"):
-            download.fetch(target, url=url)
+            data.fetch(target, url=url)
     assert requests == [] and notes.read_text() == "mine"
 
 
@@ -316,9 +316,9 @@ def test_extraction_is_bounded_and_refuses_links(tmp_path, serve, monkeypatch, e
     url, md5, _ = serve(tar_gz(*entries))
     monkeypatch.setitem(data.ARCHIVES, "cifar100", (url, md5, "cifar-100-python"))
     for name, value in limits.items():
-        monkeypatch.setattr(download, name, value)
+        monkeypatch.setattr(data, name, value)
     with pytest.raises(DatasetError, match=rf"{message}; nothing was extracted"):
-        download.fetch(tmp_path / "cifar-100-python")
+        data.fetch(tmp_path / "cifar-100-python")
     assert not (tmp_path / "cifar-100-python").exists()
 
 

@@ -15,8 +15,7 @@ import pytest
 
 from cifar100 import compare, data, evaluate, models, plots, run_folder, train, write_data
 from cifar100.__main__ import main
-from cifar100.config import Config, ConfigError, make_config
-from cifar100.errors import DatasetError, RunError
+from cifar100.config import Config, ConfigError, DatasetError, RunError, make_config
 
 from .test_compare import fake_run
 

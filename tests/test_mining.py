@@ -11,8 +11,8 @@ import keras
 import numpy as np
 import pytest
 
+from cifar100.batches import EpochOrder, TrainBatches, one_hot
 from cifar100.mining import HardExampleMining, SelectiveBackprop, log_keys, mining_weights, per_example_cross_entropy
-from cifar100.sampling import EpochOrder, TrainBatches, one_hot
 
 from .conftest import ROOT
 
@@ -215,7 +215,7 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras
 from tests.test_mining import separable, linear_model, CLASSES
 from cifar100.mining import SelectiveBackprop
-from cifar100.sampling import EpochOrder, TrainBatches
+from cifar100.batches import EpochOrder, TrainBatches
 strategy = tf.distribute.MirroredStrategy()
 with strategy.scope():
     model = linear_model()
@@ -278,7 +278,7 @@ def test_a_selective_run_mines_in_both_phases_and_records_it(synthetic_cifar100,
 
 def test_the_run_totals_sum_the_counters_and_average_the_backprop_fraction():
     from cifar100.config import make_config
-    from cifar100.results import _mining_totals
+    from cifar100.evaluate import _mining_totals
 
     config = make_config("smoke", {"hem": True, "hem_mode": "selective"})
     unmined = {"examples_forward": "0", "forward_seconds": "0", "examples_backprop": "0", "backprop_seconds": "0",

@@ -20,6 +20,23 @@ def test_committed_notebook_has_no_outputs_and_one_parameters_cell():
     assert len(tagged) == 1 and "PRESET" in tagged[0].source and "HARD_EXAMPLE_MINING" in tagged[0].source
 
 
+def test_the_cells_show_the_keras_recipe_and_check_the_parameters_without_a_line_of_their_own():
+    """Each phase cell writes out its compile and fit (optimiser, loss, metrics, callbacks); the model cell
+    shows the one definition of the model; the evaluation cell calls the model on the test set."""
+    notebook = nbformat.read(ROOT / "main.ipynb", as_version=4)
+    code = [c.source for c in notebook.cells if c.cell_type == "code"]
+    phases = [source for source in code if "training.set_phase(" in source]
+    assert len(phases) == 2
+    for source in phases:
+        for step in (".compile(", "optimizer=train.optimizer(", "loss=keras.losses.CategoricalCrossentropy(",
+                     "metrics=[", ".fit(batches, validation_data=validation", "callbacks=", "training.end("):
+            assert step in source, (step, source)
+    model_cell = next(source for source in code if "models.new_model(" in source)
+    assert "notebook.show_code(models.build_model" in model_cell
+    assert any(".evaluate(dataset.x_test" in source for source in code)
+    assert not any("params.check(" in source for source in code)  # notebook.guard_cells does it
+
+
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
     folder = tmp_path_factory.mktemp("nb")
@@ -77,6 +94,15 @@ def test_executed_notebook_shows_each_figure_once_and_no_tensorflow_log_line(exe
     streams = "".join(o.get("text", "") for o in outputs)
     assert not re.search(r"^[IWEF]\d{4} \d\d:\d\d:\d\d", streams, re.MULTILINE), streams
     assert not any(tflogs.NOISE.search(line) for line in streams.splitlines())
+
+
+@pytest.mark.slow
+def test_executed_notebook_shows_the_code_that_builds_the_model(executed):
+    notebook, _ = executed
+    model_cell = next(c for c in notebook.cells if c.cell_type == "code" and "notebook.show_code(" in c.source)
+    shown = cell_text(model_cell)
+    assert "def build_model(" in shown and 'keras.Input((32, 32, 3), dtype="uint8"' in shown
+    assert "def augmentation_layers(" in shown and "layers.RandomFlip(" in shown
 
 
 @pytest.mark.slow

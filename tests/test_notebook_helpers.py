@@ -5,8 +5,7 @@ import copy
 import pytest
 
 from cifar100 import notebook
-from cifar100.config import make_config
-from cifar100.errors import ConfigError, RunError
+from cifar100.config import ConfigError, RunError, make_config
 
 PARAMETERS = {"PRESET": "smoke", "BACKBONE": None, "IMAGE_SIZE": None, "HEAD_EPOCHS": None, "FINETUNE_EPOCHS": None,
               "HARD_EXAMPLE_MINING": True, "WEIGHTS": "preset", "DATA_DIR": "d", "DOWNLOAD": True, "RUN_NAME": "",
@@ -112,3 +111,30 @@ def test_a_bad_setting_is_refused_at_the_settings_cell_before_data_or_model(sett
         notebook.Parameters({**copy.deepcopy(PARAMETERS), "SETTINGS": settings})
     with pytest.raises(ConfigError, match="setting 'data_dir': d: dataset folder not found"):
         notebook.Parameters({**copy.deepcopy(PARAMETERS), "DOWNLOAD": False})
+
+
+def test_every_cell_that_uses_the_settings_is_checked_without_a_line_of_its_own():
+    """The guard the settings cell sets up, in a real IPython shell: a cell that uses the notebook's names
+    stops when a parameter changed; the parameters and settings cells and one's own cells run as they are."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    try:
+        shell.user_ns.update(copy.deepcopy(PARAMETERS), notebook=notebook)
+        assert shell.run_cell("params = notebook.Parameters(globals()); config = params.config").success
+        assert shell.run_cell("seen = config.preset").success and shell.user_ns["seen"] == "smoke"
+        assert shell.run_cell("HARD_EXAMPLE_MINING = False").success  # the parameters cell, edited and run
+        assert shell.run_cell("total = 1 + 1").success  # a cell of one's own: not the guard's business
+        result = shell.run_cell("seen = config.hem")
+        assert isinstance(result.error_in_exec, notebook.ParametersChanged)
+        assert "(HARD_EXAMPLE_MINING: True -> False)" in str(result.error_in_exec)
+        assert shell.user_ns["seen"] == "smoke"  # the cell's own code did not run
+        assert shell.run_cell("params = notebook.Parameters(globals()); config = params.config").success
+        assert shell.run_cell("seen = config.hem").success and shell.user_ns["seen"] is False
+        shell.user_ns["dataset"] = type("Data", (), {"path": "elsewhere"})()  # the data of other settings
+        result = shell.run_cell("seen = dataset.path")
+        assert isinstance(result.error_in_exec, notebook.ParametersChanged) and "run the data cell" in \
+            str(result.error_in_exec)
+        assert shell.run_cell("dataset = None; seen = config.data_dir").success  # the data cell makes dataset
+    finally:
+        InteractiveShell.clear_instance()

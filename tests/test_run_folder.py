@@ -12,9 +12,7 @@ import textwrap
 import pytest
 
 from cifar100 import models, run_folder, train, write_data
-from cifar100.config import PRESETS, Config, make_config
-from cifar100.errors import ConfigError, RunError
-from cifar100.validation import validate
+from cifar100.config import PRESETS, Config, ConfigError, RunError, make_config, validate
 
 from .conftest import ROOT, run_cli
 
@@ -302,7 +300,7 @@ def test_best_keras_is_the_best_validation_epoch_not_the_last(tmp_path):
     import numpy as np
 
     from cifar100 import callbacks
-    from cifar100.sampling import TrainBatches, one_hot
+    from cifar100.batches import TrainBatches, one_hot
 
     scripted = [0.3, 0.9, 0.5, 0.4]
 
@@ -386,7 +384,7 @@ KILLER = textwrap.dedent("""
     elif point == "history_row":  # any phase, phase 1 on cached features too: as an epoch's row is written
         before(callbacks.HistoryLog, "on_epoch_end", lambda self, e, logs=None: e == epoch)
     elif point == "during_finish":
-        before(train.results, "write", lambda *args, **kwargs: True)
+        before(train.evaluate, "write_results", lambda *args, **kwargs: True)
     train.run(Config.load(sys.argv[1]), verbose=0)
 """)
 

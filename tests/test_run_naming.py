@@ -101,8 +101,8 @@ def test_a_model_edited_in_the_notebook_trains_into_a_folder_of_its_own(syntheti
     import numpy as np
 
     from cifar100 import evaluate, models, run_folder
-    from cifar100.datasplit import prepare_data
-    from cifar100.errors import RunError
+    from cifar100.config import RunError
+    from cifar100.data import prepare_data
 
     config = make_config("smoke", {"data_dir": str(synthetic_cifar100), "runs_dir": str(tmp_path),
                                    "finetune_epochs": 1})

@@ -66,7 +66,7 @@ def test_the_command_line_prints_no_tensorflow_log_lines_unless_asked():
     assert quiet == "error: /nonexistent/run/config.json not found: is /nonexistent/run a finished run folder?\n"
     # the README's Python snippet: its imports bring in TensorFlow quietly too
     environment = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "CIFAR100_TF_LOGS")}
-    imported = subprocess.run([sys.executable, "-c", "from cifar100 import data, datasplit, train"], cwd=ROOT,
+    imported = subprocess.run([sys.executable, "-c", "from cifar100 import data, train"], cwd=ROOT,
                               capture_output=True, text=True, timeout=300, env=environment)
     assert imported.returncode == 0 and imported.stderr == "", imported.stderr
     loud = command_line_stderr(CIFAR100_TF_LOGS="1", TF_CPP_MIN_LOG_LEVEL="0")

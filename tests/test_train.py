@@ -76,7 +76,7 @@ def test_a_config_that_cannot_work_fails_before_training(train_data, tmp_path, o
 def test_the_steps_of_a_phase_out_of_order_are_refused_and_train_nothing(train_data, tmp_path):
     """The notebook's steps (set_phase, data, compile, callbacks, fit, end) each refuse to run before the
     step they need."""
-    from cifar100.errors import RunError
+    from cifar100.config import RunError
 
     config = smoke(train_data, tmp_path / "steps")
     training = train.Training(config)

@@ -7,9 +7,9 @@ import keras
 import numpy as np
 import pytest
 
-from cifar100 import datasplit, models, train, write_data
+from cifar100 import data, keras_internals, models, train, write_data
+from cifar100.batches import TrainBatches
 from cifar100.config import Config, make_config
-from cifar100.sampling import TrainBatches
 
 
 def rate_given(config: Config, phase_rate: float = 1e-3, epochs: int = 4, steps: int = 10):
@@ -50,12 +50,11 @@ def test_optimizer_choice(name, kind, decay):
 
 
 def test_the_cap_shrinks_training_not_validation(tmp_path):
-    from cifar100 import data
 
     folder = write_data.write_synthetic(tmp_path / "c10", kind="cifar10", n_train=1000, n_test=100)
     dataset = data.load(folder)
-    full = datasplit.prepare_data(Config(data_dir=str(folder)), dataset)
-    capped = datasplit.prepare_data(Config(data_dir=str(folder), max_train_images=200), dataset)
+    full = data.prepare_data(Config(data_dir=str(folder)), dataset)
+    capped = data.prepare_data(Config(data_dir=str(folder), max_train_images=200), dataset)
     assert len(full.val_indices) == 100  # 10%, stratified: 10 a class
     assert len(capped.train_indices) == 200 and np.array_equal(capped.val_indices, full.val_indices)
     assert not set(capped.train_indices) & set(capped.val_indices)
@@ -84,7 +83,7 @@ def test_random_shift_moves_each_image_by_whole_pixels_and_compiles_with_xla():
 def test_each_random_layer_draws_a_stream_of_its_own_each_epoch():
     """EpochOrder sets every seed generator of the training model (augmentation, dropout) at each epoch; Keras
     then draws with [key, counter + step]. No two layers, and no layer in two epochs, may share a position."""
-    from cifar100.sampling import EpochOrder, TrainBatches
+    from cifar100.batches import EpochOrder, TrainBatches
 
     config = Config(backbone="tinycnn", weights=None, image_size=32, augment="randaugment", dropout=0.3, seed=3)
     fit_model = models.training_model(models.build_model(config, 10), config)
@@ -150,9 +149,9 @@ def test_cached_head_run_records_what_it_did(synthetic_cifar100, tmp_path):
         assert parts == pytest.approx(float(row["epoch_seconds"]), rel=1e-3)
     # best.keras is the best validation epoch's model
     best = keras.saving.load_model(run_dir / "best.keras")
-    from cifar100 import data, evaluate
+    from cifar100 import evaluate
 
-    splits = datasplit.prepare_data(config, data.load(synthetic_cifar100))
+    splits = data.prepare_data(config, data.load(synthetic_cifar100))
     val = evaluate.basic_metrics(best, splits.x_val, splits.y_val, 100)
     assert val["top1"] == pytest.approx(max(float(r["val_accuracy"]) for r in rows), abs=1e-6)
     tta = results["test"]["flip_tta"]
@@ -177,7 +176,7 @@ def test_progressive_resizing_trains_small_first_and_validates_at_full_size():
 
     seen = []
     inputs = keras.Input((32, 32, 3))
-    x = models.Upsample(48, 48, name="upsample")(inputs)
+    x = keras_internals.Upsample(48, 48, name="upsample")(inputs)
     x = keras.layers.GlobalAveragePooling2D()(ShapeProbe(seen.append)(x))
     model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
     model.compile("adam", "categorical_crossentropy")
@@ -207,12 +206,12 @@ def test_each_phase_starts_at_full_size_and_32_px_runs_get_the_layer_too():
     the same kernel) must not inherit it. At image_size 32 the progressive layer is built all the same."""
     config = make_config("smoke", {"image_size": 32, "progressive_size": 16, "progressive_epochs": 2,
                                    "lr_schedule": "cosine"})
-    from cifar100.validation import validate
+    from cifar100.config import validate
 
     validate(config, check_data=False)
     model = models.training_model(models.build_model(config, num_classes=10), config)
     upsample = model.get_layer("upsample")
-    assert isinstance(upsample, models.Upsample)
+    assert isinstance(upsample, keras_internals.Upsample)
     upsample.training_size = 16
     models.set_phase(model, "head", pretrained=False)
     assert upsample.training_size is None
@@ -226,8 +225,7 @@ def test_each_phase_starts_at_full_size_and_32_px_runs_get_the_layer_too():
     ({"progressive_size": 48, "progressive_epochs": 2, "lr_schedule": "plateau"}, "needs lr_schedule=cosine"),
 ])
 def test_progressive_resizing_settings_are_checked(settings, message):
-    from cifar100.config import ConfigError
-    from cifar100.validation import validate
+    from cifar100.config import ConfigError, validate
 
     config = make_config("smoke", {"image_size": 96, "finetune_epochs": 5, **settings})
     with pytest.raises(ConfigError, match=message):
@@ -250,8 +248,8 @@ def test_a_run_with_progressive_resizing_trains_and_saves_the_full_size_model(sy
 def test_with_progressive_resizing_early_stopping_watches_only_the_full_size_epochs(tmp_path):
     """The small epochs are validated at full size and score low while the model learns the small size:
     counted, they would stop the phase before its full-size epochs (measured: docs/benchmarks.md)."""
+    from cifar100.batches import TrainBatches
     from cifar100.callbacks import ProgressiveResizing, callback_set
-    from cifar100.sampling import TrainBatches
 
     config = make_config("smoke", {"image_size": 64, "finetune_epochs": 6, "progressive_size": 32,
                                    "progressive_epochs": 4, "lr_schedule": "cosine"})

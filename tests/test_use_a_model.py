@@ -11,8 +11,7 @@ import pytest
 
 from cifar100 import evaluate, run_folder, train
 from cifar100.__main__ import main
-from cifar100.config import Config, make_config
-from cifar100.errors import RunError
+from cifar100.config import Config, RunError, make_config
 
 from .conftest import SAMPLE_DIR
 

@@ -1,13 +1,7 @@
-"""Training batches for `fit`: uint8 32x32 images in an order drawn afresh each epoch.
+"""Training batches for `fit`: uint8 32x32 images (upsampled later, in the model), every example once per epoch.
 
-Every example is seen once per epoch. Hard-example mining's "reweight" mode acts here: it sets per-example
-loss weights, which the batches carry from the next epoch on. Images are never upsampled here; that happens
-inside the model.
-
-Each epoch's order is a function of (seed, epoch) alone, drawn when Keras begins the epoch
-(`EpochOrder`, a callback: Keras tells callbacks the epoch number before the epoch's first batch is read).
-Keras also peeks at batches to learn their shapes and reads ahead, so nothing here depends on which
-batches were read before: a run resumed at epoch e draws exactly the batches an uninterrupted run draws.
+Each epoch's order depends on (seed, epoch) alone, drawn by `EpochOrder` as Keras begins the epoch, never on
+which batches were read (Keras peeks and reads ahead): a resumed run draws the batches an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -16,6 +10,7 @@ import math
 
 import numpy as np
 
+from cifar100 import keras_internals
 from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
 
 
@@ -25,13 +20,9 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 class TrainBatches(keras.utils.PyDataset):
-    """Batches of (uint8 images (B, 32, 32, 3), one-hot float32 labels (B, C)), in a new shuffle each epoch
-    (or of cached backbone features (B, F) in place of the images: phase 1 on cached features).
-
-    `weighted`: the batches also carry per-example loss weights (B,), all 1 until `set_weights` (a batch's
-    structure cannot change between epochs, so this is decided up front). `mix` is "mixup" or "cutmix" to
-    blend pairs of images and their labels.
-    """
+    """Batches of (uint8 images (B, 32, 32, 3) or cached features (B, F), one-hot float32 labels (B, C)).
+    `weighted`: batches also carry loss weights (B,), all 1 until `set_weights` (decided up front: a batch's
+    structure cannot change between epochs). `mix`: "mixup" or "cutmix" blends pairs of images and labels."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int,
                  seed: int = 0, mix: str | None = None, mix_alpha: float = 0.2, weighted: bool = False):
@@ -94,9 +85,8 @@ class TrainBatches(keras.utils.PyDataset):
 
 
 class EpochOrder(keras.callbacks.Callback):
-    """Draws the sampler's order for each epoch as Keras begins it, and restarts the model's random streams
-    (augmentation layers, dropout): a model's weights file does not hold those streams, so this is what lets
-    a resumed run draw the same augmentations as an uninterrupted one."""
+    """Draws the sampler's order as Keras begins each epoch and restarts the model's random streams (a weights
+    file does not hold them), so a resumed run draws the same augmentations as an uninterrupted one."""
 
     def __init__(self, sampler: TrainBatches):
         super().__init__()
@@ -104,14 +94,12 @@ class EpochOrder(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.sampler.set_epoch(epoch)
-        states = [v for v in self.model.variables if v.path.endswith("seed_generator_state")]
-        for index, state in enumerate(states):
+        for index, state in enumerate(keras_internals.seed_generator_states(self.model)):
             state.assign(np.array(stream_state(self.sampler.seed, epoch, index), dtype=state.dtype))
 
 
 def stream_state(seed: int, epoch: int, layer: int) -> list[int]:
-    """A Keras seed-generator state [key, counter] of its own for (seed, epoch, layer). Keras draws with
-    [key, counter + step]; the key differs for each triple and the counter starts at 0, so no two layers or
-    epochs walk one sequence. (TensorFlow reads a key modulo 2**31 - 2: it is drawn below that.)"""
+    """A Keras seed-generator state [key, counter] of its own for (seed, epoch, layer): no two layers or epochs
+    walk one sequence. The key is below 2**31 - 2, as TensorFlow reads it modulo that."""
     key = int(np.random.SeedSequence([seed, epoch, layer]).generate_state(1)[0]) % (2**31 - 2)
     return [key, 0]

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from cifar100.batches import TrainBatches
 from cifar100.run_folder import trim_history
-from cifar100.sampling import TrainBatches
 
 
 def make_sampler(n=100, classes=5, batch=16, **kwargs):
