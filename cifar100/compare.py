@@ -164,7 +164,7 @@ def _plain_settings(config: dict) -> dict:
     known = set(Config.__dataclass_fields__)
     plain = {}
     for key, value in config.items():
-        if key not in known:
+        if key not in known or (key == "model" and not value):  # "" (models.py's model), or older runs' none
             continue
         if isinstance(value, str):
             plain[key] = printable(value[:80])

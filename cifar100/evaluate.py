@@ -85,11 +85,9 @@ def _round(value: float):
     return None if np.isnan(value) else round(float(value), 4)
 
 
-MAX_MODEL_BYTES = 4 << 30  # a model edited in the notebook: ConvNeXt-XLarge in float32 is 1.4 GB
-
-
-def load_run(run_dir: str | Path) -> tuple[Config, keras.Model, dict]:
-    """The config, the best checkpoint and the class information of a run folder, each checked."""
+def load_run(run_dir: str | Path, model: keras.Model | None = None) -> tuple[Config, keras.Model, dict]:
+    """The config, the best checkpoint and the class information of a run folder, each checked. `model`: the
+    run's model as built (a model edited in the notebook), to load the checkpoint's weights into."""
     run_dir = Path(run_dir)
     for name in ("config.json", "best.keras", "classes.json"):
         if not (run_dir / name).exists():
@@ -98,34 +96,31 @@ def load_run(run_dir: str | Path) -> tuple[Config, keras.Model, dict]:
     run_folder.check_model_format(run_dir)
     config = Config.load(run_dir / "config.json")
     classes = run_folder.read_classes(run_dir)
-    model = load_checkpoint(run_dir / "best.keras", config, len(classes["class_names"]))
+    model = load_checkpoint(run_dir / "best.keras", config, len(classes["class_names"]), model)
     return config, model, classes
 
 
-def load_checkpoint(path: Path, config: Config, num_classes: int) -> keras.Model:
-    """The run's model built from its (checked) settings, with the weights of the .keras file at `path` (not
-    the file's own model description, so a foreign file cannot make Keras build anything). A file that is not
-    this run's model is a RunError naming it."""
-    if config.model:  # a model edited in the notebook, which models.py cannot build: the file's own description
-        _check_archive(path, None)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:  # safe mode: a file from elsewhere cannot run code of its own
-                model = keras.saving.load_model(path, compile=False, safe_mode=True)
-            except Exception as exc:
-                raise RunError(f"{path}: the run's model (edited in the notebook, model={config.model}) does not "
-                               f"load: {type(exc).__name__}: {_first_line(exc)}") from None
-        shapes = [tuple(t.shape[1:]) for t in model.inputs], [tuple(t.shape[1:]) for t in model.outputs]
-        if shapes != ([(32, 32, 3)], [(num_classes,)]):
-            raise RunError(f"{path}: takes {shapes[0]} and gives {shapes[1]}, where this run's model takes 32x32x3 "
-                           f"images and gives {num_classes} probabilities")
-        return model
+def load_checkpoint(path: Path, config: Config, num_classes: int, model: keras.Model | None = None) -> keras.Model:
+    """The run's model built from its (checked) settings (or `model`), with the weights of the .keras file at
+    `path` (not the file's own model description, so a foreign file cannot make Keras build anything). A file
+    that is not this run's model is a RunError naming it."""
+    if model is not None:
+        return _load_weights(path, model)
+    if config.model:
+        raise RunError(f"{path.parent}: holds a model edited in a notebook (setting model={config.model}), which "
+                       "cifar100/models.py cannot build: load it in that notebook (evaluate.load_run(run_dir, "
+                       "model=the edited model)), or with keras.saving.load_model in code of your own if you "
+                       "trust the file")
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(models.precision_policy(config.mixed_precision))
     try:
         model = models.build_model(config.replace(weights=None), num_classes)
     finally:
         keras.mixed_precision.set_global_policy(previous)
+    return _load_weights(path, model)
+
+
+def _load_weights(path: Path, model: keras.Model) -> keras.Model:
     _check_archive(path, run_folder.weight_bytes(model))
     damaged = f"{path}: not this run's model (damaged, or not what its config.json describes)"
     with warnings.catch_warnings():  # Keras warns about each part of a file that does not fit
@@ -138,10 +133,10 @@ def load_checkpoint(path: Path, config: Config, num_classes: int) -> keras.Model
     return model
 
 
-def _check_archive(path: Path, expected_bytes: int | None) -> None:
-    """Refuse, before Keras reads it, a .keras file holding more than the model needs (None: MAX_MODEL_BYTES)."""
+def _check_archive(path: Path, expected_bytes: int) -> None:
+    """Refuse, before Keras reads it, a .keras file holding more than the model needs."""
     damaged = f"{path}: damaged or not a Keras model file"
-    limit = MAX_MODEL_BYTES if expected_bytes is None else 2 * expected_bytes + run_folder.MAX_WEIGHTS_SLACK
+    limit = 2 * expected_bytes + run_folder.MAX_WEIGHTS_SLACK
     with data.open_regular(path) as handle:
         if not zipfile.is_zipfile(handle):
             raise RunError(f"{damaged}: not a zip archive, as a .keras file is (truncated?)")
@@ -155,16 +150,15 @@ def _check_archive(path: Path, expected_bytes: int | None) -> None:
                 raw = archive.read("model.weights.h5")
         except (zipfile.BadZipFile, KeyError, OSError, ValueError, RuntimeError) as exc:
             raise RunError(f"{damaged}: {type(exc).__name__}: {_first_line(exc)}") from None
-    if expected_bytes is not None:
-        run_folder.check_weights(raw, expected_bytes, path)
+    run_folder.check_weights(raw, expected_bytes, path)
 
 
 def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,
-                 dataset: data.Dataset | None = None) -> dict:
+                 dataset: data.Dataset | None = None, model: keras.Model | None = None) -> dict:
     """Test metrics of the run's best checkpoint on `dataset`, or `data_dir` (default: the run's). Only on the
     run's own data are they written into results.json, with test_predictions.npz."""
     run_dir = Path(run_dir)
-    config, model, classes = load_run(run_dir)
+    config, model, classes = load_run(run_dir, model)
     dataset = dataset or data.load(data_dir or config.data_dir)
     if dataset.num_classes != len(classes["class_names"]):
         raise DatasetError(f"{dataset.path}: the dataset has {dataset.num_classes} classes ({dataset.kind}), but "
@@ -326,9 +320,10 @@ def _export_check_images(config: Config, count: int = 256) -> tuple[np.ndarray, 
 
 # --- results.json: what a finished run reports -----------------------------------------------------------
 
-def write_results(config: Config, run_dir: Path, splits, seconds: float) -> dict:
-    """Evaluate the best checkpoint on validation and (once) on test; write results.json."""
-    best = load_checkpoint(run_dir / "best.keras", config, splits.dataset.num_classes)
+def write_results(config: Config, run_dir: Path, splits, seconds: float, model: keras.Model | None = None) -> dict:
+    """Evaluate the best checkpoint on validation and (once) on test; write results.json. `model`: the run's
+    model as built, when models.py cannot build it (an edited model)."""
+    best = load_checkpoint(run_dir / "best.keras", config, splits.dataset.num_classes, model)
     val = basic_metrics(best, splits.x_val, splits.y_val, splits.dataset.num_classes,
                                  models.inference_batch_size(config))
     rows = run_folder.history_rows(run_dir)
@@ -369,7 +364,7 @@ def write_results(config: Config, run_dir: Path, splits, seconds: float) -> dict
                                        "predicted": predicted.tolist(),
                                        "losses": [round(float(v), 4) for v in losses]}
     run_folder.write_json(run_dir / "results.json", results)
-    results["test"] = evaluate_run(run_dir, dataset=splits.dataset)  # the test set, once, at the end
+    results["test"] = evaluate_run(run_dir, dataset=splits.dataset, model=model)  # the test set, once, at the end
     return results
 
 

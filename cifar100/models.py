@@ -205,21 +205,38 @@ def set_phase(model: keras.Model, phase: str, finetune_fraction: float = 1.0, pr
 
 
 def fingerprint(model: keras.Model) -> str:
-    """8 hex digits of what a model computes: each layer's class, config and weight shapes, nested models
-    included; names and trainable flags (which change with the session and phase) left out."""
+    """8 hex digits of what a model computes: each layer's class, config, weight shapes and inputs, nested
+    models included; names, trainable flags and dtype policies (the session, the phase and the machine's
+    precision, which the settings hold) left out."""
     def describe(layer):
         try:
             config = layer.get_config()
         except NotImplementedError:  # a layer of one's own without get_config: its class and weights
             config = {}
         kept = {k: v for k, v in config.items() if k not in ("name", "trainable", "layers", "input_layers",
-                                                            "output_layers")}
-        parts = [f"{type(layer).__module__}.{type(layer).__name__}", kept,
+                                                            "output_layers") and not (k == "dtype" and
+                                                                                      isinstance(v, dict))}
+        parts = [type(layer).__name__, kept, _edges(config),
                  [list(w.shape) for w in layer.weights] if not isinstance(layer, keras.Model) else []]
         return [parts] + [part for inner in getattr(layer, "layers", []) for part in describe(inner)]
 
     text = json.dumps(describe(model), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _edges(config: dict) -> list:
+    """A functional model's graph as positions: for each layer, the positions of the layers it reads."""
+    entries = config.get("layers") if isinstance(config.get("layers"), list) else []
+    position = {entry.get("name"): i for i, entry in enumerate(entries) if isinstance(entry, dict)}
+
+    def sources(node):
+        if isinstance(node, dict):
+            history = node.get("keras_history")
+            found = [position.get(history[0])] if isinstance(history, list) and history else []
+            return found + [i for value in node.values() for i in sources(value)]
+        return [i for value in node for i in sources(value)] if isinstance(node, list) else []
+
+    return [sources(entry.get("inbound_nodes", [])) for entry in entries if isinstance(entry, dict)]
 
 
 def recipe_fingerprint(config: Config, num_classes: int) -> str:
@@ -245,11 +262,9 @@ def feature_extractor(model: keras.Model) -> keras.Model:
 
 
 def head_model(model: keras.Model) -> keras.Model:
-    """The model's head (its own dropout and classifier layers, weights shared) on backbone features."""
-    width = model.get_layer("dropout").input.shape[-1]
-    inputs = keras.Input((width,), name="features")
-    outputs = model.get_layer("classifier")(model.get_layer("dropout")(inputs))
-    return keras.Model(inputs, outputs, name="head")
+    """What follows the backbone (dropout, the classifier, and any layer an edited model adds there), on the
+    backbone's features; the layers, and so the weights, are the model's own."""
+    return keras.Model(model.get_layer("dropout").input, model.outputs[0], name="head")
 
 
 def inference_batch_size(config: Config) -> int:

@@ -48,7 +48,8 @@ def _ipython():
 DEFINED_BY = {"params": "the settings cell", "config": "the settings cell", "dataset": "the data cell",
               "splits": "the data cell", "SYNTHETIC": "the data cell", "model": "the model cell",
               "training_model": "the model cell",
-              "training": "the phase-1 cell", "run_dir": "the phase-2 cell", "results": "the evaluation cell"}
+              "training": "the phase-1 cell", "run_dir": "the phase-2 cell", "results": "the evaluation cell",
+              "best": "the evaluation cell", "classes": "the evaluation cell"}
 
 
 def _defined_by(value: BaseException) -> str | None:
@@ -166,7 +167,7 @@ class _Guard(ast.NodeTransformer):
         assigned = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
         if "params" in assigned or not used & set(DEFINED_BY) or PARAMETERS.keys() & assigned:
             return node  # the settings cell, the parameters cell, a cell of one's own
-        call = ast.parse(f"{GUARD}(dataset_too={'dataset' not in assigned})").body
+        call = ast.parse(f"globals().get({GUARD!r}, lambda **_: None)(dataset_too={'dataset' not in assigned})").body
         node.body[:0] = call
         return ast.fix_missing_locations(node)
 

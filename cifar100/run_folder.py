@@ -188,7 +188,7 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / ".lock"
-        self.key = None
+        self.key = self.entry = None
 
     def __enter__(self) -> RunLock:
         import fcntl
@@ -196,10 +196,13 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         refuse_links(self.path.parent)
         key = os.path.realpath(self.path)
-        if key in _HELD:
+        if key in _HELD and _same_file(_HELD[key][0], self.path):
             _HELD[key][1] += 1
-            self.key = key
+            self.key, self.entry = key, _HELD[key]
             return self
+        if key in _HELD:  # the folder was removed or replaced since: its old lock guards nothing
+            _HELD[key][0].close()
+            del _HELD[key]
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
@@ -219,7 +222,7 @@ class RunLock:
                      f" ({' '.join(sys.argv)[:200]})\n")
         handle.flush()
         _HELD[key] = [handle, 1]
-        self.key = key
+        self.key, self.entry = key, _HELD[key]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -229,14 +232,22 @@ class RunLock:
 
     def release(self) -> None:
         """Let go of this hold (the lock itself goes with the process's last one); a second call does nothing."""
-        if self.key is None:
+        key, self.key = self.key, None
+        entry = _HELD.get(key) if key is not None else None
+        if entry is None or entry is not self.entry:  # released already, or its folder was replaced since
             return
-        entry = _HELD[self.key]
         entry[1] -= 1
         if entry[1] == 0:
             entry[0].close()  # closing the file releases the lock
-            del _HELD[self.key]
-        self.key = None
+            del _HELD[key]
+
+
+def _same_file(handle, path: Path) -> bool:
+    try:
+        held, now = os.fstat(handle.fileno()), os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
 
 
 # --- claiming the folder for a config ------------------------------------------------------------------
@@ -287,6 +298,8 @@ def claim(config: Config, run_dir: Path, fingerprint: str | None = None) -> bool
             changes = config.training_differences(previous)
             if not changes:
                 check_fingerprint(run_dir, fingerprint)
+                if fingerprint is not None and not has_progress(run_dir):  # nothing trained yet: this model's now
+                    write_state(run_dir, model_fingerprint=fingerprint)
                 count_epochs_from_1(run_dir)  # the folder is this config's: its history may be renumbered
                 return True
             if has_progress(run_dir):

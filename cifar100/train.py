@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -135,6 +136,10 @@ class Training:
             config, self.fingerprint = identify(config, model, training_model)
             if not hasattr(model, "initial_weights"):  # phase 1 starts from these, whenever it starts again
                 model.initial_weights = model.get_weights()
+        elif config.model:
+            raise ConfigError(f"setting 'model': {config.model} is the fingerprint of a model edited in a notebook, "
+                              "which cifar100/models.py cannot build: train it there (the model passed to "
+                              "train.Training); leave the setting empty to train the model models.py builds")
         if config.hem and config.hem_mode == "selective" and keras.backend.backend() != "tensorflow":
             raise ConfigError(f"setting 'hem_mode': 'selective' needs Keras' TensorFlow backend, not "
                               f"{keras.backend.backend()!r} (it backpropagates batches whose size varies from "
@@ -228,6 +233,7 @@ class Training:
             return False
         if phase == "head" and not self.pretrained:
             print("no pretrained weights: phase 1 (a head on frozen random features) is skipped")
+            self._start_phase1()
             (self.run_dir / run_folder.HISTORY).unlink(missing_ok=True)
             self._phase1_done()
             return False
@@ -239,10 +245,8 @@ class Training:
         if not self.needs(phase):
             raise RunError(f"phase {phase!r} has nothing to train (training.needs({phase!r}) is False)")
         config, num_classes = self.config, self.splits.dataset.num_classes
-        if phase == "head":  # phase 1 (re)starts from the initial weights
-            self.model.set_weights(self.model.initial_weights)
-            keras.mixed_precision.set_global_policy(models.precision_policy(config.mixed_precision))
-            keras.utils.set_random_seed(config.seed)
+        if phase == "head":
+            self._start_phase1()
         elif not self._phase_done("head"):
             raise RunError("phase 'finetune' starts from phase 1's weights: run phase 'head' first (set_phase, "
                            "needs, and for a phase with training to do: data, compile, fit, end)")
@@ -356,10 +360,20 @@ class Training:
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             self.model.load_weights(self.run_dir / PHASE1_WEIGHTS)
 
+    def _start_phase1(self) -> None:
+        """Phase 1 (re)starts from the initial weights, precision policy and seed, whenever it starts again."""
+        self.model.set_weights(self.model.initial_weights)
+        keras.mixed_precision.set_global_policy(models.precision_policy(self.config.mixed_precision))
+        keras.utils.set_random_seed(self.config.seed)
+
     def finish(self) -> Path:
         """Evaluate the best checkpoint and write results.json; the backups go. Returns the run folder."""
         if not self.done:
-            evaluate.write_results(self.config, self.run_dir, self.splits, time.perf_counter() - self.started)
+            if not self._phase_done("finetune"):
+                raise RunError("call finish() once phase 'finetune' has ended (training.end('finetune')): the run "
+                               f"in {self.run_dir} is not trained to its end yet")
+            evaluate.write_results(self.config, self.run_dir, self.splits, time.perf_counter() - self.started,
+                                   self.model if self.config.model else None)
             run_folder.write_state(self.run_dir, finished=True)
             shutil.rmtree(self.run_dir / "backup", ignore_errors=True)
             shutil.rmtree(self.run_dir / run_folder.CHECKPOINTS, ignore_errors=True)
@@ -384,8 +398,23 @@ def identify(config: Config, model: keras.Model, training_model: keras.Model | N
     `training_model`'s augmentation) for these settings, else with the fingerprint as its `model` setting."""
     trainee = training_model or models.training_model(model, config)
     found = models.fingerprint(trainee)
-    recipe = models.recipe_fingerprint(config.replace(model=""), int(model.output.shape[-1]))
+    recipe = models.recipe_fingerprint(config.replace(model=""), int(model.outputs[0].shape[-1]))
+    if found != recipe:
+        _check_saveable(model)
     return config.replace(model="" if found == recipe else found), found
+
+
+def _check_saveable(model: keras.Model) -> None:
+    """Refuse, before it trains, an edited model that best.keras could not hold and plain Keras not read back."""
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            model.save(Path(folder) / "probe.keras")
+            keras.saving.load_model(Path(folder) / "probe.keras", compile=False, safe_mode=True)
+        except Exception as exc:  # Keras' saving can fail in any way on a layer it does not know
+            raise ConfigError(f"the edited model cannot be saved as best.keras and read back ({type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}): a layer class "
+                              "of one's own needs @keras.saving.register_keras_serializable() and get_config, and "
+                              "a Lambda layer is not read back in safe mode") from None
 
 
 def refuse_a_diverged_phase(run_dir: Path, phase: str) -> None:

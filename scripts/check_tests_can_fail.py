@@ -174,9 +174,23 @@ MUTATIONS = {
         "    if False and",
         ["tests/test_run_naming.py::test_a_model_edited_in_the_notebook_trains_into_a_folder_of_its_own"]),
     "the fingerprint leaves out the layers' configuration": (
-        "cifar100/models.py", "        parts = [f\"{type(layer).__module__}.{type(layer).__name__}\", kept,",
-        "        parts = [f\"{type(layer).__module__}.{type(layer).__name__}\", {},",
+        "cifar100/models.py", "        parts = [type(layer).__name__, kept, _edges(config),",
+        "        parts = [type(layer).__name__, {}, _edges(config),",
         ["tests/test_models.py::test_the_fingerprint_follows_what_the_model_computes_not_its_names"]),
+    "the fingerprint holds the machine's precision": (
+        "cifar100/models.py", 'and not (k == "dtype" and', "and not (False and",
+        ["tests/test_models.py::test_the_fingerprint_follows_what_the_model_computes_not_its_names"]),
+    "a skipped phase 1 keeps the weights the model came with": (
+        "cifar100/train.py", "            self._start_phase1()\n            (self.run_dir", "            (self.run_dir",
+        ["tests/test_run_naming.py::test_a_skipped_phase_1_starts_from_the_initial_weights_whatever_the_model_went_"
+         "through"]),
+    "a lock is rejoined after its folder was removed": (
+        "cifar100/run_folder.py", "if key in _HELD and _same_file(_HELD[key][0], self.path):", "if key in _HELD:",
+        ["tests/test_run_folder.py::test_the_lock_is_shared_within_a_process_and_released_with_its_last_holder"]),
+    "the guard misses a cell that uses the settings": (
+        "cifar100/notebook.py", "        node.body[:0] = call\n", "",
+        ["tests/test_notebook_helpers.py::test_every_cell_that_uses_the_settings_is_checked_without_a_line_of_its_"
+         "own"]),
 }
 
 

@@ -223,6 +223,11 @@ def test_the_fingerprint_follows_what_the_model_computes_not_its_names():
     assert models.fingerprint(again) == models.fingerprint(model)
     models.set_phase(again, "head")  # what trains changes with the phase, not what the model is
     assert models.fingerprint(again) == models.fingerprint(model)
+    keras.mixed_precision.set_global_policy("mixed_float16")  # the machine's precision ("auto"), not the model
+    try:
+        assert models.fingerprint(models.build_model(config, 10)) == models.fingerprint(model)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
     assert models.fingerprint(models.build_model(config.replace(dropout=0.5), 10)) != models.fingerprint(model)
     assert models.fingerprint(models.build_model(config, 20)) != models.fingerprint(model)
     training = models.training_model(model, config)

@@ -109,7 +109,7 @@ def test_executed_notebook_shows_the_code_that_builds_the_model(executed):
 def test_executed_notebook_ends_with_a_prediction_on_an_image_file_with_class_names(executed):
     notebook, run_dir = executed
     last = [c for c in notebook.cells if c.cell_type == "code"][-1]
-    assert "evaluate.load_run(" in last.source and "evaluate.load_image(image_file)" in last.source
+    assert "best(image[None])" in last.source and "evaluate.load_image(image_file)" in last.source
     names = json.loads((run_dir / "classes.json").read_text())["class_names"]
     printed = [line for line in cell_text(last).splitlines() if line.startswith("'")]
     assert len(printed) == 5 and all(line.rsplit(": ", 1)[0].strip("'") in names for line in printed)

@@ -136,5 +136,7 @@ def test_every_cell_that_uses_the_settings_is_checked_without_a_line_of_its_own(
         assert isinstance(result.error_in_exec, notebook.ParametersChanged) and "run the data cell" in \
             str(result.error_in_exec)
         assert shell.run_cell("dataset = None; seen = config.data_dir").success  # the data cell makes dataset
+        shell.run_cell("%reset -f")  # every name gone, the guard's too: cells of one's own run as they are
+        assert shell.run_cell("model = 3; seen = model").success and shell.user_ns["seen"] == 3
     finally:
         InteractiveShell.clear_instance()

@@ -238,6 +238,17 @@ def test_the_lock_is_shared_within_a_process_and_released_with_its_last_holder(t
     second.release()
     with open(tmp_path / ".lock") as other:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    # the folder removed while held (as an error message advises): the next hold locks the new folder's file
+    gone = tmp_path / "gone"
+    held = run_folder.RunLock(gone).acquire()
+    shutil.rmtree(gone)
+    again = run_folder.RunLock(gone).acquire()
+    held.release()  # the old hold's release leaves the new lock alone
+    with open(gone / ".lock") as other, pytest.raises(OSError):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    again.release()
+    with open(gone / ".lock") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 # --- TensorBoard ----------------------------------------------------------------------------------------

@@ -117,10 +117,14 @@ def test_a_model_edited_in_the_notebook_trains_into_a_folder_of_its_own(syntheti
     fingerprint = json.loads((run_dir / "config.json").read_text())["model"]
     assert run_dir != library and f"-model={fingerprint}-" in run_dir.name and len(fingerprint) == 8
     assert "finished run found" not in capsys.readouterr().out
-    _, loaded, _ = evaluate.load_run(run_dir)  # loads as the edited model, with its hidden layer
-    assert len(loaded.layers) == len(edited.layers)
     images = splits.dataset.x_test[:8]
-    np.testing.assert_allclose(loaded.predict(images, verbose=0), edited.predict(images, verbose=0), atol=1e-6)
+    plain = keras.saving.load_model(run_dir / "best.keras")  # plain Keras reads the edited model, hidden layer too
+    assert len(plain.layers) == len(edited.layers)
+    np.testing.assert_allclose(plain.predict(images, verbose=0), edited.predict(images, verbose=0), atol=1e-6)
+    with pytest.raises(RunError, match=r"holds a model edited in a notebook \(setting model="):
+        evaluate.load_run(run_dir)  # the library builds runs from models.py: a folder naming another model is not
+    _, loaded, _ = evaluate.load_run(run_dir, model=edited)  # in the notebook that made it: its weights, checked
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), plain.predict(images, verbose=0), atol=1e-6)
     # the recipe again: its own finished run
     assert train.run(config, verbose=0, splits=splits, model=models.new_model(config, classes)) == library
     assert "finished run found" in capsys.readouterr().out
@@ -130,3 +134,39 @@ def test_a_model_edited_in_the_notebook_trains_into_a_folder_of_its_own(syntheti
     with pytest.raises(RunError, match=r"trained with another model \(fingerprint '0123abcd'; the model built now"):
         train.run(config, verbose=0)
     assert sorted(p.name for p in library.iterdir()) == before
+
+
+def test_an_edited_model_that_best_keras_cannot_hold_is_refused_before_it_trains(synthetic_cifar100, tmp_path):
+    import keras
+
+    from cifar100 import models
+    from cifar100.config import ConfigError
+
+    config = make_config("smoke", {"data_dir": str(synthetic_cifar100), "runs_dir": str(tmp_path)})
+    model = models.new_model(config, 100)
+    doubled = keras.layers.Lambda(lambda x: x * 2)(model.get_layer("dropout").output)
+    edited = keras.Model(model.inputs, keras.layers.Dense(100, activation="softmax")(doubled))
+    with pytest.raises(ConfigError, match=r"cannot be saved as best.keras and read back .* a Lambda layer"):
+        train.Training(config, model=edited)
+    with pytest.raises(ConfigError, match=r"setting 'model': 0123abcd is the fingerprint of a model edited"):
+        train.Training(config.replace(model="0123abcd"))  # set by hand: there is no such model to train
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_skipped_phase_1_starts_from_the_initial_weights_whatever_the_model_went_through(synthetic_cifar100,
+                                                                                          tmp_path):
+    import numpy as np
+
+    from cifar100 import models
+
+    config = make_config("smoke", {"data_dir": str(synthetic_cifar100), "runs_dir": str(tmp_path)})
+    model = models.new_model(config, 100)
+    model.set_weights([w + 1 for w in model.get_weights()])  # e.g. trained by a run whose folder is gone
+    training = train.Training(config, model=model)
+    training.set_phase("head")
+    assert not training.needs("head")  # random weights: phase 1 is skipped, its weights saved
+    fresh = models.build_model(config, 100)
+    fresh.load_weights(config.run_dir() / train.PHASE1_WEIGHTS)
+    for saved, initial in zip(fresh.get_weights(), model.initial_weights, strict=True):
+        np.testing.assert_array_equal(saved, initial)
+    training.close()

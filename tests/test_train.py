@@ -98,6 +98,8 @@ def test_the_steps_of_a_phase_out_of_order_are_refused_and_train_nothing(train_d
     training.data("finetune")  # a second attempt (a cell run again) needs a fresh compile too
     with pytest.raises(RunError, match=r"compile the model"):
         training.callbacks("finetune")
+    with pytest.raises(RunError, match=r"call finish\(\) once phase 'finetune' has ended"):
+        training.finish()
     with pytest.raises(RunError, match=r"the settings changed since this training was made \(seed: 0 -> 1\)"):
         training.check(config.replace(seed=1))
     training.check(config)  # the same settings: fine

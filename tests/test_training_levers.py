@@ -117,6 +117,10 @@ def test_head_model_shares_the_classifier_and_the_features_are_the_backbones():
     features = models.feature_extractor(model).predict(images, verbose=0)
     np.testing.assert_allclose(small.predict(features, verbose=0), model.predict(images, verbose=0), rtol=1e-5,
                                atol=1e-6)
+    hidden = keras.layers.Dense(8, activation="relu")(model.get_layer("dropout").output)  # an edited head
+    edited = keras.Model(model.inputs, keras.layers.Dense(10, activation="softmax")(hidden))
+    np.testing.assert_allclose(models.head_model(edited).predict(features, verbose=0),
+                               edited.predict(images, verbose=0), rtol=1e-5, atol=1e-6)
     batches = TrainBatches(features, np.arange(6) % 10, 10, 4, seed=0)
     batches.set_epoch(1)
     first = batches.order.copy()
