@@ -133,7 +133,7 @@ class Training:
             if built_for != config.identity():
                 changes = "; ".join(config.differences(Config(**{**config.to_dict(), **built_for})))
                 raise RunError(f"the model was built for other settings ({changes}): build it again (the model cell)")
-            config, self.fingerprint = identify(config, model, training_model)
+            config, self.fingerprint, training_model = identify(config, model, training_model)
             if not hasattr(model, "initial_weights"):  # phase 1 starts from these, whenever it starts again
                 model.initial_weights = model.get_weights()
         elif config.model:
@@ -167,9 +167,11 @@ class Training:
         if model is None or distribution.is_distributed(self.strategy):  # a model given is used on one device
             model, training_model = models.new_model(config, self.splits.dataset.num_classes, self.strategy), None
         self.model = model  # the inference model: what best.keras holds
-        with self.strategy.scope():  # the augmentation's random streams are variables
-            self.fit_model = training_model or models.training_model(model, config)  # augmentation + model
-        self.fingerprint = models.fingerprint(self.fit_model)
+        if training_model is None:  # models.py's model (new_model has its fingerprint)
+            with self.strategy.scope():  # the augmentation's random streams are variables
+                training_model = models.training_model(model, config)
+            self.fingerprint = models.recipe_fingerprint(config, self.splits.dataset.num_classes)
+        self.fit_model = training_model  # what fit trains: the augmentation, then the model's layers
         if cluster is not None and not cluster.is_chief:
             self.run_dir = self.worker_dir = distribution.worker_folder(config.run_dir(), cluster.index)
         self.lock = run_folder.RunLock(self.run_dir).acquire()  # held until finish() or close()
@@ -393,15 +395,17 @@ class Training:
             self.lock.release()
 
 
-def identify(config: Config, model: keras.Model, training_model: keras.Model | None) -> tuple[Config, str]:
-    """(`config` naming `model`'s run, the fingerprint): `config` as is when models.py builds this model (behind
-    `training_model`'s augmentation) for these settings, else with the fingerprint as its `model` setting."""
+def identify(config: Config, model: keras.Model,
+             training_model: keras.Model | None) -> tuple[Config, str, keras.Model]:
+    """(`config` naming `model`'s run, the fingerprint, the training model): `config` as is when models.py
+    builds this model (behind `training_model`'s augmentation, default models.training_model's) for these
+    settings, else with the fingerprint as its `model` setting."""
     trainee = training_model or models.training_model(model, config)
     found = models.fingerprint(trainee)
     recipe = models.recipe_fingerprint(config.replace(model=""), int(model.outputs[0].shape[-1]))
     if found != recipe:
         _check_saveable(model)
-    return config.replace(model="" if found == recipe else found), found
+    return config.replace(model="" if found == recipe else found), found, trainee
 
 
 def _check_saveable(model: keras.Model) -> None:
