@@ -26,8 +26,11 @@ $(INSTALLED): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet -r requirements.txt -e ".[dev]"
 	touch $(INSTALLED)
 
+# TESTS_IN_PARALLEL processes share the tests (pytest-xdist): many wait on a subprocess, a kernel or Python's
+# imports, so two halve the suite's time on 2 cores. TESTS_IN_PARALLEL=0 runs them in this process.
+TESTS_IN_PARALLEL ?= 2
 test: $(INSTALLED)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TESTS_IN_PARALLEL)
 
 # the quick tier (about a minute): the suite without the tests marked slow (over about 5 s each)
 test-fast: $(INSTALLED)

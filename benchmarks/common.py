@@ -67,6 +67,14 @@ def shared_weights(backbone: str) -> str:
     return str(path) if path is not None and path.exists() else "imagenet"
 
 
+def run_command(command: list[str], timeout: float) -> None:
+    """Run a training command in a fresh process; its output goes in the error when it fails."""
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+
+
 def train_run(preset: str, data_dir: Path, runs_dir: Path, settings: dict, timeout: float = 3 * 3600) -> dict:
     """Train one run with the project's command line in a fresh process, or reuse its finished run folder.
 
@@ -85,10 +93,7 @@ def train_run(preset: str, data_dir: Path, runs_dir: Path, settings: dict, timeo
         command = [sys.executable, "-m", "cifar100", "train", "--preset", preset, "--data", str(data_dir),
                    "--verbose", "2"] + [f"--set={key}={value}" for key, value in settings.items()]
         started = time.perf_counter()
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+        run_command(command, timeout)
         record.write_text(json.dumps({"wall_seconds": time.perf_counter() - started, "command": command}))
     results = json.loads((config.run_dir() / "results.json").read_text())
     return {**results, "wall_seconds": json.loads(record.read_text())["wall_seconds"],

@@ -145,6 +145,10 @@ MUTATIONS = {
     "resumed run forgets the mining state": (
         "cifar100/train.py", '        mining.set_state(restored["mining"])\n', "        pass\n",
         ["tests/test_run_folder.py::test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run"]),
+    "phase 1 on cached features keeps a killed attempt's rows": (
+        "cifar100/train.py", "does it again\n            (self.run_dir / run_folder.HISTORY).unlink(missing_ok=True)\n",
+        "does it again\n            pass\n",
+        ["tests/test_run_folder.py::test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run"]),
     "best.keras is the last epoch, not the best": (
         "cifar100/callbacks.py", "mode=\"max\", save_best_only=True,", "mode=\"max\", save_best_only=False,",
         ["tests/test_run_folder.py::test_best_keras_is_the_best_validation_epoch_not_the_last"]),

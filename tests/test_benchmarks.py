@@ -57,13 +57,24 @@ def test_throughput_quick_table(monkeypatch, capsys):
 @slow
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
                     reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
-def test_hard_examples_quick_table(tmp_path):
-    from benchmarks.hard_examples import COLUMNS
+def test_hard_examples_quick_table(tmp_path, monkeypatch, capsys):
+    """Two of the four arms, each trained by the command line in this process (the script runs each in its own)."""
+    from benchmarks import common, hard_examples
+    from cifar100.__main__ import main
 
-    arms = ["uniform", "selective:0.33"]  # two of the four arms: each is a training in its own process
-    header, rows = table_of("hard_examples.py", "--data-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs"),
-                            "--json", str(tmp_path / "runs.json"), "--arms", *arms)
-    assert header == COLUMNS
+    commands = []
+
+    def in_process(command, timeout):
+        commands.append(command)
+        assert command[1:3] == ["-m", "cifar100"] and main(command[3:]) == 0
+
+    monkeypatch.setattr(common, "run_command", in_process)
+    arms = ["uniform", "selective:0.33"]
+    assert hard_examples.main(["--quick", "--data-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs"),
+                               "--json", str(tmp_path / "runs.json"), "--arms", *arms]) == 0
+    header, rows = parse_table(capsys.readouterr().out)
+    assert len(commands) == 2 and "--set=hem_mode=selective" in commands[1]
+    assert header == hard_examples.COLUMNS
     assert [row[0] for row in rows] == arms
     assert (tmp_path / "fashion-mnist" / "DATASET.json").exists()
     runs = {run["arm"]: run for run in json.loads((tmp_path / "runs.json").read_text())}

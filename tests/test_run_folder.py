@@ -365,37 +365,50 @@ def test_keras_keeps_a_restored_epoch_for_later_fits_until_it_is_forgotten(tmp_p
 
 # --- killed and resumed ----------------------------------------------------------------------------------
 
-KILLER = textwrap.dedent("""
-    import os, signal, sys
+class Killed(BaseException):
+    """In-process stand-in for SIGKILL at a kill point: nothing in the library catches it, and what a real kill
+    would also drop (the folder's lock) is let go by the training's `finally`."""
+
+
+def arm_kill(point: str, epoch: int, die) -> list:
+    """Call `die()` at `point` (at `epoch` where it names one); returns what to put back (see disarm)."""
     import keras
-    from cifar100 import callbacks, train
-    from cifar100.config import Config
 
-    point, epoch = sys.argv[2], int(sys.argv[3])
-
-    def die():
-        os.kill(os.getpid(), signal.SIGKILL)
+    from cifar100 import callbacks
 
     def before(cls, name, when):
         original = getattr(cls, name)
+
         def patched(*args, **kwargs):
             if when(*args, **kwargs):
                 die()
             return original(*args, **kwargs)
         setattr(cls, name, patched)
+        return cls, name, original
 
     if point == "before_commit":  # history row and checkpoint written, the epoch's backup not
-        before(keras.callbacks.BackupAndRestore, "on_epoch_end", lambda self, e, logs=None: e == epoch)
-    elif point == "after_backup":  # the epoch's backup written, not yet marked committed
-        before(callbacks.CommitEpoch, "on_epoch_end", lambda self, e, logs=None: e == epoch)
-    elif point == "after_commit":  # the epoch committed, its checkpoint not yet published
-        before(callbacks.run_folder, "publish_checkpoint", lambda run_dir, n: n == epoch + 1)
-    elif point == "after_phase":  # a phase's fit() returned, nothing after it done
-        before(train.Training, "end", lambda self, phase: phase == "head")
-    elif point == "history_row":  # any phase, phase 1 on cached features too: as an epoch's row is written
-        before(callbacks.HistoryLog, "on_epoch_end", lambda self, e, logs=None: e == epoch)
-    elif point == "during_finish":
-        before(train.evaluate, "write_results", lambda *args, **kwargs: True)
+        return before(keras.callbacks.BackupAndRestore, "on_epoch_end", lambda self, e, logs=None: e == epoch)
+    if point == "after_backup":  # the epoch's backup written, not yet marked committed
+        return before(callbacks.CommitEpoch, "on_epoch_end", lambda self, e, logs=None: e == epoch)
+    if point == "after_commit":  # the epoch committed, its checkpoint not yet published
+        return before(callbacks.run_folder, "publish_checkpoint", lambda run_dir, n: n == epoch + 1)
+    if point == "after_phase":  # a phase's fit() returned, nothing after it done
+        return before(train.Training, "end", lambda self, phase: phase == "head")
+    if point == "history_row":  # any phase, phase 1 on cached features too: as an epoch's row is written
+        return before(callbacks.HistoryLog, "on_epoch_end", lambda self, e, logs=None: e == epoch)
+    if point == "during_finish":
+        return before(train.evaluate, "write_results", lambda *args, **kwargs: True)
+    raise ValueError(point)
+
+
+# A real SIGKILL, in a process of its own
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from tests.test_run_folder import arm_kill
+    from cifar100 import train
+    from cifar100.config import Config
+
+    arm_kill(sys.argv[2], int(sys.argv[3]), lambda: os.kill(os.getpid(), signal.SIGKILL))
     train.run(Config.load(sys.argv[1]), verbose=0)
 """)
 
@@ -418,81 +431,70 @@ def mining_rows(run_dir):
         return [(row["examples_forward"], row["examples_backprop"]) for row in csv.DictReader(handle)]
 
 
+# One run of the notebook's default recipe, cpu-small, in small (phase 1 on cached features, atomic: a kill
+# there redoes it; then warm-up + cosine fine-tuning with label smoothing), with random augmentation, dropout and
+# selective-backprop mining (its window of recent losses and its draws must resume too). Epochs 0-1 are phase 1,
+# 2-5 fine-tuning. Killed seven times where a kill could do harm, each time resumed from the folder the kill
+# left: as phase 1 writes a row; between the phases; before an epoch's backup (its history row and checkpoint
+# written: in the warm-up, and later); after it (checkpoint not yet published); after the commit; and during the
+# final evaluation. The first fine-tuning kill is a real SIGKILL in a process of its own; the others stop the
+# run in this process (Killed), which is quicker and, as nothing catches it, leaves the folder as a kill would.
+KILLS = [("history_row", 1), ("after_phase", 0), ("before_commit", 2), ("after_backup", 3), ("after_commit", 4),
+         ("before_commit", 5), ("during_finish", 0)]
+REAL_KILL = ("before_commit", 2)
+
+
 @pytest.fixture(scope="module")
-def random_run(tmp_path_factory) -> dict:
-    """The killed run's settings: given weights (so that the head phase runs) and selective-backprop mining
-    (its window of recent losses and its draws must resume too)."""
-    weights = tmp_path_factory.mktemp("weights") / "tinycnn.weights.h5"
+def killed_run(tmp_path_factory) -> dict:
+    weights = tmp_path_factory.mktemp("weights") / "tinycnn.weights.h5"  # given weights: phase 1 runs
     models.tiny_cnn().save_weights(weights)
-    return dict(head_epochs=2, finetune_epochs=4, augment="basic", dropout=0.2, weights=str(weights), hem=True,
-                hem_mode="selective")
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(small_data, random_run, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("whole") / "run"
-    train.run(smoke(small_data, run_dir, **random_run), verbose=0)
-    return run_dir
-
-
-# One run, killed five times where a kill could do harm, each time resumed from the folder the kill left:
-# before an epoch's backup (its history row and checkpoint already written), after it (checkpoint not yet
-# published), between the phases, and during the final evaluation. Epochs 0-1 are the head phase, 2-5 fine-tuning.
-# Random augmentation and dropout: their random streams must resume too.
-KILLS = [("before_commit", 1), ("after_phase", 0), ("after_backup", 2), ("after_commit", 3), ("before_commit", 4),
-         ("during_finish", 0)]
+    recipe = {key: value for key, value in PRESETS["cpu-small"].items()
+              if key in ("head_features", "lr_schedule", "warmup_epochs", "label_smoothing")}
+    assert recipe == {"head_features": "cached", "lr_schedule": "cosine", "warmup_epochs": 1, "label_smoothing": 0.1}
+    return dict(recipe, head_epochs=2, finetune_epochs=4, augment="basic", dropout=0.2, weights=str(weights),
+                hem=True, hem_mode="selective")
 
 
 def kill_at(config, kills, folder) -> None:
-    """Run `config` in a new process once for each (point, epoch) of `kills`, killed (SIGKILL) there."""
+    """Run `config` once for each (point, epoch) of `kills`, stopped there: REAL_KILL by SIGKILL in a process
+    of its own, the others in this process."""
     config.save(folder / "config.json")
     for point, epoch in kills:
-        killed = subprocess.run([sys.executable, "-c", KILLER, str(folder / "config.json"), point, str(epoch)],
-                                cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert killed.returncode == -9, f"not killed at {point} {epoch}: {killed.stderr[-2000:]}"
+        if (point, epoch) == REAL_KILL:
+            killed = subprocess.run([sys.executable, "-c", KILLER, str(folder / "config.json"), point, str(epoch)],
+                                    cwd=ROOT, capture_output=True, text=True, timeout=600)
+            assert killed.returncode == -9, f"not killed at {point} {epoch}: {killed.stderr[-2000:]}"
+        else:
+            def die(point=point):
+                raise Killed(point)
+            cls, name, original = arm_kill(point, epoch, die)
+            try:
+                train.run(Config.load(folder / "config.json"), verbose=0)
+                raise AssertionError(f"not stopped at {point} {epoch}")
+            except Killed:
+                pass
+            finally:
+                setattr(cls, name, original)
         assert not run_folder.finished(config.run_dir())
 
 
 @pytest.mark.slow
-def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run(small_data, random_run, uninterrupted, tmp_path):
+def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run(small_data, killed_run, tmp_path):
+    whole = tmp_path / "whole"
+    train.run(smoke(small_data, whole, **killed_run), verbose=0)
     run_dir = tmp_path / "run"
-    config = smoke(small_data, run_dir, **random_run)
+    config = smoke(small_data, run_dir, **killed_run)
     kill_at(config, KILLS, tmp_path)
 
     train.run(config, verbose=0)
-    assert metric_rows(run_dir) == metric_rows(uninterrupted)
-    assert mining_rows(run_dir) == mining_rows(uninterrupted)  # the same examples backpropagated each epoch
-    got, expected = (json.loads((d / "results.json").read_text()) for d in (run_dir, uninterrupted))
+    assert metric_rows(run_dir) == metric_rows(whole)  # the cosine's learning rates and every metric
+    assert mining_rows(run_dir) == mining_rows(whole)  # the same examples backpropagated each epoch
+    got, expected = (json.loads((d / "results.json").read_text()) for d in (run_dir, whole))
     assert got["best_epoch"] == expected["best_epoch"] and got["epochs_run"] == expected["epochs_run"]
     assert got["validation"] == expected["validation"]
     assert got["hardest_examples"] == expected["hardest_examples"]
     assert not (run_dir / "backup").exists() and not (run_dir / run_folder.CHECKPOINTS).exists()
     # TensorBoard: every epoch once, as the uninterrupted run logged it (an epoch redone after a kill not twice)
     logged = tensorboard_metrics(run_dir / "logs")
-    assert logged == tensorboard_metrics(uninterrupted / "logs")
+    assert logged == tensorboard_metrics(whole / "logs")
     assert [step for step, _ in logged[("validation", "epoch_accuracy")]] == list(range(1, 7))
-
-
-# The notebook's default recipe, cpu-small, in small: phase 1 on cached features (atomic: a kill there redoes
-# it), then warm-up + cosine fine-tuning with label smoothing, augmentation and dropout. Killed in phase 1, in
-# the first fine-tuning epoch (the warm-up) before its backup, and after a later epoch's commit.
-CPU_SMALL_KILLS = [("history_row", 1), ("before_commit", 2), ("after_commit", 4)]
-
-
-@pytest.mark.slow
-def test_the_cpu_small_recipe_killed_resumes_to_the_uninterrupted_run(small_data, random_run, tmp_path):
-    recipe = {key: value for key, value in PRESETS["cpu-small"].items()
-              if key in ("head_features", "lr_schedule", "warmup_epochs", "label_smoothing")}
-    assert recipe == {"head_features": "cached", "lr_schedule": "cosine", "warmup_epochs": 1, "label_smoothing": 0.1}
-    settings = dict(recipe, head_epochs=2, finetune_epochs=4, augment="basic", dropout=0.2,
-                    weights=random_run["weights"])
-    whole = tmp_path / "whole"
-    train.run(smoke(small_data, whole, **settings), verbose=0)
-    run_dir = tmp_path / "run"
-    config = smoke(small_data, run_dir, **settings)
-    kill_at(config, CPU_SMALL_KILLS, tmp_path)
-    train.run(config, verbose=0)
-    assert metric_rows(run_dir) == metric_rows(whole)  # the cosine's learning rates and every metric
-    got, expected = (json.loads((d / "results.json").read_text()) for d in (run_dir, whole))
-    assert got["best_epoch"] == expected["best_epoch"] and got["validation"] == expected["validation"]
-    assert tensorboard_metrics(run_dir / "logs") == tensorboard_metrics(whole / "logs")
