@@ -20,24 +20,25 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 class TrainBatches(keras.utils.PyDataset):
-    """Batches of (uint8 images (B, 32, 32, 3) or cached features (B, F), one-hot float32 labels (B, C)).
+    """Batches of (uint8 images (B, 32, 32, 3) or cached features (B, ...), one-hot float32 labels (B, C)).
     `weighted`: batches also carry loss weights (B,), all 1 until `set_weights` (decided up front: a batch's
-    structure cannot change between epochs). `mix`: "mixup" or "cutmix" blends pairs of images and labels."""
+    structure cannot change between epochs). `mix`: "mixup" or "cutmix" blends pairs of images and labels.
+    `views`: `images` holds several views of each example (N, V, ...), and each epoch draws one of each."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int,
-                 seed: int = 0, mix: str | None = None, mix_alpha: float = 0.2, weighted: bool = False):
+                 seed: int = 0, mix: str | None = None, mix_alpha: float = 0.2, weighted: bool = False,
+                 views: bool = False):
         super().__init__()
-        if images.ndim == 4 and (images.dtype != np.uint8 or images.shape[1:] != (32, 32, 3)):  # else: features
+        if not views and images.ndim == 4 and (images.dtype != np.uint8 or images.shape[1:] != (32, 32, 3)):
             raise ValueError(f"images must be uint8 (N, 32, 32, 3), got {images.dtype} {images.shape}")
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
         self.num_classes, self.batch_size, self.seed = num_classes, batch_size, seed
         self.mix, self.mix_alpha = mix, mix_alpha
-        self.weighted = weighted
+        self.weighted, self.views = weighted, views
         self.weights: np.ndarray | None = None  # None means all 1
-        self.epoch = 0  # the epoch whose order is in use
-        self.order = self._draw_order(0)
+        self.set_epoch(0)
 
     def __len__(self) -> int:
         return math.ceil(len(self.images) / self.batch_size)
@@ -45,6 +46,9 @@ class TrainBatches(keras.utils.PyDataset):
     def set_epoch(self, epoch: int) -> None:
         """Draw the order of `epoch` (counted from the run's start)."""
         self.epoch, self.order = epoch, self._draw_order(epoch)
+        if self.views:  # one view of each example, drawn apart from the order
+            self.view = np.random.default_rng([self.seed, epoch, 1]).integers(self.images.shape[1],
+                                                                              size=len(self.images))
 
     def set_weights(self, weights: np.ndarray | None) -> None:
         """Per-example loss weights for the batches read from now on (None: all 1)."""
@@ -59,7 +63,7 @@ class TrainBatches(keras.utils.PyDataset):
 
     def __getitem__(self, index: int):
         chosen = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-        images = self.images[chosen]
+        images = self.images[chosen, self.view[chosen]].astype(np.float32) if self.views else self.images[chosen]
         labels = one_hot(self.labels[chosen], self.num_classes)
         if self.mix:
             images, labels = self._mix(images, labels, np.random.default_rng([self.seed, self.epoch, index]))

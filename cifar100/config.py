@@ -59,10 +59,11 @@ DISTRIBUTIONS = ("auto", "mirrored", "multi-worker", "none")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("plateau", "cosine")
 HEAD_FEATURES = ("live", "cached")
+FINETUNE_FEATURES = ("live", "cached")
 HEM_MODES = ("reweight", "selective")
 CHOICES = {"augment": AUGMENTATIONS, "interpolation": INTERPOLATIONS, "distribution": DISTRIBUTIONS,
            "mixed_precision": PRECISIONS, "jit_compile": AUTO_FLAGS, "optimizer": OPTIMIZERS,
-           "lr_schedule": SCHEDULES, "head_features": HEAD_FEATURES,
+           "lr_schedule": SCHEDULES, "head_features": HEAD_FEATURES, "finetune_features": FINETUNE_FEATURES,
            "hem_mode": HEM_MODES}
 # Settings that do not change what a run learns: left out of its identity (the hash in its folder name).
 NOT_IDENTITY = ("name", "preset", "runs_dir", "distribution_timeout", "tensorboard")
@@ -96,6 +97,11 @@ class Config:
     finetune_epochs: int = 3
     finetune_learning_rate: float = 1e-4
     finetune_fraction: float = 1.0  # fraction of the backbone's layers, from the top, that fine-tune
+    # "cached": the layers below that fraction run once, over `finetune_views` views of each training image (the
+    # image, its mirror, then shifted copies of both), and phase 2 trains the top on those activations; "live": each
+    # epoch runs the whole backbone on freshly augmented images
+    finetune_features: str = "live"
+    finetune_views: int = 2
     # progressive resizing: the first `progressive_epochs` fine-tuning epochs train at `progressive_size` px
     # (cheaper), the rest at `image_size`; validation, evaluation and the saved model always use image_size
     progressive_size: int | None = None
@@ -343,7 +349,7 @@ RANGES: dict[str, tuple] = {
     "hem_strength": (_FLOAT, ">= 0", None), "hem_floor": (_FLOAT, ">= 0", "<= 1"),
     "hem_selectivity": (_FLOAT, "> 0", "<= 1"), "hem_window": (_INT, 1, "<= 10000000"),
     "distribution_timeout": (_FLOAT, "> 0", "<= 604800"), "progressive_size": (_INT, 1, "<= 1024"),
-    "progressive_epochs": (_INT, 0, "<= 100000"),
+    "progressive_epochs": (_INT, 0, "<= 100000"), "finetune_views": (_INT, 1, "<= 64"),
 }
 
 
@@ -414,6 +420,14 @@ def validate(config: Config, check_data: bool = True, check_files: bool = True) 
                               "learning rate on the small epochs, whose validation (at full size) scores low")
     elif config.progressive_epochs:
         raise ConfigError("setting 'progressive_epochs' needs 'progressive_size' (the size of those epochs)")
+    if config.finetune_features == "cached":
+        clash = [(config.finetune_fraction >= 1, "finetune_fraction below 1 (the layers below it are cached)"),
+                 (config.augment not in ("none", "basic"), "augment none or basic (flips and shifts are the views)"),
+                 (config.augment == "none" and config.finetune_views > 1, "finetune_views=1 with augment=none"),
+                 (config.progressive_size is not None, "no progressive_size"), (config.hem, "hem off")]
+        needs = [what for clashes, what in clash if clashes]
+        if needs:
+            raise ConfigError(f"setting 'finetune_features': 'cached' needs {'; '.join(needs)}")
     if not check_files:
         return
     if config.distribution == "multi-worker":

@@ -24,6 +24,18 @@ def forget_restored_epoch(model) -> None:
     model._initial_epoch = None
 
 
+def called_on(model, layer):
+    """The tensor of `model`'s graph that `layer`, a nested model called once there, is called on. `layer.input` is
+    the nested model's own Input, and a model cannot be cut inside a nested one (keras-team/keras#16123, open):
+    the node of the call in `model`'s graph (`_nodes_by_depth`) is read. Tested by
+    tests/test_training_levers.py::test_cached_finetuning_trains_the_top_on_activations_computed_once."""
+    in_model = {id(node) for nodes in model._nodes_by_depth.values() for node in nodes}
+    calls = [node for node in layer._inbound_nodes if id(node) in in_model]
+    if len(calls) != 1:
+        raise ValueError(f"layer {layer.name!r} is called {len(calls)} times in model {model.name!r}, not once")
+    return calls[0].input_tensors[0]
+
+
 def reduce_structures_one_by_one(strategy) -> None:
     """Make MultiWorkerMirroredStrategy.reduce take what Keras 3's TF trainer gives it (its trainer.py): a tuple
     (x, y) batch with uint8 images, reduced element by element (local values for such dtypes), and scalar metrics

@@ -267,6 +267,36 @@ def head_model(model: keras.Model) -> keras.Model:
     return keras.Model(model.get_layer("dropout").input, model.outputs[0], name="head")
 
 
+def split_backbone(model: keras.Model, finetune_fraction: float) -> tuple[keras.Model, keras.Model, str]:
+    """(bottom, top, the cut) for fine-tuning the top `finetune_fraction` of the backbone on cached activations:
+    `bottom` takes uint8 images to the output of the cut, the last backbone layer at or below the first one
+    set_phase unfreezes whose output is all the layers above read of those below; `top` takes that output to
+    the probabilities. Both are made of the model's own layers (and weights)."""
+    backbone = backbone_of(model)
+    graph = json.loads(json.dumps(backbone.get_config(), default=str))  # its tuples as lists
+    names = [entry.get("name") for entry in graph.get("layers", [])]  # layers and ops, in graph order
+    layer = {layer.name: layer for layer in backbone.layers}
+    if not set(layer) <= set(names):
+        raise ConfigError(f"setting 'finetune_features': backbone {backbone.name!r} is not a functional model")
+    reads = _edges(graph)
+    first = int(round(len(backbone.layers) * (1 - finetune_fraction)))  # set_phase's first trainable layer
+    start = names.index(backbone.layers[min(first, len(backbone.layers) - 1)].name)
+    for position in range(start, 1, -1):
+        crossing = {source for later in reads[position:] for source in later if source < position}
+        if len(crossing) == 1 and names[source := crossing.pop()] in layer:
+            cut = layer[names[source]]
+            break
+    else:
+        raise ConfigError(f"setting 'finetune_fraction': no layer of {backbone.name!r} below the top "
+                          f"{finetune_fraction} alone feeds the layers above it; raise finetune_fraction")
+    below = keras.Model(backbone.inputs, cut.output)
+    bottom = keras.Model(model.inputs, below(keras_internals.called_on(model, backbone)), name="bottom")
+    activations = keras.Input(cut.output.shape[1:], name=cut.name)
+    above = keras.Model(cut.output, backbone.outputs[0])
+    top = keras.Model(activations, head_model(model)(above(activations)), name="top")
+    return bottom, top, cut.name
+
+
 def inference_batch_size(config: Config) -> int:
     """The prediction batch size: the training batch (at least 128), capped at ~32 MB of upsampled images."""
     per_image = config.image_size * config.image_size * 3 * 4

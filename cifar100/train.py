@@ -119,6 +119,31 @@ def cached_features(model: keras.Model, x_train: np.ndarray, y_train: np.ndarray
     return {"train": train, "train_labels": labels, "val": features(x_val), "seconds": time.perf_counter() - started}
 
 
+def image_views(images: np.ndarray, view: int, seed: int, max_shift: int = 4) -> np.ndarray:
+    """View `view` of uint8 images: 0 the images, 1 their mirror images, then shifted copies (by up to `max_shift`
+    pixels each way, edges reflected, as augment=basic shifts), mirrored at odd views."""
+    if view % 2:
+        images = images[:, :, ::-1]
+    if view < 2:
+        return images
+    dy, dx = np.random.default_rng([seed, view]).integers(0, 2 * max_shift + 1, size=2)
+    padded = np.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)), mode="reflect")
+    return padded[:, dy:dy + images.shape[1], dx:dx + images.shape[2]]
+
+
+def cached_activations(bottom: keras.Model, x_train: np.ndarray, x_val: np.ndarray, views: int, seed: int,
+                       batch_size: int) -> dict:
+    """`bottom`'s outputs, in inference mode and as float16: (N, views, ...) for the training images (see
+    image_views) and (N, ...) for validation."""
+    started = time.perf_counter()
+
+    def activations(images):
+        return np.asarray(bottom.predict(images, batch_size=batch_size, verbose=0)).astype(np.float16)
+
+    train = np.stack([activations(image_views(x_train, view, seed)) for view in range(views)], axis=1)
+    return {"train": train, "val": activations(x_val), "seconds": time.perf_counter() - started}
+
+
 class Training:
     """One run's bookkeeping for the cells (and `run`) that compile and fit: the run folder, each phase's batches,
     callbacks and epochs. `splits` and `model`, given for these settings, are reused. Under multi-worker only the
@@ -268,9 +293,22 @@ class Training:
                             "features_seconds": features["seconds"], "epochs": (0, config.head_epochs)}
             return trainee, keras_internals.fit_input(sampler), (features["val"], one_hot(self.splits.y_val,
                                                                                           num_classes))
-        sampler = TrainBatches(*self.train_data, num_classes, config.batch_size, seed=config.seed,
-                               mix=config.augment if config.augment in ("mixup", "cutmix") else None,
-                               weighted=config.hem and config.hem_mode == "reweight")
+        trainee, validation = self.fit_model, self.validation
+        if phase == "finetune" and config.finetune_features == "cached":  # the top trains on the bottom's outputs
+            with self.strategy.scope():
+                bottom, trainee, cut = models.split_backbone(self.model, config.finetune_fraction)
+            cached = cached_activations(bottom, self.train_data[0], self.splits.x_val, config.finetune_views,
+                                        config.seed, models.inference_batch_size(config))
+            print(f"phase 2 on cached activations: the backbone up to {cut} ran once over {config.finetune_views} "
+                  f"view(s) of {len(cached['train'])} training images and {len(cached['val'])} validation images "
+                  f"in {cached['seconds']:.0f} s ({(cached['train'].nbytes + cached['val'].nbytes) / 2**30:.2f} GiB)")
+            sampler = TrainBatches(cached["train"], self.train_data[1], num_classes, config.batch_size,
+                                   seed=config.seed, views=True)
+            validation = (cached["val"], validation[1])
+        else:
+            sampler = TrainBatches(*self.train_data, num_classes, config.batch_size, seed=config.seed,
+                                   mix=config.augment if config.augment in ("mixup", "cutmix") else None,
+                                   weighted=config.hem and config.hem_mode == "reweight")
         mining = hem.make_mining(config, sampler, self.fit_model)
         start = 0 if phase == "head" else run_folder.read_state(self.run_dir)["head_epochs_done"]
         end = start + (config.head_epochs if phase == "head" else config.finetune_epochs)
@@ -279,7 +317,7 @@ class Training:
         backup = self.run_dir / "backup" / phase
         committed = run_folder.settle_phase(self.run_dir, backup, start)
         if (backup / "latest.weights.h5").exists():  # BackupAndRestore loads it into the model and its optimiser
-            run_folder.check_weights_file(backup / "latest.weights.h5", self.fit_model, copies=3)
+            run_folder.check_weights_file(backup / "latest.weights.h5", trainee, copies=3)
         restored = run_folder.load_callback_state(backup, committed) if committed > start else None
         if restored and restored.get("stopped"):
             end = committed  # early stopping had ended this phase: only restore its weights
@@ -287,11 +325,10 @@ class Training:
             print(f"resuming phase {phase!r} after epoch {committed} (of epochs {start + 1}-{end})")
         if restored and mining is not None and restored.get("mining"):
             mining.set_state(restored["mining"])
-        keras_internals.forget_restored_epoch(self.fit_model)  # else it would start where a previous fit's backup was
-        self.attempt = {"phase": phase, "sampler": sampler, "mining": mining, "model": self.fit_model,
-                        "optimizer": getattr(self.fit_model, "optimizer", None),
-                        "restored": restored, "epochs": (start, end)}
-        return self.fit_model, keras_internals.fit_input(sampler), self.validation
+        keras_internals.forget_restored_epoch(trainee)  # else it would start where a previous fit's backup was
+        self.attempt = {"phase": phase, "sampler": sampler, "mining": mining, "model": trainee,
+                        "optimizer": getattr(trainee, "optimizer", None), "restored": restored, "epochs": (start, end)}
+        return trainee, keras_internals.fit_input(sampler), validation
 
     def _attempt(self, phase: str) -> dict:
         if not self.attempt or self.attempt["phase"] != phase:

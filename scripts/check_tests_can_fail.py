@@ -149,6 +149,14 @@ MUTATIONS = {
         "cifar100/train.py", "does it again\n            (self.run_dir / run_folder.HISTORY).unlink(missing_ok=True)\n",
         "does it again\n            pass\n",
         ["tests/test_run_folder.py::test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run"]),
+    "cached views drawn anew in each process": (
+        "cifar100/batches.py", "np.random.default_rng([self.seed, epoch, 1])", "np.random.default_rng()",
+        ["tests/test_training_levers.py::test_batches_of_cached_views_draw_one_view_of_each_example_per_epoch",
+         "tests/test_run_folder.py::test_phase_2_on_cached_activations_stopped_resumes_to_the_uninterrupted_run"]),
+    "a cut where two tensors cross (inside a residual block) taken": (
+        "cifar100/models.py", "        if len(crossing) == 1 and names", "        if len(crossing) >= 1 and names",
+        ["tests/test_training_levers.py::test_the_split_backbone_computes_the_model_and_cuts_where_one_tensor_"
+         "crosses"]),
     "best.keras is the last epoch, not the best": (
         "cifar100/callbacks.py", "mode=\"max\", save_best_only=True,", "mode=\"max\", save_best_only=False,",
         ["tests/test_run_folder.py::test_best_keras_is_the_best_validation_epoch_not_the_last"]),

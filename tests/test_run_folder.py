@@ -498,3 +498,20 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run(small_data, kill
     logged = tensorboard_metrics(run_dir / "logs")
     assert logged == tensorboard_metrics(whole / "logs")
     assert [step for step, _ in logged[("validation", "epoch_accuracy")]] == list(range(1, 7))
+
+
+@pytest.mark.slow
+def test_phase_2_on_cached_activations_stopped_resumes_to_the_uninterrupted_run(small_data, killed_run, tmp_path):
+    """The top of the backbone fine-tuned on cached activations (computed again by the resumed process), stopped
+    in process in its warm-up epoch before the backup and after a later commit."""
+    settings = {**killed_run, "hem": False, "finetune_features": "cached", "finetune_fraction": 0.5,
+                "finetune_views": 3, "finetune_epochs": 3}
+    whole = tmp_path / "whole"
+    train.run(smoke(small_data, whole, **settings), verbose=0)
+    run_dir = tmp_path / "run"
+    config = smoke(small_data, run_dir, **settings)
+    kill_at(config, [("before_commit", 2), ("after_commit", 3)], tmp_path)
+    train.run(config, verbose=0)
+    assert metric_rows(run_dir) == metric_rows(whole)
+    got, expected = (json.loads((d / "results.json").read_text()) for d in (run_dir, whole))
+    assert got["best_epoch"] == expected["best_epoch"] and got["validation"] == expected["validation"]

@@ -267,3 +267,94 @@ def test_with_progressive_resizing_early_stopping_watches_only_the_full_size_epo
 
     assert made("finetune") == (14, [(32, 14)])
     assert made("head") == (0, [])
+
+
+# --- fine-tuning the top of the backbone on cached activations ------------------------------------------
+
+def test_the_split_backbone_computes_the_model_and_cuts_where_one_tensor_crosses():
+    config = Config(backbone="mobilenetv2", weights=None, image_size=64)
+    model = models.build_model(config, 10)
+    bottom, top, cut = models.split_backbone(model, 0.65)
+    assert cut == "block_5_add"  # block 6 (stride 2, no residual) is the first block above the cut
+    assert top.get_layer("head").get_layer("classifier") is model.get_layer("classifier")
+    names = {layer.name for layer in models.backbone_of(model).layers}
+    inside = {layer.name for layer in top.layers[1].layers[1:]}  # after its Input
+    assert "block_6_expand" in inside and "block_5_project" not in inside and inside <= names
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_allclose(top.predict(bottom.predict(images, verbose=0), verbose=0),
+                               model.predict(images, verbose=0), rtol=1e-4, atol=1e-6)
+    # a residual block is never split: within block 5 (which adds its input) the cut moves down to that input
+    assert models.split_backbone(model, 0.677)[2] == "block_4_add"
+
+
+def test_batches_of_cached_views_draw_one_view_of_each_example_per_epoch():
+    views = np.arange(6 * 3, dtype=np.float16).reshape(6, 3, 1)  # example i, view v: 3 i + v
+    batches = TrainBatches(views, np.arange(6), 6, 6, seed=0, views=True)
+    drawn = []
+    for epoch in (1, 2, 1):
+        batches.set_epoch(epoch)
+        x, y = batches[0]
+        assert x.dtype == np.float32 and np.array_equal(x[:, 0] // 3, y.argmax(1))  # each label its example's
+        drawn.append(x[:, 0] % 3)
+    assert not np.array_equal(drawn[0], drawn[1]) and np.array_equal(drawn[0], drawn[2])
+
+
+def test_the_views_are_the_image_its_mirror_then_shifted_copies():
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    assert np.array_equal(train.image_views(images, 0, 0), images)
+    assert np.array_equal(train.image_views(images, 1, 0), images[:, :, ::-1])
+    for view in (2, 3, 5):
+        shifted = train.image_views(images, view, 0)
+        source = images[:, :, ::-1] if view % 2 else images
+        found = [(dy, dx) for dy in range(-4, 5) for dx in range(-4, 5)
+                 if np.array_equal(shifted[:, 8:24, 8:24], source[:, 8 + dy:24 + dy, 8 + dx:24 + dx])]
+        assert len(found) == 1 and found[0] != (0, 0), (view, found)
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({}, "finetune_fraction below 1"),
+    ({"finetune_fraction": 0.5, "augment": "mixup"}, "augment none or basic"),
+    ({"finetune_fraction": 0.5, "augment": "none"}, "finetune_views=1 with augment=none"),
+    ({"finetune_fraction": 0.5, "hem": True}, "hem off"),
+])
+def test_cached_finetuning_settings_are_checked(settings, message):
+    from cifar100.config import ConfigError, validate
+
+    config = make_config("smoke", {"finetune_features": "cached", "augment": "basic", **settings})
+    with pytest.raises(ConfigError, match=message):
+        validate(config, check_data=False)
+
+
+@pytest.mark.slow  # over 5 s: left out of `make test-fast`
+def test_cached_finetuning_trains_the_top_on_activations_computed_once(synthetic_cifar100, tmp_path, capsys):
+    weights = tmp_path / "tinycnn.weights.h5"  # given weights count as pretrained: phase 1 runs
+    models.tiny_cnn().save_weights(weights)
+    config = make_config("smoke", {"data_dir": str(synthetic_cifar100), "runs_dir": str(tmp_path), "head_epochs": 1,
+                                   "weights": str(weights), "augment": "basic", "finetune_epochs": 2,
+                                   "finetune_features": "cached", "finetune_fraction": 0.5, "finetune_views": 3})
+    training = train.Training(config)  # the loop of train.run, to look at the model it trained
+    for phase in train.PHASES:
+        training.set_phase(phase)
+        if training.needs(phase):
+            trainee, batches, validation = training.data(phase)
+            train.compile_model(trainee, train.learning_rate(config, phase, len(batches)), config)
+            first, last = training.epochs(phase)
+            trainee.fit(batches, validation_data=validation, initial_epoch=first, epochs=last, verbose=0,
+                        shuffle=False, callbacks=training.callbacks(phase))
+            training.end(phase)
+    run_dir = training.finish()
+    printed = capsys.readouterr().out
+    assert "phase 2 on cached activations: the backbone up to " in printed and "3 view(s) of 900 training" in printed
+    initial = keras.Model.from_config(models.tiny_cnn().get_config())
+    initial.load_weights(weights)
+    changed = [not all(np.array_equal(a, b) for a, b in zip(before.get_weights(), after.get_weights(), strict=True))
+               for before, after in zip(initial.layers, models.backbone_of(training.model).layers, strict=True)
+               if before.get_weights()]
+    assert changed == [False] * (len(changed) - 1) + [True]  # only the conv above the cut (BatchNorm frozen)
+    best = keras.saving.load_model(run_dir / "best.keras")  # the whole model, raw images in
+    from cifar100 import evaluate
+
+    splits = data.prepare_data(config, data.load(synthetic_cifar100))
+    rows = train.run_folder.history_rows(run_dir)
+    val = evaluate.basic_metrics(best, splits.x_val, splits.y_val, 100)  # through the whole model, on images
+    assert val["top1"] == pytest.approx(max(float(r["val_accuracy"]) for r in rows), abs=1e-6)
