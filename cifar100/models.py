@@ -204,10 +204,11 @@ def set_phase(model: keras.Model, phase: str, finetune_fraction: float = 1.0, pr
             layer.trainable = False
 
 
-def fingerprint(model: keras.Model) -> str:
+def fingerprint(model: keras.Model, connections: bool = True) -> str:
     """8 hex digits of what a model computes: each layer's class, config, weight shapes and inputs, nested
     models included; names, trainable flags and dtype policies (the session, the phase and the machine's
-    precision, which the settings hold) left out."""
+    precision, which the settings hold) left out. `connections=False`: as the version before 2026-12-02 wrote
+    it, blind to the layers' inputs (Keras gives a call's arguments as tuples, which it did not follow)."""
     def describe(layer):
         try:
             config = layer.get_config()
@@ -216,7 +217,7 @@ def fingerprint(model: keras.Model) -> str:
         kept = {k: v for k, v in config.items() if k not in ("name", "trainable", "layers", "input_layers",
                                                             "output_layers") and not (k == "dtype" and
                                                                                       isinstance(v, dict))}
-        parts = [type(layer).__name__, kept, _edges(config),
+        parts = [type(layer).__name__, kept, _edges(config, (list, tuple) if connections else list),
                  [list(w.shape) for w in layer.weights] if not isinstance(layer, keras.Model) else []]
         return [parts] + [part for inner in getattr(layer, "layers", []) for part in describe(inner)]
 
@@ -224,7 +225,7 @@ def fingerprint(model: keras.Model) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def _edges(config: dict) -> list:
+def _edges(config: dict, sequences=(list, tuple)) -> list:
     """A functional model's graph as positions: for each layer, the positions of the layers it reads."""
     entries = config.get("layers") if isinstance(config.get("layers"), list) else []
     position = {entry.get("name"): i for i, entry in enumerate(entries) if isinstance(entry, dict)}
@@ -234,20 +235,20 @@ def _edges(config: dict) -> list:
             history = node.get("keras_history")
             found = [position.get(history[0])] if isinstance(history, list) and history else []
             return found + [i for value in node.values() for i in sources(value)]
-        return [i for value in node for i in sources(value)] if isinstance(node, list) else []
+        return [i for value in node for i in sources(value)] if isinstance(node, sequences) else []
 
     return [sources(entry.get("inbound_nodes", [])) for entry in entries if isinstance(entry, dict)]
 
 
-def recipe_fingerprint(config: Config, num_classes: int) -> str:
+def recipe_fingerprint(config: Config, num_classes: int, connections: bool = True) -> str:
     """The fingerprint of the training model built for `config` (random weights: no weights file read)."""
-    key = json.dumps([config.identity(), num_classes], sort_keys=True, default=str)
+    key = json.dumps([config.identity(), num_classes, connections], sort_keys=True, default=str)
     if key not in _RECIPES:
         previous = keras.mixed_precision.global_policy()
         keras.mixed_precision.set_global_policy(precision_policy(config.mixed_precision))
         try:
             plain = config.replace(weights=None)
-            _RECIPES[key] = fingerprint(training_model(build_model(plain, num_classes), config))
+            _RECIPES[key] = fingerprint(training_model(build_model(plain, num_classes), config), connections)
         finally:
             keras.mixed_precision.set_global_policy(previous)
     return _RECIPES[key]
@@ -346,6 +347,6 @@ def new_model(config: Config, num_classes: int, strategy=None) -> keras.Model:
         model = build_model(config, num_classes)  # a weights file that does not fit fails here
     model.initial_weights = model.get_weights()
     model.built_for = config.identity()
-    _RECIPES.setdefault(json.dumps([config.identity(), num_classes], sort_keys=True, default=str),
+    _RECIPES.setdefault(json.dumps([config.identity(), num_classes, True], sort_keys=True, default=str),
                         fingerprint(training_model(model, config)))
     return model

@@ -269,16 +269,17 @@ def check_model_format(run_dir: Path) -> None:
                        f"train that run again, after moving or deleting {run_dir}")
 
 
-def check_fingerprint(run_dir: Path, fingerprint: str | None) -> None:
-    """Refuse a run folder trained with another model than `fingerprint` (cifar100/models.py changed since)."""
+def check_fingerprint(run_dir: Path, fingerprint: str | None, earlier: str | None = None) -> None:
+    """Refuse a run folder trained with another model than `fingerprint` (cifar100/models.py changed since);
+    `earlier`: the same model's fingerprint as an earlier version computed it."""
     trained = read_state(run_dir).get("model_fingerprint")
-    if fingerprint is not None and trained not in (None, fingerprint) and has_progress(run_dir):
+    if fingerprint is not None and trained not in (None, fingerprint, earlier) and has_progress(run_dir):
         raise RunError(f"{run_dir} holds a run of these settings trained with another model (fingerprint "
                        f"{shown(trained)}; the model built now: {fingerprint}): cifar100/models.py was changed "
                        "since. Nothing was changed there: move that folder away to train again, or set a run name")
 
 
-def claim(config: Config, run_dir: Path, fingerprint: str | None = None) -> bool:
+def claim(config: Config, run_dir: Path, fingerprint: str | None = None, earlier: str | None = None) -> bool:
     """Check that the run folder belongs to this config and model (writing config.json if new); True when resuming.
     A folder without training progress is taken over; one with progress and other settings is left untouched."""
     saved = Path(run_dir) / "config.json"
@@ -297,8 +298,9 @@ def claim(config: Config, run_dir: Path, fingerprint: str | None = None) -> bool
         if previous is not None:
             changes = config.training_differences(previous)
             if not changes:
-                check_fingerprint(run_dir, fingerprint)
-                if fingerprint is not None and not has_progress(run_dir):  # nothing trained yet: this model's now
+                check_fingerprint(run_dir, fingerprint, earlier)
+                if fingerprint is not None and (not has_progress(run_dir)  # nothing trained yet: this model's now
+                                                or read_state(run_dir).get("model_fingerprint") == earlier):
                     write_state(run_dir, model_fingerprint=fingerprint)
                 count_epochs_from_1(run_dir)  # the folder is this config's: its history may be renumbered
                 return True

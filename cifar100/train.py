@@ -179,8 +179,8 @@ class Training:
         if self.done:
             if run_folder.read_state(self.run_dir).get("model_fingerprint"):  # what the run trained
                 classes = len(run_folder.read_classes(self.run_dir)["class_names"])
-                run_folder.check_fingerprint(self.run_dir, self.fingerprint or models.recipe_fingerprint(config,
-                                                                                                         classes))
+                current = self.fingerprint or models.recipe_fingerprint(config, classes)
+                run_folder.check_fingerprint(self.run_dir, current, _earlier_fingerprint(config, classes))
             print(f"finished run found: {self.run_dir} holds these settings' results; nothing to train")
             return
         given = splits is not None and splits.config_key == splits_key(config)
@@ -201,7 +201,8 @@ class Training:
             self.run_dir = self.worker_dir = distribution.worker_folder(config.run_dir(), cluster.index)
         self.lock = run_folder.RunLock(self.run_dir).acquire()  # held until finish() or close()
         try:
-            resuming = run_folder.claim(config, self.run_dir, self.fingerprint)
+            resuming = run_folder.claim(config, self.run_dir, self.fingerprint,
+                                        _earlier_fingerprint(config, self.splits.dataset.num_classes))
             self.done = run_folder.finished(self.run_dir)
             if not self.done:
                 save_class_info(self.run_dir, self.splits.dataset)
@@ -443,6 +444,12 @@ def identify(config: Config, model: keras.Model,
     if found != recipe:
         _check_saveable(model)
     return config.replace(model="" if found == recipe else found), found, trainee
+
+
+def _earlier_fingerprint(config: Config, num_classes: int) -> str | None:
+    """The library's model as the version before the graph's connections counted fingerprinted it (its run
+    folders are taken as this model's); None for a model edited in a notebook."""
+    return None if config.model else models.recipe_fingerprint(config, num_classes, connections=False)
 
 
 def _check_saveable(model: keras.Model) -> None:

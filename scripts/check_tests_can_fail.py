@@ -157,6 +157,12 @@ MUTATIONS = {
         "cifar100/models.py", "        if len(crossing) == 1 and names", "        if len(crossing) >= 1 and names",
         ["tests/test_training_levers.py::test_the_split_backbone_computes_the_model_and_cuts_where_one_tensor_"
          "crosses"]),
+    "the fingerprint blind to the graph's connections": (
+        "cifar100/models.py", "_edges(config, (list, tuple) if connections else list)", "_edges(config, list)",
+        ["tests/test_models.py::test_the_fingerprint_follows_what_the_model_computes_not_its_names"]),
+    "a folder fingerprinted by the earlier version refused": (
+        "cifar100/run_folder.py", "trained not in (None, fingerprint, earlier)", "trained not in (None, fingerprint)",
+        ["tests/test_run_naming.py::test_a_model_edited_in_the_notebook_trains_into_a_folder_of_its_own"]),
     "best.keras is the last epoch, not the best": (
         "cifar100/callbacks.py", "mode=\"max\", save_best_only=True,", "mode=\"max\", save_best_only=False,",
         ["tests/test_run_folder.py::test_best_keras_is_the_best_validation_epoch_not_the_last"]),

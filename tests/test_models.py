@@ -234,3 +234,10 @@ def test_the_fingerprint_follows_what_the_model_computes_not_its_names():
     assert models.fingerprint(training) != models.fingerprint(model)  # the augmentation counts
     assert models.fingerprint(models.training_model(model, config.replace(augment="randaugment"))) != \
         models.fingerprint(training)
+    # the same layers connected otherwise: the shortcut from the first layer's output, or from the input
+    inputs = keras.Input((4,))
+    first = keras.layers.Dense(4)(inputs)
+    second = keras.layers.Dense(4)(first)
+    wired = [keras.Model(inputs, keras.layers.Add()([second, shortcut])) for shortcut in (first, inputs)]
+    assert models.fingerprint(wired[0]) != models.fingerprint(wired[1])
+    assert models.fingerprint(wired[0], connections=False) == models.fingerprint(wired[1], connections=False)

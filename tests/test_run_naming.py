@@ -134,6 +134,9 @@ def test_a_model_edited_in_the_notebook_trains_into_a_folder_of_its_own(syntheti
     with pytest.raises(RunError, match=r"trained with another model \(fingerprint '0123abcd'; the model built now"):
         train.run(config, verbose=0)
     assert sorted(p.name for p in library.iterdir()) == before
+    # a folder that the version before the graph's connections counted fingerprinted is this model's
+    run_folder.write_state(library, model_fingerprint=models.recipe_fingerprint(config, classes, connections=False))
+    assert train.run(config, verbose=0) == library and "finished run found" in capsys.readouterr().out
 
 
 def test_an_edited_model_that_best_keras_cannot_hold_is_refused_before_it_trains(synthetic_cifar100, tmp_path):
