@@ -332,6 +332,7 @@ def write_results(config: Config, run_dir: Path, splits, seconds: float, model: 
     image_rows = rows[state.get("head_epochs_done", 0):] if config.head_features == "cached" else rows
     speeds = [float(r["train_images_per_second"]) for r in image_rows if r.get("train_images_per_second")]
     feature_seconds = float(state.get("head_feature_seconds") or 0)
+    activation_seconds = float(state.get("finetune_activation_seconds") or 0)
     results = {
         "run": config.run_name(),
         "backbone": config.backbone,
@@ -344,9 +345,10 @@ def write_results(config: Config, run_dir: Path, splits, seconds: float, model: 
         "epochs_run": len(rows),
         "best_epoch": int(rows[int(np.argmax([float(r["val_accuracy"]) for r in rows]))]["epoch"]) if rows else None,
         "wall_seconds_this_process": round(seconds, 1),
-        "train_seconds_total": round(feature_seconds + sum(float(r["epoch_seconds"]) for r in rows
-                                                           if r.get("epoch_seconds")), 1),
+        "train_seconds_total": round(feature_seconds + activation_seconds
+                                     + sum(float(r["epoch_seconds"]) for r in rows if r.get("epoch_seconds")), 1),
         "head_feature_seconds": feature_seconds or None,
+        "finetune_activation_seconds": activation_seconds or None,
         "seconds_outside_steps_per_epoch": _mean(r.get("other_seconds") for r in image_rows),
         # what each phase's optimiser was given (after any scaling asked with reference_batch_size)
         "optimization": {phase: state.get(f"{phase}_compiled") for phase in ("head", "finetune")},

@@ -403,7 +403,7 @@ def read_state(run_dir: Path) -> dict:
     for key, value in state.items():
         ok = (isinstance(value, bool) if key in flags else
               isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**6 if key in counts else
-              value is None or is_number(value) if key == "head_feature_seconds" else
+              value is None or is_number(value) if key in ("head_feature_seconds", "finetune_activation_seconds") else
               value is None or isinstance(value, dict) if key.endswith("_compiled") else
               isinstance(value, str) and len(value) < 64 if key == "model_fingerprint" else True)
         if not ok:

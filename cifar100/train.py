@@ -294,7 +294,7 @@ class Training:
                             "features_seconds": features["seconds"], "epochs": (0, config.head_epochs)}
             return trainee, keras_internals.fit_input(sampler), (features["val"], one_hot(self.splits.y_val,
                                                                                           num_classes))
-        trainee, validation = self.fit_model, self.validation
+        trainee, validation, activation_seconds = self.fit_model, self.validation, None
         if phase == "finetune" and config.finetune_features == "cached":  # the top trains on the bottom's outputs
             with self.strategy.scope():
                 bottom, trainee, cut = models.split_backbone(self.model, config.finetune_fraction)
@@ -306,6 +306,7 @@ class Training:
             sampler = TrainBatches(cached["train"], self.train_data[1], num_classes, config.batch_size,
                                    seed=config.seed, views=True)
             validation = (cached["val"], validation[1])
+            activation_seconds = cached["seconds"]
         else:
             sampler = TrainBatches(*self.train_data, num_classes, config.batch_size, seed=config.seed,
                                    mix=config.augment if config.augment in ("mixup", "cutmix") else None,
@@ -328,7 +329,8 @@ class Training:
             mining.set_state(restored["mining"])
         keras_internals.forget_restored_epoch(trainee)  # else it would start where a previous fit's backup was
         self.attempt = {"phase": phase, "sampler": sampler, "mining": mining, "model": trainee,
-                        "optimizer": getattr(trainee, "optimizer", None), "restored": restored, "epochs": (start, end)}
+                        "optimizer": getattr(trainee, "optimizer", None), "restored": restored, "epochs": (start, end),
+                        "features_seconds": activation_seconds}
         return trainee, keras_internals.fit_input(sampler), validation
 
     def _attempt(self, phase: str) -> dict:
@@ -385,7 +387,9 @@ class Training:
         if phase == "head":
             self._phase1_done()
         else:
-            run_folder.write_state(self.run_dir, finetune_done=True)
+            seconds = attempt["features_seconds"]  # cached activations: this attempt's (a resumed one computed them)
+            run_folder.write_state(self.run_dir, finetune_done=True,
+                                   **({"finetune_activation_seconds": round(seconds, 1)} if seconds else {}))
 
     def _phase1_done(self) -> None:
         run_folder.save_atomic(self.run_dir / PHASE1_WEIGHTS, self.model.save_weights)
