@@ -44,6 +44,10 @@ VARIANTS: dict[str, dict] = {
     "bfloat16": dict(mixed_precision="bfloat16"),
     # phase 2 on cached activations (finetune_features=cached): the layers below the top fraction run once
     "cached from expanded_conv_4": dict(finetune_features="cached", finetune_fraction=0.65),
+    "cached from expanded_conv_4, 224 px": dict(finetune_features="cached", finetune_fraction=0.65, image_size=224),
+    "cached from expanded_conv_4, 16 epochs, 4 views": dict(finetune_features="cached", finetune_fraction=0.65,
+                                                            finetune_epochs=16, finetune_views=4),
+    "cached from expanded_conv_2": dict(finetune_features="cached", finetune_fraction=0.8),
     "mobilenetv2, cached from block_6": dict(backbone="mobilenetv2", finetune_features="cached",
                                              finetune_fraction=0.65),
     "mobilenetv2, cached from block_4": dict(backbone="mobilenetv2", finetune_features="cached",
