@@ -119,3 +119,19 @@ def test_run_rows_and_the_image_size_figure(tmp_path):
 
     image = matplotlib.image.imread(tmp_path / "curve.png")
     assert image.shape[0] > 300 and image.shape[1] > 600
+
+
+def test_test_resolution_evaluates_the_checkpoint_at_each_size_and_the_test_set_only_when_asked(untrained_run,
+                                                                                               capsys):
+    from benchmarks import test_resolution
+    from cifar100 import data, evaluate
+    from cifar100.config import Config
+
+    assert test_resolution.main([str(untrained_run), "--sizes", "32", "48", "--test", "48"]) == 0
+    header, rows = parse_table(capsys.readouterr().out)
+    assert header == test_resolution.COLUMNS and [row[0] for row in rows] == ["32 px (trained)", "48 px"]
+    config = Config.load(untrained_run / "config.json")
+    splits = data.prepare_data(config)
+    model = evaluate.load_checkpoint(untrained_run / "best.keras", config, 100)
+    assert rows[0][1] == f"{evaluate.basic_metrics(model, splits.x_val, splits.y_val, 100)['top1']:.1%}"
+    assert rows[0][4] == "" and rows[1][4].endswith("%")  # the test set once, at the size asked
