@@ -98,10 +98,10 @@ class Config:
     finetune_learning_rate: float = 1e-4
     finetune_fraction: float = 1.0  # fraction of the backbone's layers, from the top, that fine-tune
     # "cached": the layers below that fraction run once, over `finetune_views` views of each training image (the
-    # image, its mirror, then shifted copies of both), and phase 2 trains the top on those activations; "live": each
-    # epoch runs the whole backbone on freshly augmented images
+    # image, its mirror, then shifted copies of both; None: 2, or 1 with augment=none), and phase 2 trains the top
+    # on those activations; "live": each epoch runs the whole backbone on freshly augmented images
     finetune_features: str = "live"
-    finetune_views: int = 2
+    finetune_views: int | None = None
     # progressive resizing: the first `progressive_epochs` fine-tuning epochs train at `progressive_size` px
     # (cheaper), the rest at `image_size`; validation, evaluation and the saved model always use image_size
     progressive_size: int | None = None
@@ -179,6 +179,10 @@ class Config:
         preset = _preset_config(self.preset)
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in NOT_IN_NAME
                 and canonical(getattr(self, f.name)) != canonical(getattr(preset, f.name))}
+
+    def views(self) -> int:
+        """How many views of each training image phase 2 on cached activations computes."""
+        return self.finetune_views or (1 if self.augment == "none" else 2)
 
     def identity(self) -> dict:
         """The settings that define what the run learns: all but its name, preset and where it is saved."""
@@ -423,7 +427,7 @@ def validate(config: Config, check_data: bool = True, check_files: bool = True) 
     if config.finetune_features == "cached":
         clash = [(config.finetune_fraction >= 1, "finetune_fraction below 1 (the layers below it are cached)"),
                  (config.augment not in ("none", "basic"), "augment none or basic (flips and shifts are the views)"),
-                 (config.augment == "none" and config.finetune_views > 1, "finetune_views=1 with augment=none"),
+                 (config.augment == "none" and (config.finetune_views or 1) > 1, "finetune_views=1 with augment=none"),
                  (config.progressive_size is not None, "no progressive_size"), (config.hem, "hem off")]
         needs = [what for clashes, what in clash if clashes]
         if needs:

@@ -298,9 +298,9 @@ class Training:
         if phase == "finetune" and config.finetune_features == "cached":  # the top trains on the bottom's outputs
             with self.strategy.scope():
                 bottom, trainee, cut = models.split_backbone(self.model, config.finetune_fraction)
-            cached = cached_activations(bottom, self.train_data[0], self.splits.x_val, config.finetune_views,
-                                        config.seed, models.inference_batch_size(config))
-            print(f"phase 2 on cached activations: the backbone up to {cut} ran once over {config.finetune_views} "
+            cached = cached_activations(bottom, self.train_data[0], self.splits.x_val, config.views(), config.seed,
+                                        models.inference_batch_size(config))
+            print(f"phase 2 on cached activations: the backbone up to {cut} ran once over {config.views()} "
                   f"view(s) of {len(cached['train'])} training images and {len(cached['val'])} validation images "
                   f"in {cached['seconds']:.0f} s ({(cached['train'].nbytes + cached['val'].nbytes) / 2**30:.2f} GiB)")
             sampler = TrainBatches(cached["train"], self.train_data[1], num_classes, config.batch_size,

@@ -314,12 +314,14 @@ def test_the_views_are_the_image_its_mirror_then_shifted_copies():
 @pytest.mark.parametrize("settings,message", [
     ({}, "finetune_fraction below 1"),
     ({"finetune_fraction": 0.5, "augment": "mixup"}, "augment none or basic"),
-    ({"finetune_fraction": 0.5, "augment": "none"}, "finetune_views=1 with augment=none"),
+    ({"finetune_fraction": 0.5, "augment": "none", "finetune_views": 2}, "finetune_views=1 with augment=none"),
     ({"finetune_fraction": 0.5, "hem": True}, "hem off"),
 ])
 def test_cached_finetuning_settings_are_checked(settings, message):
     from cifar100.config import ConfigError, validate
 
+    assert make_config("smoke", {"finetune_features": "cached", "finetune_fraction": 0.5}).views() == 1  # augment none
+    assert make_config("cpu-small", {"finetune_features": "cached"}).views() == 2  # the image and its mirror
     config = make_config("smoke", {"finetune_features": "cached", "augment": "basic", **settings})
     with pytest.raises(ConfigError, match=message):
         validate(config, check_data=False)
