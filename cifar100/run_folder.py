@@ -269,17 +269,18 @@ def check_model_format(run_dir: Path) -> None:
                        f"train that run again, after moving or deleting {run_dir}")
 
 
-def check_fingerprint(run_dir: Path, fingerprint: str | None, earlier: str | None = None) -> None:
+def check_fingerprint(run_dir: Path, fingerprint: str | None, earlier=None) -> None:
     """Refuse a run folder trained with another model than `fingerprint` (cifar100/models.py changed since);
-    `earlier`: the same model's fingerprint as an earlier version computed it."""
+    `earlier()`, asked only then: the same model's fingerprint as an earlier version computed it."""
     trained = read_state(run_dir).get("model_fingerprint")
-    if fingerprint is not None and trained not in (None, fingerprint, earlier) and has_progress(run_dir):
+    if fingerprint is not None and trained not in (None, fingerprint) and has_progress(run_dir) and \
+            not (earlier is not None and trained == earlier()):
         raise RunError(f"{run_dir} holds a run of these settings trained with another model (fingerprint "
                        f"{shown(trained)}; the model built now: {fingerprint}): cifar100/models.py was changed "
                        "since. Nothing was changed there: move that folder away to train again, or set a run name")
 
 
-def claim(config: Config, run_dir: Path, fingerprint: str | None = None, earlier: str | None = None) -> bool:
+def claim(config: Config, run_dir: Path, fingerprint: str | None = None, earlier=None) -> bool:
     """Check that the run folder belongs to this config and model (writing config.json if new); True when resuming.
     A folder without training progress is taken over; one with progress and other settings is left untouched."""
     saved = Path(run_dir) / "config.json"
@@ -298,9 +299,8 @@ def claim(config: Config, run_dir: Path, fingerprint: str | None = None, earlier
         if previous is not None:
             changes = config.training_differences(previous)
             if not changes:
-                check_fingerprint(run_dir, fingerprint, earlier)
-                if fingerprint is not None and (not has_progress(run_dir)  # nothing trained yet: this model's now
-                                                or read_state(run_dir).get("model_fingerprint") == earlier):
+                check_fingerprint(run_dir, fingerprint, earlier)  # passed: this model's (nothing trained, or an
+                if fingerprint is not None:                      # earlier version's fingerprint of it)
                     write_state(run_dir, model_fingerprint=fingerprint)
                 count_epochs_from_1(run_dir)  # the folder is this config's: its history may be renumbered
                 return True

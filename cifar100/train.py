@@ -104,21 +104,6 @@ def save_class_info(run_dir: Path, dataset: data.Dataset) -> None:
     run_folder.write_json(run_dir / "classes.json", info)
 
 
-def cached_features(model: keras.Model, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
-                    batch_size: int, mirror: bool = True) -> dict:
-    """The backbone's pooled features (the head's input), in inference mode, of the training images (and,
-    with `mirror`, of their mirror images: the one augmentation that survives caching) and of validation."""
-    started = time.perf_counter()
-    extractor = models.feature_extractor(model)
-
-    def features(images):
-        return np.asarray(extractor.predict(images, batch_size=batch_size, verbose=0), np.float32)
-
-    train = np.concatenate([features(x_train), features(x_train[:, :, ::-1])]) if mirror else features(x_train)
-    labels = np.concatenate([y_train, y_train]) if mirror else y_train
-    return {"train": train, "train_labels": labels, "val": features(x_val), "seconds": time.perf_counter() - started}
-
-
 def image_views(images: np.ndarray, view: int, seed: int, max_shift: int = 4) -> np.ndarray:
     """View `view` of uint8 images: 0 the images, 1 their mirror images, then shifted copies (by up to `max_shift`
     pixels each way, edges reflected, as augment=basic shifts), mirrored at odd views."""
@@ -131,17 +116,28 @@ def image_views(images: np.ndarray, view: int, seed: int, max_shift: int = 4) ->
     return padded[:, dy:dy + images.shape[1], dx:dx + images.shape[2]]
 
 
-def cached_activations(bottom: keras.Model, x_train: np.ndarray, x_val: np.ndarray, views: int, seed: int,
-                       batch_size: int) -> dict:
-    """`bottom`'s outputs, in inference mode and as float16: (N, views, ...) for the training images (see
-    image_views) and (N, ...) for validation."""
+def cached_activations(model: keras.Model, x_train: np.ndarray, x_val: np.ndarray, views: int, seed: int,
+                       batch_size: int, dtype=np.float16) -> dict:
+    """`model`'s outputs, in inference mode: (N, views, ...) for the training images (see image_views) and
+    (N, ...) for validation."""
     started = time.perf_counter()
 
     def activations(images):
-        return np.asarray(bottom.predict(images, batch_size=batch_size, verbose=0)).astype(np.float16)
+        return np.asarray(model.predict(images, batch_size=batch_size, verbose=0)).astype(dtype)
 
     train = np.stack([activations(image_views(x_train, view, seed)) for view in range(views)], axis=1)
     return {"train": train, "val": activations(x_val), "seconds": time.perf_counter() - started}
+
+
+def cached_features(model: keras.Model, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
+                    batch_size: int, mirror: bool = True) -> dict:
+    """The backbone's pooled features (the head's input) of the training images (and, with `mirror`, of their
+    mirror images, as examples of their own: the one augmentation that survives caching) and of validation."""
+    cached = cached_activations(models.feature_extractor(model), x_train, x_val, 2 if mirror else 1, 0, batch_size,
+                                np.float32)
+    train = np.concatenate(list(cached["train"].swapaxes(0, 1)))  # the images, then their mirror images
+    return {"train": train, "train_labels": np.concatenate([y_train] * cached["train"].shape[1]),
+            "val": cached["val"], "seconds": cached["seconds"]}
 
 
 class Training:
@@ -450,10 +446,11 @@ def identify(config: Config, model: keras.Model,
     return config.replace(model="" if found == recipe else found), found, trainee
 
 
-def _earlier_fingerprint(config: Config, num_classes: int) -> str | None:
-    """The library's model as the version before the graph's connections counted fingerprinted it (its run
-    folders are taken as this model's); None for a model edited in a notebook."""
-    return None if config.model else models.recipe_fingerprint(config, num_classes, connections=False)
+def _earlier_fingerprint(config: Config, num_classes: int):
+    """A function giving the library's model's fingerprint as the version before the graph's connections counted
+    computed it (its run folders are taken as this model's; it builds a model, so only asked for a folder whose
+    fingerprint differs); None for a model edited in a notebook."""
+    return None if config.model else lambda: models.recipe_fingerprint(config, num_classes, connections=False)
 
 
 def _check_saveable(model: keras.Model) -> None:
