@@ -28,7 +28,7 @@ from cifar100 import data, distribution, evaluate, keras_internals, models, run_
 from cifar100 import mining as hem
 from cifar100.batches import EpochOrder, TrainBatches, one_hot
 from cifar100.callbacks import EpochLine, EpochTimer, HistoryLog, callback_set, reduce_lr_on_plateau, write_tensorboard
-from cifar100.config import Config, ConfigError, RunError, validate
+from cifar100.config import Config, ConfigError, RunError, shown, validate
 from cifar100.data import Splits, prepare_data, splits_key
 from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
 
@@ -75,6 +75,38 @@ def compile_model(model: keras.Model, rate, config: Config) -> None:
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
                   metrics=["accuracy", keras.metrics.TopKCategoricalAccuracy(5, name="top5")],
                   jit_compile=jit_compile(config))
+
+
+def compile_differences(config: Config, phase: str, steps_per_epoch: int, model: keras.Model) -> list[str]:
+    """'what: compiled (settings: expected)' where `model`'s optimiser or loss is not the one the settings give."""
+    expected_loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
+    rate = learning_rate(config, phase, steps_per_epoch)
+    found = {"optimizer": keras.optimizers.serialize(getattr(model.optimizer, "inner_optimizer", model.optimizer)),
+             "loss": _described_loss(expected_loss.__class__() if model.loss == "categorical_crossentropy"
+                                     else model.loss)}
+    expected = {"optimizer": keras.optimizers.serialize(optimizer(config, rate)),
+                "loss": _described_loss(expected_loss)}
+    return _differences("", found, expected)
+
+
+def _described_loss(loss) -> dict:
+    if isinstance(loss, keras.losses.Loss):
+        return {"class_name": type(loss).__name__, "config": loss.get_config()}
+    return {"class_name": getattr(loss, "__name__", shown(loss)), "config": {}}
+
+
+def _differences(where: str, found, expected) -> list[str]:
+    if isinstance(found, dict) and isinstance(expected, dict):
+        if found.get("class_name") != expected.get("class_name"):
+            return [f"{where.rstrip('.') or 'class'}: {shown(found.get('class_name'))} "
+                    f"(settings: {shown(expected.get('class_name'))})"]
+        keys = [key for key in {**expected, **found} if key not in ("name", "module", "registered_name")]
+        return [line for key in keys for line in _differences(f"{where}{key}.", found.get(key), expected.get(key))]
+    numbers = all(isinstance(v, float | int) and not isinstance(v, bool) for v in (found, expected))
+    if numbers and math.isclose(found, expected, rel_tol=1e-6) or not numbers and found == expected:
+        return []
+    found, expected = (f"{v:.6g}" if numbers else shown(v) for v in (found, expected))
+    return [f"{where.rstrip('.').replace('.config.', '.')}: {found} (settings: {expected})"]
 
 
 def run(config: Config, verbose: int | str = "auto", callbacks: list | None = None, splits: Splits | None = None,
@@ -362,10 +394,17 @@ class Training:
                                      attempt["epochs"][0], inference=self.model), *(extra or []), EpochLine()]
 
     def _record_compile(self, phase: str, model: keras.Model) -> None:
-        """What the phase's optimiser was given (results.json's "optimization"); the peak rate: after warm-up."""
+        """Refuse a compile other than the settings' (they name the run); record it (results.json's
+        "optimization"; the peak rate: after warm-up)."""
         if getattr(model, "optimizer", None) is None or model.optimizer is self.attempt["optimizer"]:
             raise RunError(f"compile the model that training.data({phase!r}) gave before fit: a phase trains with "
                            "a freshly compiled optimiser, as a resumed process does")
+        changed = compile_differences(self.config, phase, len(self.attempt["sampler"]), model)
+        if changed:
+            raise ConfigError(f"phase {phase!r} was compiled otherwise than the settings say ({'; '.join(changed)}): "
+                              "the settings name the run's folder, so a change to the optimiser, its rate or "
+                              "schedule, or the loss is made there (optimizer, weight_decay, clipnorm, "
+                              f"{phase}_learning_rate, lr_schedule, warmup_epochs, label_smoothing); nothing trained")
         inner = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # under mixed_float16's loss scaling
         peak = learning_rate(self.config.replace(lr_schedule="plateau"), phase, 1)
         run_folder.write_state(self.run_dir, **{f"{phase}_compiled": {

@@ -26,6 +26,9 @@ MUTATIONS = {
         "cifar100/train.py", "    if config.reference_batch_size:\n",
         "    config = config.replace(reference_batch_size=64)\n    if config.reference_batch_size:\n",
         ["tests/test_training_levers.py::test_the_optimizer_gets_the_configured_rate_whatever_the_batch_size"]),
+    "a compile other than the settings' trains under their name": (
+        "cifar100/train.py", "        if changed:\n", "        if False:\n",
+        ["tests/test_train.py::test_the_steps_of_a_phase_out_of_order_are_refused_and_train_nothing"]),
     "xla auto decided here, off": (
         "cifar100/train.py", 'return "auto" if value == "auto" else value == "true"',
         'return False if value == "auto" else value == "true"',

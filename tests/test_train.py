@@ -93,6 +93,16 @@ def test_the_steps_of_a_phase_out_of_order_are_refused_and_train_nothing(train_d
     model, batches, validation = training.data("finetune")
     with pytest.raises(RunError, match=r"compile the model that training.data\('finetune'\) gave before fit"):
         training.callbacks("finetune")
+    model.compile(keras.optimizers.SGD(0.01), keras.losses.CategoricalCrossentropy(label_smoothing=0.1))
+    with pytest.raises(ConfigError, match=r"compiled otherwise than the settings say \(optimizer: 'SGD' \(settings: "
+                       r"'Adam'\); loss.label_smoothing: 0.1 \(settings: 0\)\)"):
+        training.callbacks("finetune")  # an edited compile would train under the settings' name
+    model.compile(keras.optimizers.Adam(config.finetune_learning_rate * 2), "categorical_crossentropy")
+    with pytest.raises(ConfigError, match=r"optimizer.learning_rate: 0.006 \(settings: 0.003\)\)"):
+        training.callbacks("finetune")
+    model.compile(keras.optimizers.Adam(config.finetune_learning_rate), "categorical_crossentropy")
+    assert training.callbacks("finetune")  # the settings' compile, written out by hand
+    training.data("finetune")
     train.compile_model(model, train.learning_rate(config, "finetune", len(batches)), config)
     assert training.callbacks("finetune")
     training.data("finetune")  # a second attempt (a cell run again) needs a fresh compile too
