@@ -29,7 +29,7 @@ def _data_verify(args) -> None:
 
 
 def _data_download(args) -> None:
-    path = data.fetch(args.dir, kind=args.kind)
+    path = write_data.fetch(args.dir, kind=args.kind)
     print(data.load(path).describe())
 
 

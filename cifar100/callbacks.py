@@ -74,7 +74,10 @@ class ProgressiveResizing(keras.callbacks.Callback):
 
 class ResumeState(keras.callbacks.Callback):
     """Saves, before BackupAndRestore commits an epoch, the state its backup lacks (ReduceLROnPlateau, EarlyStopping,
-    mining), and puts it back when the phase resumes: the run continues exactly as if it had not been stopped."""
+    mining) as backup/<phase>/callbacks-<epoch>.json, and puts it back when the phase resumes: the run continues
+    exactly as if it had not been stopped."""
+
+    KEEP = 3  # the files of the last epochs: a kill before a commit leaves the committed epoch's
 
     def __init__(self, backup_dir: Path, reduce_lr, early_stopping, mining, restored: dict | None = None):
         super().__init__()
@@ -100,7 +103,39 @@ class ResumeState(keras.callbacks.Callback):
             "stopped": bool(self.model.stop_training),
             "mining": self.mining.get_state() if self.mining is not None else None,
         }
-        run_folder.save_callback_state(self.backup_dir, epoch + 1, state)
+        self.save(self.backup_dir, epoch + 1, state)
+
+    @classmethod
+    def save(cls, backup_dir: Path, epochs_done: int, state: dict) -> None:
+        backup_dir = Path(backup_dir)
+        backup_dir.mkdir(parents=True, exist_ok=True)
+        run_folder.write_json(backup_dir / f"callbacks-{epochs_done:04d}.json", state)
+        for old in sorted(backup_dir.glob("callbacks-*.json"))[:-cls.KEEP]:
+            old.unlink()
+
+    @classmethod
+    def load(cls, backup_dir: Path, epochs_done: int | None = None) -> dict | None:
+        """The state saved after `epochs_done` epochs (None: the last saved), each value checked."""
+        saved = sorted(Path(backup_dir).glob("callbacks-*.json")) if epochs_done is None else \
+            [Path(backup_dir) / f"callbacks-{epochs_done:04d}.json"]
+        path = saved[-1] if saved else None
+        if path is None or not path.exists():
+            return None
+        state = run_folder.read_json(path, "callback state")
+        numbers = {"reduce_lr": ("wait", "best", "cooldown_counter"),
+                   "early_stopping": ("wait", "best", "best_epoch", "stopped_epoch")}
+        for key, names in numbers.items():
+            part = state.get(key)
+            if part is None and key == "reduce_lr":
+                continue
+            if not isinstance(part, dict) or set(part) != set(names) or not all(
+                    (name == "best" and part[name] is None) or run_folder.is_number(part[name]) for name in names):
+                raise RunError(f"{path}: damaged callback state: {key} is not {{{', '.join(names)}: numbers}}; "
+                               f"delete the run folder {path.parents[2]} to start over")
+        if not isinstance(state.get("stopped"), bool) or not isinstance(state.get("mining"), dict | None):
+            raise RunError(f"{path}: damaged callback state (stopped, mining); delete the run folder "
+                           f"{path.parents[2]} to start over")
+        return state
 
 
 def _number(value):

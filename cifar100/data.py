@@ -8,18 +8,12 @@ import hashlib
 import json
 import os
 import reprlib
-import shutil
-import tarfile
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from cifar100.config import Config, DatasetError, printable, shown  # noqa: F401  (DatasetError: re-exported)
+from cifar100.config import Config, DatasetError, RunError, printable, shown  # noqa: F401  (DatasetError: re-exported)
 from cifar100.safe_pickle import as_text, open_regular, unpickle
 
 # --- the official files (cs.toronto.edu/~kriz/cifar.html) ---------------------------------------------
@@ -299,6 +293,8 @@ def load(path: str | Path = "cifar-100-python", check_md5: bool = True, download
     if not holds_files(path):
         if not download:
             raise DatasetError(_missing_folder_message(path))
+        from cifar100.write_data import fetch
+
         fetch(path)
     kind = detect_kind(path)
     marker = _read_marker(path)
@@ -380,82 +376,6 @@ def _load_cifar10(path: Path, **info) -> Dataset:
                    x_test, y_test, class_names=names, **info)
 
 
-# --- downloading the official archives: md5-checked, extracted with bounds, into an empty folder ---------
-
-MAX_ARCHIVE_MEMBERS = 100  # the official archives hold 5 (CIFAR-100) and 9 (CIFAR-10)
-MAX_EXTRACTED_BYTES = 1 << 30  # they extract to ~180 MB
-
-
-def _extract(archive: Path, target: Path, url: str) -> None:
-    """Extract plain files and folders only, bounded in count and size; anything else is refused before writing."""
-    with tarfile.open(archive) as tar:
-        members = []
-        for member in tar:
-            if len(members) == MAX_ARCHIVE_MEMBERS:
-                raise DatasetError(f"{url}: the archive holds more than {MAX_ARCHIVE_MEMBERS} entries; nothing "
-                                   "was extracted")
-            if not (member.isfile() or member.isdir()):
-                raise DatasetError(f"{url}: the archive holds '{member.name}', which is not a plain file or "
-                                   "folder (a link or device); nothing was extracted")
-            members.append(member)
-        size = sum(member.size for member in members)
-        if size > MAX_EXTRACTED_BYTES:
-            raise DatasetError(f"{url}: the archive would extract to {size} bytes, more than the "
-                               f"{MAX_EXTRACTED_BYTES} allowed; nothing was extracted")
-        tar.extractall(target, members=members, filter="data")
-
-
-def fetch(path: str | Path = "cifar-100-python", kind: str = "cifar100", url: str | None = None,
-          timeout: float = 20.0) -> Path:
-    """Download the official archive, check its md5 and extract it into `path` (empty or new). Without a network
-    it fails within `timeout` seconds (plus name lookup), saying where to put the files."""
-    from tqdm.auto import tqdm
-
-    path = Path(path)
-    default_url, expected_md5, folder = ARCHIVES[kind]
-    url = url or default_url
-    if holds_files(path):
-        raise DatasetError(f"{path} already holds files: download into an empty or new folder (nothing was "
-                           "changed)")
-    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise DatasetError(f"{blocking}: a file, where a folder is needed to download into {path} (nothing was "
-                           "downloaded)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".download-") as tmp:
-        archive = Path(tmp) / "archive.tar.gz"
-        started = time.monotonic()
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response, open(archive, "wb") as out:
-                total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {kind}") as bar:
-                    for chunk in iter(lambda: response.read(1 << 20), b""):
-                        out.write(chunk)
-                        bar.update(len(chunk))
-        except (urllib.error.URLError, OSError) as exc:
-            waited = time.monotonic() - started
-            extract = f"tar xzf {Path(default_url).name} -C {path.parent}"
-            if path.name != folder:
-                extract += f" && mv {path.parent / folder} {path}"
-            raise DatasetError(
-                f"could not download {url} ({type(exc).__name__}: {getattr(exc, 'reason', exc)}, after "
-                f"{waited:.1f} s). No network? Download the archive on a machine that has one and extract "
-                f"it so that {path}/ holds the files "
-                f"{list(CIFAR100_FILES if kind == 'cifar100' else CIFAR10_FILES)}: {extract}") from None
-        found = md5sum(archive)
-        if found != expected_md5:
-            raise DatasetError(f"{url}: md5 mismatch of the downloaded archive: expected {expected_md5}, "
-                               f"found {found}. Nothing was extracted; try again.")
-        _extract(archive, Path(tmp), url)
-        extracted = Path(tmp) / folder
-        if not extracted.is_dir():
-            raise DatasetError(f"{url}: the archive holds no '{folder}/' folder")
-        path.mkdir(parents=True, exist_ok=True)
-        for item in extracted.iterdir():
-            shutil.move(str(item), str(path / item.name))
-    return path
-
-
 # --- the split: validation carved from the training set, stratified; the cap on training images --------
 
 def split(labels: np.ndarray, val_fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -518,3 +438,34 @@ def prepare_data(config: Config, dataset: Dataset | None = None) -> Splits:
 def splits_key(config: Config) -> tuple:
     """The settings that decide the splits: splits made for other settings are not reused."""
     return (os.path.normpath(config.data_dir), config.val_fraction, config.max_train_images, config.seed)
+
+
+MAX_CLASSES = 10_000
+
+
+def read_classes(run_dir: Path) -> dict:
+    """classes.json of a run folder, checked: class names, and superclass names and indices (or None for both)."""
+    from cifar100.run_folder import read_json
+
+    path = Path(run_dir) / "classes.json"
+    content = read_json(path, "classes.json")
+    names, coarse, mapping = (content.get(k) for k in ("class_names", "coarse_names", "fine_to_coarse"))
+    coarse = coarse or None  # CIFAR-10: no superclasses ([] or null)
+    damaged = f"{path}: damaged classes.json"
+    if not isinstance(names, list) or not 2 <= len(names) <= MAX_CLASSES:
+        raise RunError(f"{damaged}: class_names must be a list of 2 to {MAX_CLASSES} names")
+    try:
+        check_class_names(path, "class_names", names)
+        if coarse is not None:
+            if not isinstance(coarse, list) or not 1 <= len(coarse) <= MAX_CLASSES:
+                raise DatasetError(f"{path}: coarse_names must be a list of 1 to {MAX_CLASSES} names")
+            check_class_names(path, "coarse_names", coarse)
+    except DatasetError as exc:
+        raise RunError(f"{damaged}: {str(exc).removeprefix(f'{path}: ')}") from None
+    if (coarse is None) != (mapping is None) or mapping is not None and not (
+            isinstance(mapping, list) and len(mapping) == len(names)
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(coarse) for v in mapping)):
+        raise RunError(f"{damaged}: fine_to_coarse must give each of the {len(names)} classes the index of one of "
+                       "the coarse_names (or both be null)")
+    return {"kind": printable(str(content.get("kind", "?"))[:40]), "synthetic": content.get("synthetic") is not False,
+            "class_names": names, "coarse_names": coarse, "fine_to_coarse": mapping}

@@ -95,7 +95,7 @@ def load_run(run_dir: str | Path, model: keras.Model | None = None) -> tuple[Con
     run_folder.refuse_links(run_dir)
     run_folder.check_model_format(run_dir)
     config = Config.load(run_dir / "config.json")
-    classes = run_folder.read_classes(run_dir)
+    classes = data.read_classes(run_dir)
     model = load_checkpoint(run_dir / "best.keras", config, len(classes["class_names"]), model)
     return config, model, classes
 

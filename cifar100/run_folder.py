@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from cifar100.config import Config, ConfigError, DatasetError, RunError, printable, shown
+from cifar100.config import Config, ConfigError, DatasetError, RunError, shown
 from cifar100.data import md5sum
 
 HISTORY = "history.csv"
@@ -144,37 +144,6 @@ def check_weights_file(path: Path, model, copies: int = 1) -> None:
     """`check_weights` for a .weights.h5 file before loading it into `model`: `copies` 3 for a backup (Adam's two)."""
     expected = copies * weight_bytes(model)
     check_weights(read_bytes(path, "weights file", 2 * expected + MAX_WEIGHTS_SLACK), expected, path)
-
-
-MAX_CLASSES = 10_000
-
-
-def read_classes(run_dir: Path) -> dict:
-    """classes.json of a run folder, checked: class names, and superclass names and indices (or None for both)."""
-    from cifar100.data import check_class_names
-
-    path = Path(run_dir) / "classes.json"
-    content = read_json(path, "classes.json")
-    names, coarse, mapping = (content.get(k) for k in ("class_names", "coarse_names", "fine_to_coarse"))
-    coarse = coarse or None  # CIFAR-10: no superclasses ([] or null)
-    damaged = f"{path}: damaged classes.json"
-    if not isinstance(names, list) or not 2 <= len(names) <= MAX_CLASSES:
-        raise RunError(f"{damaged}: class_names must be a list of 2 to {MAX_CLASSES} names")
-    try:
-        check_class_names(path, "class_names", names)
-        if coarse is not None:
-            if not isinstance(coarse, list) or not 1 <= len(coarse) <= MAX_CLASSES:
-                raise DatasetError(f"{path}: coarse_names must be a list of 1 to {MAX_CLASSES} names")
-            check_class_names(path, "coarse_names", coarse)
-    except DatasetError as exc:
-        raise RunError(f"{damaged}: {str(exc).removeprefix(f'{path}: ')}") from None
-    if (coarse is None) != (mapping is None) or mapping is not None and not (
-            isinstance(mapping, list) and len(mapping) == len(names)
-            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(coarse) for v in mapping)):
-        raise RunError(f"{damaged}: fine_to_coarse must give each of the {len(names)} classes the index of one of "
-                       "the coarse_names (or both be null)")
-    return {"kind": printable(str(content.get("kind", "?"))[:40]), "synthetic": content.get("synthetic") is not False,
-            "class_names": names, "coarse_names": coarse, "fine_to_coarse": mapping}
 
 
 # --- the lock ------------------------------------------------------------------------------------------
@@ -500,50 +469,6 @@ def publish_checkpoint(run_dir: Path, epochs_done: int) -> None:
     candidate = Path(run_dir) / CHECKPOINTS / CHECKPOINT_PATTERN.format(epoch=epochs_done)
     if candidate.exists():
         os.replace(candidate, Path(run_dir) / "best.keras")
-
-
-def callback_state_path(backup_dir: Path, epochs_done: int) -> Path:
-    return Path(backup_dir) / f"callbacks-{epochs_done:04d}.json"
-
-
-def save_callback_state(backup_dir: Path, epochs_done: int, state: dict, keep: int = 3) -> None:
-    """The callbacks' state after `epochs_done` epochs, written before the epoch is committed; older ones go."""
-    backup_dir = Path(backup_dir)
-    backup_dir.mkdir(parents=True, exist_ok=True)
-    write_json(callback_state_path(backup_dir, epochs_done), state)
-    for old in sorted(backup_dir.glob("callbacks-*.json"))[:-keep]:
-        old.unlink()
-
-
-def last_callback_state(backup_dir: Path) -> dict | None:
-    """The callbacks' state at the last epoch of a finished phase."""
-    saved = sorted(Path(backup_dir).glob("callbacks-*.json"))
-    return _read_callback_state(saved[-1]) if saved else None
-
-
-def load_callback_state(backup_dir: Path, epochs_done: int) -> dict | None:
-    return _read_callback_state(callback_state_path(backup_dir, epochs_done))
-
-
-def _read_callback_state(path: Path) -> dict | None:
-    """The callbacks' state as ResumeState saved it, each value checked (a foreign file sets nothing else)."""
-    if not path.exists():
-        return None
-    state = read_json(path, "callback state")
-    numbers = {"reduce_lr": ("wait", "best", "cooldown_counter"),
-               "early_stopping": ("wait", "best", "best_epoch", "stopped_epoch")}
-    for key, names in numbers.items():
-        part = state.get(key)
-        if part is None and key == "reduce_lr":
-            continue
-        if not isinstance(part, dict) or set(part) != set(names) or not all(
-                (name == "best" and part[name] is None) or is_number(part[name]) for name in names):
-            raise RunError(f"{path}: damaged callback state: {key} is not {{{', '.join(names)}: numbers}}; "
-                           f"delete the run folder {path.parents[2]} to start over")
-    if not isinstance(state.get("stopped"), bool) or not isinstance(state.get("mining"), dict | None):
-        raise RunError(f"{path}: damaged callback state (stopped, mining); delete the run folder "
-                       f"{path.parents[2]} to start over")
-    return state
 
 
 def is_number(value, low: float = -1e300, high: float = 1e300) -> bool:

@@ -27,7 +27,15 @@ import numpy as np
 from cifar100 import data, distribution, evaluate, keras_internals, models, run_folder, tflogs
 from cifar100 import mining as hem
 from cifar100.batches import EpochOrder, TrainBatches, one_hot
-from cifar100.callbacks import EpochLine, EpochTimer, HistoryLog, callback_set, reduce_lr_on_plateau, write_tensorboard
+from cifar100.callbacks import (
+    EpochLine,
+    EpochTimer,
+    HistoryLog,
+    ResumeState,
+    callback_set,
+    reduce_lr_on_plateau,
+    write_tensorboard,
+)
 from cifar100.config import Config, ConfigError, RunError, shown, validate
 from cifar100.data import Splits, prepare_data, splits_key
 from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
@@ -206,7 +214,7 @@ class Training:
             Config.load(self.run_dir / "config.json").identity() == config.identity()
         if self.done:
             if run_folder.read_state(self.run_dir).get("model_fingerprint"):  # what the run trained
-                classes = len(run_folder.read_classes(self.run_dir)["class_names"])
+                classes = len(data.read_classes(self.run_dir)["class_names"])
                 current = self.fingerprint or models.recipe_fingerprint(config, classes)
                 run_folder.check_fingerprint(self.run_dir, current, _earlier_fingerprint(config, classes))
             print(f"finished run found: {self.run_dir} holds these settings' results; nothing to train")
@@ -348,7 +356,7 @@ class Training:
         committed = run_folder.settle_phase(self.run_dir, backup, start)
         if (backup / "latest.weights.h5").exists():  # BackupAndRestore loads it into the model and its optimiser
             run_folder.check_weights_file(backup / "latest.weights.h5", trainee, copies=3)
-        restored = run_folder.load_callback_state(backup, committed) if committed > start else None
+        restored = ResumeState.load(backup, committed) if committed > start else None
         if restored and restored.get("stopped"):
             end = committed  # early stopping had ended this phase: only restore its weights
         if committed > start:
@@ -517,6 +525,6 @@ def refuse_a_diverged_phase(run_dir: Path, phase: str) -> None:
 
 def _restore_mining(mining: keras.callbacks.Callback | None, run_dir: Path, phase: str) -> None:
     """A run resumed after a finished phase continues with the mining state that phase ended with."""
-    state = run_folder.last_callback_state(run_dir / "backup" / phase)
+    state = ResumeState.load(run_dir / "backup" / phase)
     if mining is not None and state and state.get("mining"):
         mining.set_state(state["mining"])

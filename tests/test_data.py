@@ -246,7 +246,7 @@ def closed_port() -> int:
 
 def test_offline_download_fails_fast_with_instructions(tmp_path):
     with pytest.raises(DatasetError) as err:
-        data.fetch(tmp_path / "cifar-100-python", url=f"http://127.0.0.1:{closed_port()}/cifar-100-python.tar.gz")
+        write_data.fetch(tmp_path / "cifar-100-python", url=f"http://127.0.0.1:{closed_port()}/cifar-100-python.tar.gz")
     assert "could not download" in str(err.value) and "tar xzf cifar-100-python.tar.gz" in str(err.value)
     assert not (tmp_path / "cifar-100-python").exists()
 
@@ -257,7 +257,7 @@ def test_download_from_a_silent_server_times_out(tmp_path):
         server.listen(1)  # accepts the connection but never answers
         # without the timeout this would wait for ever: the test would hang, not pass
         with pytest.raises(DatasetError, match=r"could not download .*timed out"):
-            data.fetch(tmp_path / "x", url=f"http://127.0.0.1:{server.getsockname()[1]}/a.tar.gz", timeout=1)
+            write_data.fetch(tmp_path / "x", url=f"http://127.0.0.1:{server.getsockname()[1]}/a.tar.gz", timeout=1)
 
 
 @pytest.fixture
@@ -291,14 +291,14 @@ def test_download_fills_the_repos_empty_data_folder(tmp_path, archive_server, mo
     data.load(target, download=True)
     assert (target / "train").is_file() and (target / ".gitkeep").exists()
     with pytest.raises(DatasetError, match="already holds files"):
-        data.fetch(target)
+        write_data.fetch(target)
 
 
 def test_download_with_wrong_md5_extracts_nothing(tmp_path, archive_server, monkeypatch):
     url, _ = archive_server
     monkeypatch.setitem(data.ARCHIVES, "cifar100", (url, "0" * 32, "cifar-100-python"))
     with pytest.raises(DatasetError, match="md5 mismatch of the downloaded archive"):
-        data.fetch(tmp_path / "cifar-100-python")
+        write_data.fetch(tmp_path / "cifar-100-python")
     assert not (tmp_path / "cifar-100-python").exists()
 
 

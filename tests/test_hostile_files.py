@@ -286,7 +286,7 @@ def test_download_into_a_file_fails_before_downloading(tmp_path, serve):
     notes.write_text("mine")
     for target in (notes, notes / "cifar-100-python"):
         with pytest.raises(DatasetError, match=rf"{notes}: a file, where a folder is needed .*nothing was downloaded"):
-            data.fetch(target, url=url)
+            write_data.fetch(target, url=url)
     assert requests == [] and notes.read_text() == "mine"
 
 
@@ -316,9 +316,9 @@ def test_extraction_is_bounded_and_refuses_links(tmp_path, serve, monkeypatch, e
     url, md5, _ = serve(tar_gz(*entries))
     monkeypatch.setitem(data.ARCHIVES, "cifar100", (url, md5, "cifar-100-python"))
     for name, value in limits.items():
-        monkeypatch.setattr(data, name, value)
+        monkeypatch.setattr(write_data, name, value)
     with pytest.raises(DatasetError, match=rf"{message}; nothing was extracted"):
-        data.fetch(tmp_path / "cifar-100-python")
+        write_data.fetch(tmp_path / "cifar-100-python")
     assert not (tmp_path / "cifar-100-python").exists()
 
 

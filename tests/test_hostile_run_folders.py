@@ -15,6 +15,7 @@ import pytest
 
 from cifar100 import compare, data, evaluate, models, plots, run_folder, train, write_data
 from cifar100.__main__ import main
+from cifar100.callbacks import ResumeState
 from cifar100.config import Config, ConfigError, DatasetError, RunError, make_config
 
 from .test_compare import fake_run
@@ -168,14 +169,14 @@ def test_callback_state_from_a_backup_sets_only_what_resume_state_saves(tmp_path
     backup.mkdir(parents=True)
     state = {"reduce_lr": None, "early_stopping": {"wait": 1, "best": 0.5, "best_epoch": 2, "stopped_epoch": 0},
              "stopped": False, "mining": None}
-    run_folder.save_callback_state(backup, 3, state)
-    assert run_folder.load_callback_state(backup, 3) == state
+    ResumeState.save(backup, 3, state)
+    assert ResumeState.load(backup, 3) == state
     for bad in ({**state, "early_stopping": {**state["early_stopping"], "model": "x"}},
                 {**state, "early_stopping": {**state["early_stopping"], "wait": "0"}},
                 {**state, "stopped": "yes"}):
-        run_folder.save_callback_state(backup, 3, bad)
+        ResumeState.save(backup, 3, bad)
         with pytest.raises(RunError, match=r"callbacks-0003.json: damaged callback state"):
-            run_folder.load_callback_state(backup, 3)
+            ResumeState.load(backup, 3)
 
 
 def test_a_torn_last_row_of_the_history_is_dropped_and_a_damaged_one_is_named(tmp_path):
