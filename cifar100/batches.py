@@ -107,3 +107,30 @@ def stream_state(seed: int, epoch: int, layer: int) -> list[int]:
     walk one sequence. The key is below 2**31 - 2, as TensorFlow reads it modulo that."""
     key = int(np.random.SeedSequence([seed, epoch, layer]).generate_state(1)[0]) % (2**31 - 2)
     return [key, 0]
+
+
+def image_views(images: np.ndarray, view: int, seed: int, max_shift: int = 4) -> np.ndarray:
+    """View `view` of uint8 images: 0 the images, 1 their mirror images, then shifted copies (by up to `max_shift`
+    pixels each way, edges reflected, as augment=basic shifts), mirrored at odd views."""
+    if view % 2:
+        images = images[:, :, ::-1]
+    if view < 2:
+        return images
+    dy, dx = np.random.default_rng([seed, view]).integers(0, 2 * max_shift + 1, size=2)
+    padded = np.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)), mode="reflect")
+    return padded[:, dy:dy + images.shape[1], dx:dx + images.shape[2]]
+
+
+def cached_activations(model: keras.Model, x_train: np.ndarray, x_val: np.ndarray, views: int, seed: int,
+                       batch_size: int, dtype=np.float16) -> dict:
+    """`model`'s outputs, in inference mode: (N, views, ...) for the training images (see image_views) and
+    (N, ...) for validation."""
+    import time
+
+    started = time.perf_counter()
+
+    def activations(images):
+        return np.asarray(model.predict(images, batch_size=batch_size, verbose=0)).astype(dtype)
+
+    train = np.stack([activations(image_views(x_train, view, seed)) for view in range(views)], axis=1)
+    return {"train": train, "val": activations(x_val), "seconds": time.perf_counter() - started}

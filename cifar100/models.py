@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -350,3 +352,35 @@ def new_model(config: Config, num_classes: int, strategy=None) -> keras.Model:
     _RECIPES.setdefault(json.dumps([config.identity(), num_classes, True], sort_keys=True, default=str),
                         fingerprint(training_model(model, config)))
     return model
+
+
+def identify(config: Config, model: keras.Model, trainee: keras.Model | None) -> tuple[Config, str, keras.Model]:
+    """(`config` naming `model`'s run, the fingerprint, the training model): `config` as is when this module
+    builds this model (behind `trainee`'s augmentation, default training_model's) for these settings, else with
+    the fingerprint as its `model` setting."""
+    trainee = trainee or training_model(model, config)
+    found = fingerprint(trainee)
+    recipe = recipe_fingerprint(config.replace(model=""), int(model.outputs[0].shape[-1]))
+    if found != recipe:
+        _check_saveable(model)
+    return config.replace(model="" if found == recipe else found), found, trainee
+
+
+def earlier_fingerprint(config: Config, num_classes: int):
+    """A function giving the library's model's fingerprint as the version before the graph's connections counted
+    computed it (its run folders are taken as this model's; it builds a model, so only asked for a folder whose
+    fingerprint differs); None for a model edited in a notebook."""
+    return None if config.model else lambda: recipe_fingerprint(config, num_classes, connections=False)
+
+
+def _check_saveable(model: keras.Model) -> None:
+    """Refuse, before it trains, an edited model that best.keras could not hold and plain Keras not read back."""
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            model.save(Path(folder) / "probe.keras")
+            keras.saving.load_model(Path(folder) / "probe.keras", compile=False, safe_mode=True)
+        except Exception as exc:  # Keras' saving can fail in any way on a layer it does not know
+            raise ConfigError(f"the edited model cannot be saved as best.keras and read back ({type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}): a layer class "
+                              "of one's own needs @keras.saving.register_keras_serializable() and get_config, and "
+                              "a Lambda layer is not read back in safe mode") from None

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 
 from cifar100 import data, distribution, evaluate, keras_internals, models, run_folder, tflogs
 from cifar100 import mining as hem
-from cifar100.batches import EpochOrder, TrainBatches, one_hot
+from cifar100.batches import EpochOrder, TrainBatches, cached_activations, one_hot
 from cifar100.callbacks import (
     EpochLine,
     EpochTimer,
@@ -144,31 +143,6 @@ def save_class_info(run_dir: Path, dataset: data.Dataset) -> None:
     run_folder.write_json(run_dir / "classes.json", info)
 
 
-def image_views(images: np.ndarray, view: int, seed: int, max_shift: int = 4) -> np.ndarray:
-    """View `view` of uint8 images: 0 the images, 1 their mirror images, then shifted copies (by up to `max_shift`
-    pixels each way, edges reflected, as augment=basic shifts), mirrored at odd views."""
-    if view % 2:
-        images = images[:, :, ::-1]
-    if view < 2:
-        return images
-    dy, dx = np.random.default_rng([seed, view]).integers(0, 2 * max_shift + 1, size=2)
-    padded = np.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)), mode="reflect")
-    return padded[:, dy:dy + images.shape[1], dx:dx + images.shape[2]]
-
-
-def cached_activations(model: keras.Model, x_train: np.ndarray, x_val: np.ndarray, views: int, seed: int,
-                       batch_size: int, dtype=np.float16) -> dict:
-    """`model`'s outputs, in inference mode: (N, views, ...) for the training images (see image_views) and
-    (N, ...) for validation."""
-    started = time.perf_counter()
-
-    def activations(images):
-        return np.asarray(model.predict(images, batch_size=batch_size, verbose=0)).astype(dtype)
-
-    train = np.stack([activations(image_views(x_train, view, seed)) for view in range(views)], axis=1)
-    return {"train": train, "val": activations(x_val), "seconds": time.perf_counter() - started}
-
-
 def cached_features(model: keras.Model, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
                     batch_size: int, mirror: bool = True) -> dict:
     """The backbone's pooled features (the head's input) of the training images (and, with `mirror`, of their
@@ -194,7 +168,7 @@ class Training:
             if built_for != config.identity():
                 changes = "; ".join(config.differences(Config(**{**config.to_dict(), **built_for})))
                 raise RunError(f"the model was built for other settings ({changes}): build it again (the model cell)")
-            config, self.fingerprint, training_model = identify(config, model, training_model)
+            config, self.fingerprint, training_model = models.identify(config, model, training_model)
             if not hasattr(model, "initial_weights"):  # phase 1 starts from these, whenever it starts again
                 model.initial_weights = model.get_weights()
         elif config.model:
@@ -216,7 +190,7 @@ class Training:
             if run_folder.read_state(self.run_dir).get("model_fingerprint"):  # what the run trained
                 classes = len(data.read_classes(self.run_dir)["class_names"])
                 current = self.fingerprint or models.recipe_fingerprint(config, classes)
-                run_folder.check_fingerprint(self.run_dir, current, _earlier_fingerprint(config, classes))
+                run_folder.check_fingerprint(self.run_dir, current, models.earlier_fingerprint(config, classes))
             print(f"finished run found: {self.run_dir} holds these settings' results; nothing to train")
             return
         given = splits is not None and splits.config_key == splits_key(config)
@@ -238,7 +212,7 @@ class Training:
         self.lock = run_folder.RunLock(self.run_dir).acquire()  # held until finish() or close()
         try:
             resuming = run_folder.claim(config, self.run_dir, self.fingerprint,
-                                        _earlier_fingerprint(config, self.splits.dataset.num_classes))
+                                        models.earlier_fingerprint(config, self.splits.dataset.num_classes))
             self.done = run_folder.finished(self.run_dir)
             if not self.done:
                 save_class_info(self.run_dir, self.splits.dataset)
@@ -478,39 +452,6 @@ class Training:
     def __del__(self):  # a training the notebook no longer holds (its cell was run again) lets go of the folder
         if getattr(self, "lock", None) is not None:
             self.lock.release()
-
-
-def identify(config: Config, model: keras.Model,
-             training_model: keras.Model | None) -> tuple[Config, str, keras.Model]:
-    """(`config` naming `model`'s run, the fingerprint, the training model): `config` as is when models.py
-    builds this model (behind `training_model`'s augmentation, default models.training_model's) for these
-    settings, else with the fingerprint as its `model` setting."""
-    trainee = training_model or models.training_model(model, config)
-    found = models.fingerprint(trainee)
-    recipe = models.recipe_fingerprint(config.replace(model=""), int(model.outputs[0].shape[-1]))
-    if found != recipe:
-        _check_saveable(model)
-    return config.replace(model="" if found == recipe else found), found, trainee
-
-
-def _earlier_fingerprint(config: Config, num_classes: int):
-    """A function giving the library's model's fingerprint as the version before the graph's connections counted
-    computed it (its run folders are taken as this model's; it builds a model, so only asked for a folder whose
-    fingerprint differs); None for a model edited in a notebook."""
-    return None if config.model else lambda: models.recipe_fingerprint(config, num_classes, connections=False)
-
-
-def _check_saveable(model: keras.Model) -> None:
-    """Refuse, before it trains, an edited model that best.keras could not hold and plain Keras not read back."""
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            model.save(Path(folder) / "probe.keras")
-            keras.saving.load_model(Path(folder) / "probe.keras", compile=False, safe_mode=True)
-        except Exception as exc:  # Keras' saving can fail in any way on a layer it does not know
-            raise ConfigError(f"the edited model cannot be saved as best.keras and read back ({type(exc).__name__}: "
-                              f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}): a layer class "
-                              "of one's own needs @keras.saving.register_keras_serializable() and get_config, and "
-                              "a Lambda layer is not read back in safe mode") from None
 
 
 def refuse_a_diverged_phase(run_dir: Path, phase: str) -> None:

@@ -187,7 +187,7 @@ MUTATIONS = {
         "cifar100/train.py", " or model.optimizer is self.attempt[\"optimizer\"]:", ":",
         ["tests/test_train.py::test_the_steps_of_a_phase_out_of_order_are_refused_and_train_nothing"]),
     "an edited model trains into the recipe's folder": (
-        "cifar100/train.py", 'return config.replace(model="" if found == recipe else found), found',
+        "cifar100/models.py", 'return config.replace(model="" if found == recipe else found), found',
         'return config, found',
         ["tests/test_run_naming.py::test_a_model_edited_in_the_notebook_trains_into_a_folder_of_its_own"]),
     "a run of another model definition is taken as finished": (

@@ -185,6 +185,23 @@ def test_change_rerun_compare_reuse_and_resume_in_a_live_kernel(kernel, tmp_path
     assert "Epoch 1/3" not in resumed_text and "Warning" not in resumed_text
     assert epochs_in(runs / resumed / "history.csv") == [1, 2, 3]  # random weights: no head phase
 
+    # 7. The compile edited in the fine-tuning cell (not in the settings): refused in one line, nothing trained
+    kernel.set_parameters(SETTINGS={"seed": 2})
+    for index in range(finetune):
+        if kernel.notebook.cells[index].cell_type == "code":
+            kernel.run(index)
+    cell = kernel.notebook.cells[finetune]
+    cell.source, count = re.subn(r"optimizer=train\.optimizer\(config, .*\),\n",
+                                 "optimizer=keras.optimizers.SGD(0.01),\n", cell.source)
+    assert count == 1
+    with pytest.raises(CellExecutionError):
+        kernel.run(finetune)
+    error = [o for o in cell.outputs if o.output_type == "error"]
+    assert len(error) == 1 and len(error[0].traceback) == 1
+    assert "compiled otherwise than the settings say (optimizer: 'SGD' (settings: 'Adam')" in error[0].traceback[0]
+    (edited,) = run_folders(runs) - known - {resumed}
+    assert not (runs / edited / "history.csv").exists()
+
     # No TensorFlow C++ log line in any output of the whole session
     streams = "".join(o.get("text", "") for outputs in kernel.outputs for o in outputs)
     assert not CPP_LOG_LINE.search(streams) and not any(tflogs.NOISE.search(line) for line in streams.splitlines())

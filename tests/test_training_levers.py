@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cifar100 import data, keras_internals, models, train, write_data
-from cifar100.batches import TrainBatches
+from cifar100.batches import TrainBatches, image_views
 from cifar100.config import Config, make_config
 
 
@@ -301,10 +301,10 @@ def test_batches_of_cached_views_draw_one_view_of_each_example_per_epoch():
 
 def test_the_views_are_the_image_its_mirror_then_shifted_copies():
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-    assert np.array_equal(train.image_views(images, 0, 0), images)
-    assert np.array_equal(train.image_views(images, 1, 0), images[:, :, ::-1])
+    assert np.array_equal(image_views(images, 0, 0), images)
+    assert np.array_equal(image_views(images, 1, 0), images[:, :, ::-1])
     for view in (2, 3, 5):
-        shifted = train.image_views(images, view, 0)
+        shifted = image_views(images, view, 0)
         source = images[:, :, ::-1] if view % 2 else images
         found = [(dy, dx) for dy in range(-4, 5) for dx in range(-4, 5)
                  if np.array_equal(shifted[:, 8:24, 8:24], source[:, 8 + dy:24 + dy, 8 + dx:24 + dx])]
