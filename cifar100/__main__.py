@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cifar100 import data, run_folder, tflogs, write_data
+from cifar100 import data, run_folder, write_data
 from cifar100.config import PRESETS, Config, RunError, UserError, make_config
 
 DESCRIPTION = """Fine-tune an ImageNet-pretrained Keras backbone on CIFAR-100 (the same code as main.ipynb).
@@ -41,7 +41,6 @@ def _train(args) -> None:
     if args.run_dir:
         run_dir = Path(args.run_dir)
         config = config.replace(runs_dir=str(run_dir.parent), name=run_dir.name)
-    tflogs.import_keras()
     from cifar100 import train
 
     # Keras' progress bar redrawn at every step is for a terminal; to a file or a pipe, a line per epoch
@@ -65,7 +64,6 @@ def _print_results(run_dir: Path) -> None:
 
 
 def _evaluate(args) -> None:
-    tflogs.import_keras()
     from cifar100 import evaluate
 
     run_dir = Path(args.run_dir)
@@ -88,7 +86,6 @@ def _evaluate(args) -> None:
 
 def _predict(args) -> int:
     """Predicts every readable image; each unreadable one is named on stderr, and the exit status is then 2."""
-    tflogs.import_keras()
     from cifar100 import evaluate
 
     status = 0
@@ -107,7 +104,6 @@ def _predict(args) -> int:
 
 
 def _export(args) -> None:
-    tflogs.import_keras()
     from cifar100 import evaluate
 
     if not Path(args.run_dir).is_dir():

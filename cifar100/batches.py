@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from cifar100 import keras_internals
-from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
+from cifar100.keras_internals import keras  # Keras, imported without TensorFlow's start-up lines
 
 
 def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:

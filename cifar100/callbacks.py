@@ -10,8 +10,8 @@ from pathlib import Path
 from cifar100 import run_folder
 from cifar100.batches import EpochOrder, TrainBatches
 from cifar100.config import Config, RunError
+from cifar100.keras_internals import keras  # Keras, imported without TensorFlow's start-up lines
 from cifar100.mining import COUNTERS, HardExampleMining, SelectiveBackprop
-from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
 
 
 class EpochTimer(keras.callbacks.Callback):

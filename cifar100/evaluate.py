@@ -20,7 +20,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, top_k_ac
 from cifar100 import data, models, run_folder
 from cifar100 import mining as hem
 from cifar100.config import Config, DatasetError, RunError
-from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
+from cifar100.keras_internals import keras  # Keras, imported without TensorFlow's start-up lines
 
 
 def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:

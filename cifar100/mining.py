@@ -20,7 +20,7 @@ import numpy as np
 from cifar100 import keras_internals, models
 from cifar100.batches import TrainBatches
 from cifar100.config import Config, RunError
-from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
+from cifar100.keras_internals import keras  # Keras, imported without TensorFlow's start-up lines
 
 LOG_KEYS = ("examples_forward", "forward_seconds", "examples_backprop", "backprop_seconds", "backprop_fraction")
 COUNTERS = LOG_KEYS[:4]

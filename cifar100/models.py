@@ -15,7 +15,7 @@ import numpy as np
 
 from cifar100 import keras_internals
 from cifar100.config import Config, ConfigError
-from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
+from cifar100.keras_internals import keras  # Keras, imported without TensorFlow's start-up lines
 
 layers, ops = keras.layers, keras.ops
 

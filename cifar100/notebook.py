@@ -8,7 +8,6 @@ import copy
 import sys
 from pathlib import Path
 
-from cifar100 import tflogs
 from cifar100.config import Config, RunError, UserError, make_config, validate
 
 # The parameters cell's names, and the Config setting each one fills.
@@ -25,7 +24,8 @@ class ParametersChanged(UserError):
 
 def setup() -> None:
     """The first code cell: Keras imported without TensorFlow's start-up lines; a UserError is one red line."""
-    tflogs.import_keras()
+    from cifar100 import keras_internals  # noqa: F401  (it imports Keras)
+
     show_user_errors()
 
 

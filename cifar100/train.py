@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar100 import data, distribution, evaluate, keras_internals, models, run_folder, tflogs
+from cifar100 import data, distribution, evaluate, keras_internals, models, run_folder
 from cifar100 import mining as hem
 from cifar100.batches import EpochOrder, TrainBatches, cached_activations, one_hot
 from cifar100.callbacks import (
@@ -37,7 +37,7 @@ from cifar100.callbacks import (
 )
 from cifar100.config import Config, ConfigError, RunError, shown, validate
 from cifar100.data import Splits, prepare_data, splits_key
-from cifar100.tflogs import keras  # Keras, imported without TensorFlow's start-up lines
+from cifar100.keras_internals import keras  # Keras, imported without TensorFlow's start-up lines
 
 PHASE1_WEIGHTS = "phase1.weights.h5"
 PHASES = ("head", "finetune")
@@ -358,7 +358,7 @@ class Training:
         `extra`, then the progress line (last: Keras then uses it instead of its own)."""
         attempt, config = self._attempt(phase), self.config
         self._record_compile(phase, attempt["model"])
-        quiet = tflogs.quiet_first_steps()
+        quiet = keras_internals.QuietFirstSteps()
         if phase == "head" and self.cached:  # a short phase, atomic: a kill during it does it again
             (self.run_dir / run_folder.HISTORY).unlink(missing_ok=True)
             reduce_lr = reduce_lr_on_plateau(config)

@@ -7,7 +7,7 @@ import sys
 import nbformat
 import pytest
 
-from cifar100 import tflogs, write_data
+from cifar100 import keras_internals, write_data
 
 from .conftest import ROOT
 
@@ -93,7 +93,7 @@ def test_executed_notebook_shows_each_figure_once_and_no_tensorflow_log_line(exe
     assert images == len(saved) + 3  # + the data cells' samples and class balance and the last cell's top-5
     streams = "".join(o.get("text", "") for o in outputs)
     assert not re.search(r"^[IWEF]\d{4} \d\d:\d\d:\d\d", streams, re.MULTILINE), streams
-    assert not any(tflogs.NOISE.search(line) for line in streams.splitlines())
+    assert not any(keras_internals.NOISE.search(line) for line in streams.splitlines())
 
 
 @pytest.mark.slow

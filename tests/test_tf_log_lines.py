@@ -6,13 +6,13 @@ import sys
 
 import pytest
 
-from cifar100 import tflogs
+from cifar100 import keras_internals
 
 from .conftest import ROOT
 
 
 def test_filtered_stderr_drops_only_the_known_noise(capfd):
-    with tflogs.filtered_stderr():
+    with keras_internals.filtered_stderr():
         os.write(2, b"I0000 00:00:1 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be "
                     b"used.\nE0000 00:00:2 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error\n"
                     b"a line that matters\n")
@@ -45,7 +45,7 @@ def test_a_line_tensorflow_writes_at_the_first_step_is_filtered_and_later_lines_
     model.layers[0].noisy = True
     x, y = np.zeros((8, 2), np.float32), np.eye(2, dtype=np.float32)[np.arange(8) % 2]
     model.fit(x, y, validation_data=(x, y), epochs=2, batch_size=4, verbose=0,
-              callbacks=[tflogs.quiet_first_steps(), Later()])
+              callbacks=[keras_internals.QuietFirstSteps(), Later()])
     err = capfd.readouterr().err
     assert "oneDNN supports DT_INT64" not in err and "a C++ line that matters" in err
     assert "epoch 0 line" in err and "epoch 1 line" in err
@@ -70,4 +70,4 @@ def test_the_command_line_prints_no_tensorflow_log_lines_unless_asked():
                               capture_output=True, text=True, timeout=300, env=environment)
     assert imported.returncode == 0 and imported.stderr == "", imported.stderr
     loud = command_line_stderr(CIFAR100_TF_LOGS="1", TF_CPP_MIN_LOG_LEVEL="0")
-    assert any(tflogs.NOISE.search(line) for line in loud.splitlines()), loud
+    assert any(keras_internals.NOISE.search(line) for line in loud.splitlines()), loud
