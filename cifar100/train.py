@@ -87,33 +87,46 @@ def compile_model(model: keras.Model, rate, config: Config) -> None:
 def compile_differences(config: Config, phase: str, steps_per_epoch: int, model: keras.Model) -> list[str]:
     """'what: compiled (settings: expected)' where `model`'s optimiser or loss is not the one the settings give."""
     expected_loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
-    rate = learning_rate(config, phase, steps_per_epoch)
-    found = {"optimizer": keras.optimizers.serialize(getattr(model.optimizer, "inner_optimizer", model.optimizer)),
-             "loss": _described_loss(expected_loss.__class__() if model.loss == "categorical_crossentropy"
-                                     else model.loss)}
-    expected = {"optimizer": keras.optimizers.serialize(optimizer(config, rate)),
+    found = {"optimizer": _described_optimizer(getattr(model.optimizer, "inner_optimizer", model.optimizer)),
+             "loss": _described_loss(model.loss)}
+    expected = {"optimizer": _described_optimizer(optimizer(config, learning_rate(config, phase, steps_per_epoch))),
                 "loss": _described_loss(expected_loss)}
     return _differences("", found, expected)
 
 
+def _described_optimizer(optimizer: keras.optimizers.Optimizer) -> dict:
+    described = keras.optimizers.serialize(optimizer)
+    described["config"]["weight_decay"] = described["config"].get("weight_decay") or None  # 0: none
+    return described
+
+
 def _described_loss(loss) -> dict:
+    loss = keras.losses.get(loss) if isinstance(loss, str) else loss  # "categorical_crossentropy": the function
+    if loss is keras.losses.categorical_crossentropy:
+        loss = keras.losses.CategoricalCrossentropy()  # the same loss, without label smoothing
     if isinstance(loss, keras.losses.Loss):
         return {"class_name": type(loss).__name__, "config": loss.get_config()}
-    return {"class_name": getattr(loss, "__name__", shown(loss)), "config": {}}
+    return {"class_name": getattr(loss, "__name__", type(loss).__name__), "config": {}}
 
 
 def _differences(where: str, found, expected) -> list[str]:
+    what = where.rstrip(".").replace(".config.", ".")
     if isinstance(found, dict) and isinstance(expected, dict):
         if found.get("class_name") != expected.get("class_name"):
-            return [f"{where.rstrip('.') or 'class'}: {shown(found.get('class_name'))} "
-                    f"(settings: {shown(expected.get('class_name'))})"]
+            return [f"{what}: {found.get('class_name')} (settings: {expected.get('class_name')})"]
         keys = [key for key in {**expected, **found} if key not in ("name", "module", "registered_name")]
         return [line for key in keys for line in _differences(f"{where}{key}.", found.get(key), expected.get(key))]
     numbers = all(isinstance(v, float | int) and not isinstance(v, bool) for v in (found, expected))
     if numbers and math.isclose(found, expected, rel_tol=1e-6) or not numbers and found == expected:
         return []
-    found, expected = (f"{v:.6g}" if numbers else shown(v) for v in (found, expected))
-    return [f"{where.rstrip('.').replace('.config.', '.')}: {found} (settings: {expected})"]
+    return [f"{what}: {_shown(found)} (settings: {_shown(expected)})"]
+
+
+def _shown(value) -> str:
+    """A compiled value in a message: a number in 6 digits, a schedule by its class."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value["class_name"] if isinstance(value, dict) and "class_name" in value else shown(value)
 
 
 def run(config: Config, verbose: int | str = "auto", callbacks: list | None = None, splits: Splits | None = None,
@@ -260,6 +273,8 @@ class Training:
     def needs(self, phase: str) -> bool:
         """True when `phase` has training to do; False when finished, skipped, or done earlier (its weights loaded)."""
         if self.done:
+            print(f"phase {phase!r}: nothing to train, the run is finished (to train otherwise, change the settings: "
+                  "they name the run)")
             return False
         if self.phase != phase:
             raise RunError(f"call set_phase({phase!r}) first: a phase trains the layers that set_phase leaves "
@@ -384,9 +399,12 @@ class Training:
         changed = compile_differences(self.config, phase, len(self.attempt["sampler"]), model)
         if changed:
             raise ConfigError(f"phase {phase!r} was compiled otherwise than the settings say ({'; '.join(changed)}): "
-                              "the settings name the run's folder, so a change to the optimiser, its rate or "
-                              "schedule, or the loss is made there (optimizer, weight_decay, clipnorm, "
-                              f"{phase}_learning_rate, lr_schedule, warmup_epochs, label_smoothing); nothing trained")
+                              "they name the run's folder, so compile with what they give, as the notebook's cell "
+                              f"does (optimizer=train.optimizer(config, train.learning_rate(config, {phase!r}, "
+                              "len(batches))), loss=CategoricalCrossentropy(label_smoothing=config.label_smoothing)),"
+                              " and make a change in the settings (optimizer, weight_decay, clipnorm, "
+                              f"{phase}_learning_rate, lr_schedule, warmup_epochs, label_smoothing); nothing was "
+                              "trained")
         inner = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # under mixed_float16's loss scaling
         peak = learning_rate(self.config.replace(lr_schedule="plateau"), phase, 1)
         run_folder.write_state(self.run_dir, **{f"{phase}_compiled": {

@@ -49,6 +49,25 @@ def test_optimizer_choice(name, kind, decay):
         assert optimizer.nesterov and optimizer.momentum == 0.9
 
 
+def test_a_compile_is_compared_with_the_settings_whatever_its_spelling():
+    """What train.Training refuses before fit: the same optimiser and loss however written pass; another
+    is named by what differs."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="softmax")])
+    sgd = make_config("smoke", {"optimizer": "sgd"})
+    for loss in ("categorical_crossentropy", "CategoricalCrossentropy", keras.losses.categorical_crossentropy,
+                 keras.losses.CategoricalCrossentropy()):
+        model.compile(keras.optimizers.SGD(3e-3, momentum=0.9, nesterov=True, weight_decay=0.0), loss)
+        assert train.compile_differences(sgd, "finetune", 10, model) == []
+    cosine = sgd.replace(lr_schedule="cosine", label_smoothing=0.1)
+    model.compile(keras.optimizers.SGD(3e-3, momentum=0.9, nesterov=True), "sparse_categorical_crossentropy")
+    assert train.compile_differences(cosine, "finetune", 10, model) == [
+        "optimizer.learning_rate: 0.003 (settings: CosineDecay)",
+        "loss: sparse_categorical_crossentropy (settings: CategoricalCrossentropy)"]
+    train.compile_model(model, train.learning_rate(cosine, "finetune", 12), cosine)  # 12 steps an epoch, not 10
+    assert train.compile_differences(cosine, "finetune", 10, model) == [
+        "optimizer.learning_rate.decay_steps: 60 (settings: 50)"]
+
+
 def test_the_cap_shrinks_training_not_validation(tmp_path):
 
     folder = write_data.write_synthetic(tmp_path / "c10", kind="cifar10", n_train=1000, n_test=100)
