@@ -130,7 +130,7 @@ def cached_activations(model: keras.Model, x_train: np.ndarray, x_val: np.ndarra
     started = time.perf_counter()
 
     def activations(images):
-        return np.asarray(model.predict(images, batch_size=batch_size, verbose=0)).astype(dtype)
+        return keras_internals.predict(model, images, batch_size).astype(dtype)
 
     train = np.stack([activations(image_views(x_train, view, seed)) for view in range(views)], axis=1)
     return {"train": train, "val": activations(x_val), "seconds": time.perf_counter() - started}

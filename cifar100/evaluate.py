@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, top_k_accuracy_score
 
-from cifar100 import data, models, run_folder
+from cifar100 import data, keras_internals, models, run_folder
 from cifar100 import mining as hem
 from cifar100.config import Config, DatasetError, RunError
 from cifar100.keras_internals import keras  # Keras, imported without TensorFlow's start-up lines
 
 
 def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    return np.asarray(model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float64)
+    return keras_internals.predict(model, images, batch_size).astype(np.float64)
 
 
 def basic_metrics(model: keras.Model, images: np.ndarray, labels: np.ndarray, num_classes: int,
@@ -359,8 +359,7 @@ def write_results(config: Config, run_dir: Path, splits, seconds: float, model: 
     if config.hem:  # the hardest training examples for the best model, to be shown
         indices, losses = hem.hardest_examples(best, splits.x_train, splits.y_train, config.hem_fraction,
                                                config.hem_keep, config.seed, models.inference_batch_size(config))
-        predicted = best.predict(splits.x_train[indices], batch_size=models.inference_batch_size(config),
-                                 verbose=0).argmax(1)
+        predicted = predict_probabilities(best, splits.x_train[indices], models.inference_batch_size(config)).argmax(1)
         results["hardest_examples"] = {"train_set_indices": splits.train_indices[indices].tolist(),
                                        "labels": splits.y_train[indices].tolist(),
                                        "predicted": predicted.tolist(),

@@ -124,6 +124,17 @@ def call_in_inference_mode_by_default(layer, inputs):
     return layer(inputs, training=False)
 
 
+def predict(model, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """`model.predict` in batches of `batch_size` only (the last one padded, the padding dropped): Keras traces its
+    predict step again for each new shape of a last partial batch, and after five TensorFlow warns of "tf.function
+    retracing" (seen with hard-example mining, whose scoring and report predict on sets of several sizes)."""
+    count = len(images)
+    padding = -count % batch_size
+    if padding:
+        images = np.concatenate([images, np.repeat(images[-1:], padding, axis=0)])
+    return np.asarray(model.predict(images, batch_size=batch_size, verbose=0))[:count]
+
+
 def forget_restored_epoch(model) -> None:
     """Let the next fit() start at its own `initial_epoch`: a restored BackupAndRestore sets `model._initial_epoch`,
     which every later fit() starts from (keras/src/backend/*/trainer.py; related: keras-team/keras#19179). Tested

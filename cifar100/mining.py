@@ -37,7 +37,7 @@ def log_keys(config: Config) -> tuple[str, ...]:
 def per_example_cross_entropy(model: keras.Model, images: np.ndarray, labels: np.ndarray,
                               batch_size: int = 256) -> np.ndarray:
     """Categorical cross-entropy of each example, in inference mode (no augmentation, no dropout)."""
-    probabilities = model.predict(images, batch_size=batch_size, verbose=0)
+    probabilities = keras_internals.predict(model, images, batch_size)
     return -np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0))
 
 

@@ -71,3 +71,30 @@ def test_the_command_line_prints_no_tensorflow_log_lines_unless_asked():
     assert imported.returncode == 0 and imported.stderr == "", imported.stderr
     loud = command_line_stderr(CIFAR100_TF_LOGS="1", TF_CPP_MIN_LOG_LEVEL="0")
     assert any(keras_internals.NOISE.search(line) for line in loud.splitlines()), loud
+
+
+def test_predictions_trace_one_batch_shape_and_equal_keras_own():
+    """keras_internals.predict pads the last batch: one traced shape, where Keras traces each last batch's size."""
+    import keras
+    import numpy as np
+
+    class Probe(keras.layers.Layer):
+        def __init__(self, record):
+            super().__init__()
+            self.record = record  # a function: Keras would track a list attribute as a copy
+
+        def call(self, x):
+            self.record(x.shape[0])  # a trace runs the Python code once (Keras' symbolic build: None)
+            return x
+
+    traced = {"padded": [], "plain": []}
+    padded, plain = (keras.Sequential([keras.Input((4,)), Probe(traced[name].append),
+                                       keras.layers.Dense(3, activation="softmax")]) for name in traced)
+    plain.set_weights(padded.get_weights())
+    images = np.random.default_rng(0).normal(size=(100, 4)).astype("float32")
+    for count in (5, 37, 64, 100):
+        found = keras_internals.predict(padded, images[:count], batch_size=32)
+        assert found.shape == (count, 3)
+        np.testing.assert_allclose(found, plain.predict(images[:count], batch_size=32, verbose=0), atol=1e-6)
+    assert set(traced["padded"]) - {None} == {32} and len(traced["padded"]) <= 2  # one trace (+ the build)
+    assert len(traced["plain"]) > 1  # Keras' own: the batch of 5, then again at a relaxed shape for the others
