@@ -125,14 +125,17 @@ def call_in_inference_mode_by_default(layer, inputs):
 
 
 def predict(model, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """`model.predict` in batches of `batch_size` only (the last one padded, the padding dropped): Keras traces its
-    predict step again for each new shape of a last partial batch, and after five TensorFlow warns of "tf.function
-    retracing" (seen with hard-example mining, whose scoring and report predict on sets of several sizes)."""
-    count = len(images)
-    padding = -count % batch_size
-    if padding:
-        images = np.concatenate([images, np.repeat(images[-1:], padding, axis=0)])
-    return np.asarray(model.predict(images, batch_size=batch_size, verbose=0))[:count]
+    """`model.predict` in batches of `batch_size` only (a last partial batch padded, its padding dropped; the
+    images are not copied): Keras traces its predict step again for each new shape of a last partial batch, and
+    TensorFlow warns of "tf.function retracing" (seen with hard-example mining, which predicts on sets of several
+    sizes). Tested by tests/test_tf_log_lines.py."""
+    full, rest = len(images) - len(images) % batch_size, len(images) % batch_size
+    if not rest:  # full batches only (or no image)
+        return np.asarray(model.predict(images, batch_size=batch_size, verbose=0))
+    last = np.concatenate([images[full:], np.repeat(images[-1:], batch_size - rest, axis=0)])
+    parts = [model.predict(images[:full], batch_size=batch_size, verbose=0)] if full else []
+    parts.append(model.predict(last, batch_size=batch_size, verbose=0)[:rest])
+    return np.concatenate([np.asarray(part) for part in parts])
 
 
 def forget_restored_epoch(model) -> None:

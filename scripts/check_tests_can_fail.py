@@ -30,7 +30,7 @@ MUTATIONS = {
         "cifar100/train.py", "        if changed:\n", "        if False:\n",
         ["tests/test_train.py::test_the_steps_of_a_phase_out_of_order_are_refused_and_train_nothing"]),
     "predictions in a last partial batch (a trace of its own)": (
-        "cifar100/keras_internals.py", "    if padding:\n", "    if False:\n",
+        "cifar100/keras_internals.py", "    if not rest:  # full batches only (or no image)\n", "    if True:\n",
         ["tests/test_tf_log_lines.py::test_predictions_trace_one_batch_shape_and_equal_keras_own"]),
     "xla auto decided here, off": (
         "cifar100/train.py", 'return "auto" if value == "auto" else value == "true"',
