@@ -91,9 +91,12 @@ def training_curves(history: dict[str, np.ndarray], phase_boundary: int | None =
         lr_ax.set_yscale("symlog", linthresh=float(positive.min()), linscale=0.5)
         lr_ax.set_ylim(bottom=0)
         scale = f"log scale; linear below {positive.min():g}"
-    else:
+    elif len(positive):
         lr_ax.set_yscale("log")
         scale = "log scale"
+    else:  # every epoch ended at 0 (a cosine over one short epoch): nothing for a log scale to show
+        lr_ax.set_ylim(bottom=0)
+        scale = "linear scale"
     # plain numbers: figure text is not parsed as mathtext (_plain_text), which the default log formatter writes
     lr_ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     lr_ax.yaxis.set_minor_formatter(NullFormatter())

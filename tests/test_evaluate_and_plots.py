@@ -154,6 +154,10 @@ def test_the_learning_rate_panel_keeps_a_schedule_that_ends_at_zero_in_view():
     assert lr.get_yscale() == "symlog" and low <= 0.0  # on a log axis the final 0 would fall off the panel
     lr.figure.canvas.draw()
     assert "0" in [tick.get_text() for tick in lr.get_yticklabels()]
+    zeros = plots.training_curves({**history(), "learning_rate": np.zeros(4)}).axes[2]  # one short cosine epoch
+    zeros.figure.canvas.draw()
+    assert zeros.get_yscale() == "linear" and "linear" in zeros.get_ylabel() and zeros.get_ylim()[0] == 0.0
+    assert len(zeros.lines[0].get_ydata()) == 4 and "0" in [tick.get_text() for tick in zeros.get_yticklabels()]
 
 
 def test_figures_are_saved_as_png(tmp_path):
