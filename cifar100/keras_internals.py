@@ -1,11 +1,13 @@
 """The one place where this project works around Keras or TensorFlow (their internals, or behaviour that costs
-time). Each workaround names what it works around, the upstream issue or evidence, and the test covering it
-(and, where a test can observe it, Keras' own behaviour, so that it fails if Keras changes).
+time). Each workaround names what it works around, the upstream issue (where none was found: the Keras source or
+the measurement), and the test covering it (and, where a test can observe it, Keras' own behaviour, so that it fails
+if Keras changes).
 
 First of them: TensorFlow's C++ log lines. `import cifar100` sets TF_CPP_MIN_LOG_LEVEL=2 (errors kept) unless it
 is set; importing this module imports Keras (`from cifar100.keras_internals import keras`) with the lines written
-before TensorFlow's logging is set up filtered out, and `QuietFirstSteps` filters those of fit's first steps.
-CIFAR100_TF_LOGS=1 shows every line. TF_ENABLE_ONEDNN_OPTS is never changed (it changes numerics).
+before TensorFlow's logging is set up filtered out (Abseil writes them whatever the level: abseil/abseil-cpp#1718,
+#1957, open), and `QuietFirstSteps` filters those of fit's first steps. CIFAR100_TF_LOGS=1 shows every line.
+TF_ENABLE_ONEDNN_OPTS is never changed (it changes numerics). Tested by tests/test_tf_log_lines.py.
 """
 
 from __future__ import annotations
@@ -120,7 +122,8 @@ def call_in_inference_mode_by_default(layer, inputs):
     """`layer(inputs)` in a functional model that runs it in training mode only under `training=True` (fit).
     A functional model records each layer's `training` default (keras/src/layers/layer.py `_resolve_and_populate_arg`,
     keras/src/models/functional.py `operation_fn`); Keras' image preprocessing layers default to True, so `model(x)`
-    and `export` ran them and every later layer in training mode. Tested by tests/test_models.py (Keras' too)."""
+    and `export` ran them and every later layer in training mode. No upstream issue found; Keras documents these
+    layers as active in training only (keras-team/keras#17385). Tested by tests/test_models.py (Keras' too)."""
     return layer(inputs, training=False)
 
 
@@ -128,7 +131,7 @@ def predict(model, images: np.ndarray, batch_size: int) -> np.ndarray:
     """`model.predict` in batches of `batch_size` only (a last partial batch padded, its padding dropped; the
     images are not copied): Keras traces its predict step again for each new shape of a last partial batch, and
     TensorFlow warns of "tf.function retracing" (seen with hard-example mining, which predicts on sets of several
-    sizes). Tested by tests/test_tf_log_lines.py."""
+    sizes; upstream: tensorflow/tensorflow#38561, #34907). Tested by tests/test_tf_log_lines.py."""
     full, rest = len(images) - len(images) % batch_size, len(images) % batch_size
     if not rest:  # full batches only (or no image)
         return np.asarray(model.predict(images, batch_size=batch_size, verbose=0))
@@ -246,3 +249,34 @@ class Upsample(keras.layers.Resizing):
             return super().transform_images(images, transformation, training)
         finally:
             self.height, self.width = full
+
+
+class RandomShift(keras.layers.Layer):
+    """RandomTranslation(fill_mode="reflect") by whole pixels, up to `max_shift` each way (training only), that XLA
+    can compile: RandomTranslation lowers to ImageProjectiveTransformV3, which has no XLA kernel, so Keras turns
+    `jit_compile` off for a model holding it ("Model doesn't support `jit_compile=True`"). Upstream:
+    tensorflow/tensorflow#55194, #100865 (XLA kernels added by #126685, not in TensorFlow 2.21.0). Tested by
+    tests/test_training_levers.py (Keras' fallback too)."""
+
+    def __init__(self, max_shift: int = 4, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.max_shift, self.seed = int(max_shift), seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=None):
+        if not training or self.max_shift == 0:
+            return images
+        ops, pad = keras.ops, self.max_shift
+        size = ops.shape(images)[1:3]
+        padded = ops.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="reflect")
+        offsets = keras.random.randint((ops.shape(images)[0], 2), 0, 2 * pad + 1, seed=self.seed_generator)
+        rows = offsets[:, :1] + ops.arange(size[0])[None, :]  # (B, H): the padded rows each image keeps
+        cols = offsets[:, 1:] + ops.arange(size[1])[None, :]
+        shifted = ops.take_along_axis(padded, rows[:, :, None, None], axis=1)
+        return ops.take_along_axis(shifted, cols[:, None, :, None], axis=2)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "max_shift": self.max_shift, "seed": self.seed}

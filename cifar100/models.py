@@ -51,34 +51,6 @@ def preprocessing_layers(mode: str) -> list[layers.Layer]:
     raise ValueError(f"unknown preprocessing mode {mode!r}")
 
 
-class RandomShift(layers.Layer):
-    """Shifts each image by up to `max_shift` pixels each way, edges reflected (training only). Like
-    RandomTranslation(fill_mode="reflect"), but XLA can compile it (RandomTranslation turns XLA off silently)."""
-
-    def __init__(self, max_shift: int = 4, seed: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.max_shift, self.seed = int(max_shift), seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-
-    def call(self, images, training=None):
-        if not training or self.max_shift == 0:
-            return images
-        pad, size = self.max_shift, ops.shape(images)[1:3]
-        padded = ops.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="reflect")
-        batch = ops.shape(images)[0]
-        offsets = keras.random.randint((batch, 2), 0, 2 * pad + 1, seed=self.seed_generator)
-        rows = offsets[:, :1] + ops.arange(size[0])[None, :]  # (B, H): the padded rows each image keeps
-        cols = offsets[:, 1:] + ops.arange(size[1])[None, :]
-        shifted = ops.take_along_axis(padded, rows[:, :, None, None], axis=1)
-        return ops.take_along_axis(shifted, cols[:, None, :, None], axis=2)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "max_shift": self.max_shift, "seed": self.seed}
-
-
 def tiny_cnn(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg", name="tinycnn"):
     """A small CNN with the keras.applications signature: for the smoke preset and tests (no ImageNet weights)."""
     if weights not in (None,) and not str(weights).endswith(".weights.h5"):
@@ -115,7 +87,8 @@ def augmentation_layers(config: Config) -> list[layers.Layer]:
     if config.augment == "none":
         return []
     seed = config.seed * 10  # each layer its own stream: RandomFlip, RandomShift and RandAugment draw apart
-    augment = [layers.RandomFlip("horizontal", seed=seed), RandomShift(4, seed=seed + 1, name="random_shift")]
+    augment = [layers.RandomFlip("horizontal", seed=seed),
+               keras_internals.RandomShift(4, seed=seed + 1, name="random_shift")]
     if config.augment == "randaugment":
         augment.append(layers.RandAugment(value_range=(0, 255), seed=seed + 2))
     return augment

@@ -32,6 +32,10 @@ MUTATIONS = {
     "predictions in a last partial batch (a trace of its own)": (
         "cifar100/keras_internals.py", "    if not rest:  # full batches only (or no image)\n", "    if True:\n",
         ["tests/test_tf_log_lines.py::test_predictions_trace_one_batch_shape_and_equal_keras_own"]),
+    "the augmentation shifts with RandomTranslation (XLA off)": (
+        "cifar100/models.py", 'keras_internals.RandomShift(4, seed=seed + 1, name="random_shift")',
+        'layers.RandomTranslation(0.125, 0.125, fill_mode="reflect", seed=seed + 1, name="random_shift")',
+        ["tests/test_training_levers.py::test_random_shift_moves_each_image_by_whole_pixels_and_compiles_with_xla"]),
     "xla auto decided here, off": (
         "cifar100/train.py", 'return "auto" if value == "auto" else value == "true"',
         'return False if value == "auto" else value == "true"',

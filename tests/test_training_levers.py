@@ -2,6 +2,7 @@
 cached-feature head phase, and what a run records."""
 
 import json
+import warnings
 
 import keras
 import numpy as np
@@ -82,7 +83,7 @@ def test_the_cap_shrinks_training_not_validation(tmp_path):
 
 
 def test_random_shift_moves_each_image_by_whole_pixels_and_compiles_with_xla():
-    layer = models.RandomShift(3, seed=1)
+    layer = keras_internals.RandomShift(3, seed=1)
     images = np.arange(8 * 10 * 10 * 3, dtype="float32").reshape(8, 10, 10, 3)
     shifted = keras.ops.convert_to_numpy(layer(images, training=True))
     padded = np.pad(images, [(0, 0), (3, 3), (3, 3), (0, 0)], mode="reflect")
@@ -94,9 +95,19 @@ def test_random_shift_moves_each_image_by_whole_pixels_and_compiles_with_xla():
         offsets.append(found[0])
     assert len(set(offsets)) > 1  # each image its own shift
     assert np.array_equal(keras.ops.convert_to_numpy(layer(images)), images)  # inference: unchanged
-    model = models.build_model(Config(backbone="tinycnn", weights=None, image_size=32), 10)
+    config = Config(backbone="tinycnn", weights=None, image_size=32)
+    model = models.training_model(models.build_model(config, 10), config)  # RandomFlip, RandomShift, the model
+    assert any(isinstance(layer, keras_internals.RandomShift) for layer in model.layers)
     model.compile(optimizer="adam", loss="categorical_crossentropy", jit_compile=True)
     assert model.jit_compile is True  # every layer supports XLA, so Keras keeps it on
+    # why the workaround: with RandomTranslation Keras turns XLA off (when this fails, Keras no longer needs it)
+    inputs = keras.Input((32, 32, 3))
+    shifted = keras.layers.RandomTranslation(0.1, 0.1, fill_mode="reflect")(inputs)
+    translating = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(shifted)))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Model doesn't support `jit_compile=True`")
+        translating.compile(optimizer="adam", loss="categorical_crossentropy", jit_compile=True)
+    assert translating.jit_compile is False
 
 
 def test_each_random_layer_draws_a_stream_of_its_own_each_epoch():
