@@ -75,7 +75,8 @@ MAX_LINK_CHECK_ENTRIES = 100_000
 
 
 def refuse_links(run_dir: Path) -> None:
-    """Refuse a run folder holding a link, FIFO, socket or device anywhere inside (the folder itself may be a link)."""
+    """Refuse a run folder holding a link (symbolic, or a file of several hard links: the lock, history.csv and the
+    backups are written in place), FIFO, socket or device anywhere inside (the folder itself may be a link)."""
     run_dir, seen = Path(run_dir), 0
     pending = [run_dir] if run_dir.is_dir() else []
     while pending:
@@ -84,13 +85,20 @@ def refuse_links(run_dir: Path) -> None:
                 seen += 1
                 if seen > MAX_LINK_CHECK_ENTRIES:
                     raise RunError(f"{run_dir}: more than {MAX_LINK_CHECK_ENTRIES} files: not a run folder")
-                if entry.is_symlink() or not (entry.is_dir(follow_symlinks=False)
-                                              or entry.is_file(follow_symlinks=False)):
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+                elif entry.is_symlink() or not entry.is_file(follow_symlinks=False):
                     kind = "a symbolic link" if entry.is_symlink() else "not a regular file or folder"
                     raise RunError(f"{entry.path}: {kind} in the run folder {run_dir}; this project writes and "
                                    "reads only regular files there: remove it, or use another run folder")
-                if entry.is_dir(follow_symlinks=False):
-                    pending.append(Path(entry.path))
+                elif (links := entry.stat(follow_symlinks=False).st_nlink) > 1:
+                    raise RunError(_hard_links(entry.path, links, run_dir))
+
+
+def _hard_links(path, links: int, run_dir: Path) -> str:
+    return (f"{path}: a file of {links} hard links in the run folder {run_dir}; this project writes some files "
+            "there in place, which would change the other names too: copy the folder without hard links (cp -r), "
+            "or use another run folder")
 
 
 def write_json(path: Path, content) -> None:
@@ -173,9 +181,11 @@ class RunLock:
             _HELD[key][0].close()
             del _HELD[key]
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
             os.close(fd)
-            raise RunError(f"{self.path}: not a regular file: remove it")
+            raise RunError(_hard_links(self.path, info.st_nlink, self.path.parent) if stat.S_ISREG(info.st_mode)
+                           else f"{self.path}: not a regular file: remove it")
         handle = open(fd, "r+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

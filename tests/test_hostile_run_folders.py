@@ -45,6 +45,28 @@ def test_a_link_in_a_run_folder_is_refused_and_nothing_is_written_through_it(run
     assert victim.read_text() == "keep me"
 
 
+@pytest.mark.parametrize("name, other", [(".lock", "best.keras"), ("history.csv", "../precious.txt")])
+def test_a_file_of_several_hard_links_is_refused_and_nothing_is_written_through_it(run_dir, tmp_path, capsys,
+                                                                                   monkeypatch, name, other):
+    """The lock file is written in place (so are history.csv and the backups while training): as a second name of
+    best.keras it would overwrite the model."""
+    run = copy(run_dir, tmp_path)
+    (tmp_path / "precious.txt").write_text("keep me")
+    (run / name).unlink(missing_ok=True)
+    os.link(run / other, run / name)
+    before = (run / other).read_bytes()
+    for command in (["evaluate", str(run)], ["export", str(run), str(tmp_path / "exported")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"{run / name}: a file of 2 hard links in the run folder" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(run_folder, "refuse_links", lambda folder: None)  # the lock checks its own file too
+    (run / ".lock").unlink(missing_ok=True)
+    os.link(run / other, run / ".lock")
+    with pytest.raises(RunError, match=r"\.lock: a file of \d hard links"):
+        run_folder.RunLock(run).acquire()
+    assert (run / other).read_bytes() == before
+
+
 def test_an_atomic_write_replaces_a_link_and_its_temporary_file_never_writes_through_one(tmp_path):
     victim = tmp_path / "precious.txt"
     victim.write_text("keep me")
