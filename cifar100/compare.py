@@ -127,7 +127,7 @@ def find_runs(runs_dir: str | Path = "models") -> list[Run]:
             results = _checked_results(folder / "results.json", run_folder.read_json(folder / "results.json"))
             config_path = folder / "config.json"
             config = run_folder.read_json(config_path) if config_path.exists() or config_path.is_symlink() else {}
-        except RunError as exc:
+        except (RunError, OSError) as exc:  # OSError: a file that cannot be read, named
             print(f"skipped: {printable(str(exc))}", file=sys.stderr)  # one bad folder does not hide the others
             continue
         runs.append(Run(folder, _plain_settings(config), results))

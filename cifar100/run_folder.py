@@ -62,10 +62,11 @@ def read_bytes(path: Path, what: str | None = None, max_bytes: int | None = None
     except OSError as exc:
         reason = "a symbolic link, which this project never reads through" if path.is_symlink() else exc.strerror
         raise RunError(f"{path}: cannot read {what}: {reason}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):  # checked before open(), which refuses a folder naming the descriptor
+        os.close(fd)
+        raise RunError(f"{path}: {what} is not a regular file (a folder, FIFO or device is in its place)")
     with open(fd, "rb") as handle:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise RunError(f"{path}: {what} is not a regular file (a folder, FIFO or device is in its place)")
         if info.st_size > limit:
             raise RunError(f"{path}: {what} is {info.st_size} bytes, more than any run writes ({limit})")
         return handle.read(limit + 1)[:limit]

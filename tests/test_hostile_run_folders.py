@@ -140,6 +140,9 @@ def test_compare_skips_each_bad_folder_in_one_line_and_shows_every_good_run(tmp_
     fifo = fake_run(tmp_path, "/data/syn", True, 0.5, seed=5)
     (fifo / "state.json").unlink()
     os.mkfifo(fifo / "state.json")
+    folder_in_place = fake_run(tmp_path, "/data/syn", True, 0.5, seed=7)
+    (folder_in_place / "state.json").unlink()
+    (folder_in_place / "state.json").mkdir()
     fake_run(tmp_path, "/data/syn", True, 0.55, seed=6).rename(tmp_path / "evil\x1b[2J\x1b[31mname")
     started = time.perf_counter()
     table = compare.format_table(compare.group_runs(compare.find_runs(tmp_path)))
@@ -148,9 +151,11 @@ def test_compare_skips_each_bad_folder_in_one_line_and_shows_every_good_run(tmp_
     assert all(folder.name in table for folder in good) and "evil\\x1b[2J\\x1b[31mname" in table
     assert "\x1b" not in table + err
     skipped = [line for line in err.splitlines() if line.startswith("skipped: ")]
-    assert len(skipped) == 4 and len(err.strip().splitlines()) == 4
-    for folder in (wrong_types, wrong_shape, huge, fifo):
+    assert len(skipped) == 5 and len(err.strip().splitlines()) == 5
+    for folder in (wrong_types, wrong_shape, huge):
         assert any(str(folder) in line for line in skipped), folder
+    for folder in (fifo, folder_in_place):  # the file named (a folder: not a file descriptor's number)
+        assert any(f"{folder / 'state.json'}: state.json is not a regular file" in line for line in skipped), folder
 
 
 def test_a_saved_config_is_checked_when_it_is_read_back(run_dir, tmp_path):
