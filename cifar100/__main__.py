@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from cifar100 import data, run_folder, write_data
-from cifar100.config import PRESETS, Config, RunError, UserError, make_config
+from cifar100.config import PRESETS, Config, RunError, UserError, make_config, printable
 
 DESCRIPTION = """Fine-tune an ImageNet-pretrained Keras backbone on CIFAR-100 (the same code as main.ipynb).
 
@@ -89,17 +89,16 @@ def _predict(args) -> int:
     from cifar100 import evaluate
 
     status = 0
-    classes = Path(args.run_dir) / "classes.json"
-    info = run_folder.read_json(classes) if classes.is_file() else {}
+    info = data.read_classes(args.run_dir) if (Path(args.run_dir) / "classes.json").is_file() else {}
     if info.get("synthetic"):
         print(f"note: {args.run_dir} was trained on SYNTHETIC data, not {data.display_name(info.get('kind'))}: its "
               "predictions mean nothing for real images", file=sys.stderr)
     for path, top in zip(args.images, evaluate.predict_files(args.run_dir, args.images), strict=True):
         if isinstance(top, UserError):
-            print(f"error: {top}", file=sys.stderr)
+            print(f"error: {printable(str(top))}", file=sys.stderr)
             status = 2
         else:
-            print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
+            print(f"{printable(path)}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
     return status
 
 
@@ -216,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except (UserError, OSError) as exc:  # OSError: a file or folder that cannot be read or written, named
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(str(exc))}", file=sys.stderr)  # names from files: no terminal escapes
         return 2
     except KeyboardInterrupt:
         print("interrupted: what was saved is kept; the same command resumes a training run", file=sys.stderr)

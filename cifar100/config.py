@@ -392,9 +392,13 @@ def validate(config: Config, check_data: bool = True, check_files: bool = True) 
         raise ConfigError(f"setting 'tensorboard' must be true or false, got {shown(config.tensorboard)}")
     if not isinstance(config.hem, bool):
         raise ConfigError(f"setting 'hem' must be True or False, got {shown(config.hem)}")
-    for name in ("name", "data_dir", "runs_dir", "backbone"):
-        if not isinstance(getattr(config, name), str):
-            raise ConfigError(f"setting '{name}' must be a string, got {shown(getattr(config, name))}")
+    for name in ("name", "data_dir", "runs_dir", "backbone", "weights"):
+        value = getattr(config, name)
+        if name != "weights" and not isinstance(value, str):
+            raise ConfigError(f"setting '{name}' must be a string, got {shown(value)}")
+        if isinstance(value, str) and not value.isprintable():  # a path from a config.json of someone else's
+            raise ConfigError(f"setting '{name}': {shown(value)} holds control characters (a NUL, a terminal "
+                              "escape): not a name or path")
     if config.name and (config.name in (".", "..") or "/" in config.name or "\\" in config.name):
         raise ConfigError(f"setting 'name': {shown(config.name)} must be a plain folder name (no '/', not '.' or '..')")
     if not isinstance(config.model, str) or not re.fullmatch(r"(|[0-9a-f]{8})", config.model):

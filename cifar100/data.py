@@ -88,8 +88,8 @@ NAMES = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10"}
 
 
 def display_name(kind: str) -> str:
-    """A dataset kind as people write it: cifar10 -> CIFAR-10."""
-    return NAMES.get(kind, printable(str(kind))[:40])
+    """A dataset kind as people write it: cifar10 -> CIFAR-10 (any other value, from a file: printable)."""
+    return NAMES.get(str(kind), printable(str(kind))[:40])
 
 
 # The note beside every number on synthetic data (one wording everywhere).

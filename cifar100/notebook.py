@@ -8,7 +8,7 @@ import copy
 import sys
 from pathlib import Path
 
-from cifar100.config import Config, RunError, UserError, make_config, validate
+from cifar100.config import Config, RunError, UserError, make_config, printable, validate
 
 # The parameters cell's names, and the Config setting each one fills.
 PARAMETERS = {"PRESET": None, "BACKBONE": "backbone", "IMAGE_SIZE": "image_size", "HEAD_EPOCHS": "head_epochs",
@@ -64,7 +64,7 @@ def error_line(value: BaseException) -> str:
     if isinstance(value, KeyboardInterrupt):
         return ("interrupted. A training run keeps every finished epoch in its run folder: run the training "
                 "cell again to resume it.")
-    return f"error: {value}"
+    return f"error: {printable(str(value))}"  # names from files: no terminal escapes
 
 
 def _one_line_error(shell, etype, value, tb, tb_offset=None):

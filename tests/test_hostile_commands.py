@@ -65,6 +65,28 @@ def test_predict_names_each_bad_file_and_predicts_the_others(run_dir, tmp_path, 
     assert len(err.splitlines()) == 4 and "Traceback" not in err
 
 
+def test_names_from_files_print_without_terminal_escapes(run_dir, tmp_path, capsys):
+    """An image's file name, and paths and names in a run folder's JSON files, come from someone else."""
+    evil = tmp_path / "\x1b]0;owned\x07\x1b[31mred.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(evil, format="PNG")
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    classes = json.loads((run / "classes.json").read_text())
+    (run / "classes.json").write_text(json.dumps({**classes, "kind": ["not", "a", "name"]}))
+    assert main(["predict", str(run), str(evil), str(tmp_path / "\x1b[2Jmissing.png")]) == 2
+    out, err = capsys.readouterr()
+    assert "\x1b" not in out + err and "Traceback" not in err
+    assert out.startswith(f"{tmp_path}/\\x1b]0;owned\\x07\\x1b[31mred.png: ") and "missing.png: file not found" in err
+    saved = json.loads((run / "config.json").read_text())
+    for path in ("/data/\x1b]0;owned\x07", "/data/cifar\x00-100"):  # a terminal escape; a NUL byte
+        (run / "config.json").write_text(json.dumps({**saved, "data_dir": path}))
+        for command in (["evaluate", str(run)], ["evaluate", str(run), "--data", saved["data_dir"]]):
+            assert main(command) == 2
+            err = capsys.readouterr().err
+            assert "config.json: setting 'data_dir'" in err and "holds control characters" in err, err
+            assert "\x1b" not in err and "\x00" not in err and len(err.splitlines()) == 1
+
+
 def test_evaluate_says_when_the_data_is_not_the_official_files(run_dir, tmp_path, capsys):
     x, y = np.zeros((100, 32, 32, 3), np.uint8), np.arange(100)
     mine = write_data.write_official(tmp_path / "mine", "cifar100", x, y, x, y, synthetic=False, source="my photos")
