@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import io
 import textwrap
+import zipfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -434,18 +435,30 @@ def run_figures(run_dir: str | Path, dataset) -> dict[str, Figure | str]:
 
 
 def _test_predictions(run_dir: Path, dataset) -> np.ndarray:
-    """The run's saved test probabilities, checked against the dataset's test set."""
+    """The run's saved test probabilities, checked against the dataset's test set (each array's shape and dtype
+    read from its header before numpy allocates it: a small file may declare any size)."""
     path = run_dir / "test_predictions.npz"
     stale = (f"{path}: does not hold this dataset's test predictions; run `python -m cifar100 evaluate "
              f"{run_dir}` to make them again")
+    expected = {"probabilities": ((len(dataset.y_test), dataset.num_classes), "f"),
+                "labels": ((len(dataset.y_test),), "iu")}
     try:
-        with np.load(io.BytesIO(run_folder.read_bytes(path, "test predictions", 1 << 30)),
-                     allow_pickle=False) as saved:
+        raw = io.BytesIO(run_folder.read_bytes(path, "test predictions", 1 << 30))
+        with zipfile.ZipFile(raw) as archive:
+            for name, (shape, kinds) in expected.items():
+                with archive.open(f"{name}.npy") as member:
+                    version = np.lib.format.read_magic(member)
+                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    found, _, dtype = read_header(member)
+                if found != shape or dtype.kind not in kinds:
+                    raise RunError(stale)
+        raw.seek(0)
+        with np.load(raw, allow_pickle=False) as saved:
             probabilities, labels = saved["probabilities"], saved["labels"]
-    except (OSError, ValueError, KeyError, EOFError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise RunError(f"{stale} ({type(exc).__name__}: {str(exc)[:100]})") from None
-    if (probabilities.shape != (len(dataset.y_test), dataset.num_classes) or probabilities.dtype.kind != "f"
-            or not np.array_equal(labels, dataset.y_test)):
+    if not np.array_equal(labels, dataset.y_test):
         raise RunError(stale)
     return np.nan_to_num(probabilities.astype(np.float32))
 

@@ -304,6 +304,16 @@ def test_figures_check_the_saved_predictions_and_hardest_examples(run_dir, tmp_p
     np.savez(run / "test_predictions.npz", probabilities=np.zeros((5, 100)), labels=dataset.y_test[:5])
     with pytest.raises(RunError, match=r"test_predictions.npz: does not hold this dataset's test predictions"):
         plots.run_figures(run, dataset)
+    (run / "test_predictions.npz").write_bytes(b"PK\x03\x04garbage")  # not a zip archive
+    with pytest.raises(RunError, match=r"test_predictions.npz: does not hold .* \(BadZipFile"):
+        plots.run_figures(run, dataset)
+    header = io.BytesIO()  # a small file that declares 8 TB of probabilities
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (10**12,)})
+    with zipfile.ZipFile(run / "test_predictions.npz", "w") as archive:
+        archive.writestr("probabilities.npy", header.getvalue() + bytes(64))
+        archive.writestr("labels.npy", header.getvalue())
+    with pytest.raises(RunError, match=r"test_predictions.npz: does not hold this dataset's test predictions"):
+        plots.run_figures(run, dataset)
     evaluate.evaluate_run(run)
     results = json.loads((run / "results.json").read_text())
     results["hardest_examples"] = {"train_set_indices": [10**9], "labels": [0], "losses": [1.0]}
