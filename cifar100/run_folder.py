@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -466,11 +467,17 @@ def settle_phase(run_dir: Path, backup_dir: Path, start_epoch: int) -> int:
     trim_history(run_dir / HISTORY, committed)
     checkpoints = run_dir / CHECKPOINTS
     if checkpoints.is_dir():
-        found = sorted(checkpoints.glob("best-*.keras"))
-        done = [p for p in found if int(p.stem.split("-")[1]) <= committed]
+        found = {}
+        for entry in checkpoints.iterdir():
+            match = re.fullmatch(r"best-(\d{1,9})\.keras", entry.name)
+            if match is None or entry.is_symlink() or not entry.is_file():
+                raise RunError(f"{entry}: not a checkpoint file of this project's (best-<epoch>.keras) in its scratch "
+                               "folder: remove it, then run again")
+            found[int(match.group(1))] = entry
+        done = [epoch for epoch in found if epoch <= committed]
         if done:
-            os.replace(done[-1], run_dir / "best.keras")
-        for leftover in checkpoints.iterdir():  # checkpoints of epochs that were never committed
+            os.replace(found.pop(max(done)), run_dir / "best.keras")
+        for leftover in found.values():  # checkpoints of epochs never committed, or superseded
             leftover.unlink()
     return committed
 

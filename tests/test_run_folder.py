@@ -149,6 +149,24 @@ def test_a_restarted_phase_keeps_only_what_committed_epochs_wrote(tmp_path):
     assert run_folder.best_val_accuracy(tmp_path) == 0.6  # the next checkpoint must beat epoch 1, not the ghost
 
 
+def test_a_file_of_someone_else_in_the_checkpoints_folder_is_named_and_nothing_is_published(tmp_path):
+    backup = tmp_path / "backup" / "head"
+    keras_backup(backup, 2)
+    run_folder.mark_committed(backup)
+    checkpoints = tmp_path / run_folder.CHECKPOINTS
+    checkpoints.mkdir()
+    (tmp_path / "best.keras").write_text("epoch 0")
+    (checkpoints / "best-0002.keras").write_text("epoch 2")
+    (checkpoints / "best-abc.keras").write_text("someone else's")
+    with pytest.raises(RunError, match=r"best-abc.keras: not a checkpoint file of this project's"):
+        run_folder.settle_phase(tmp_path, backup, 0)
+    assert (tmp_path / "best.keras").read_text() == "epoch 0" and len(list(checkpoints.iterdir())) == 2
+    (checkpoints / "best-abc.keras").unlink()
+    (checkpoints / "best-10000.keras").write_text("epoch 10000, never committed")  # past 4 digits: by number
+    assert run_folder.settle_phase(tmp_path, backup, 0) == 2
+    assert (tmp_path / "best.keras").read_text() == "epoch 2" and list(checkpoints.iterdir()) == []
+
+
 def keras_backup(folder, epoch, steps=("bkp", "weights", "epoch")):
     """The steps of BackupAndRestore(double_checkpoint=True) at an epoch's end: the previous backup copied to
     *.bkp, then the new weights, then the new epoch number. A kill is a shorter `steps`."""
