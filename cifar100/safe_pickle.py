@@ -24,6 +24,7 @@ MAX_TUPLE_NESTING = 100  # hashing a tuple nested ~100,000 deep as a dict key ov
 MAX_ENTRIES = 1_000  # dict and set entries per file (official: 5); crafted hash collisions cost n**2
 MAX_INT_BITS = 256  # official files hold small ints; a huge one is slow to hash, compare and print
 MAX_FILE_BYTES = 512 << 20  # the official CIFAR-100 train file is 155 MB
+MAX_OPCODES = 2_000_000  # it holds about 200,000; a file of one-byte opcodes up to MAX_FILE_BYTES walks for minutes
 
 
 class _Refused(pickle.UnpicklingError):
@@ -47,9 +48,13 @@ _PUT_OPCODES = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
 def _check_opcodes(raw: bytes) -> None:
     """Walk the opcodes without running them; refuse what would crash or stall the unpickler: tuples nested past
     MAX_TUPLE_NESTING, memo indices beyond the file's size (the memo is allocated up to the index), more than
-    MAX_ENTRIES dict or set entries. Stack items carry a bound of their tuple nesting (keys nest only via tuples)."""
+    MAX_ENTRIES dict or set entries, more than MAX_OPCODES opcodes. Stack items carry a bound of their tuple nesting
+    (keys nest only via tuples)."""
     stack, marks, memo, entries = [], [], {}, 0
-    for op, arg, pos in pickletools.genops(raw):
+    for count, (op, arg, pos) in enumerate(pickletools.genops(raw)):
+        if count == MAX_OPCODES:
+            raise _Refused(f"more than {MAX_OPCODES:,} pickle opcodes (the official CIFAR-100 training file: "
+                           "about 200,000)")
         name = op.name
         if isinstance(arg, int) and not isinstance(arg, bool) and arg.bit_length() > MAX_INT_BITS:
             raise _Refused(f"an integer of more than {MAX_INT_BITS} bits at byte {pos}")

@@ -246,14 +246,17 @@ def pickled(obj) -> bytes:
     return pickle.dumps(obj, protocol=2)
 
 
-def test_a_pickle_of_colliding_keys_or_a_huge_integer_is_refused_at_once(tmp_path):
+def test_a_pickle_of_colliding_keys_a_huge_integer_or_too_many_opcodes_is_refused_at_once(tmp_path):
     from cifar100.safe_pickle import unpickle
 
     modulus = 2**61 - 1  # hash(k * modulus) == 0 for every k: every key collides
     colliding = {k * modulus: 0 for k in range(1, 3000)}
     (tmp_path / "collide").write_bytes(pickled({"data": colliding}))
     (tmp_path / "huge").write_bytes(pickled({"labels": [10**5000]}))
+    (tmp_path / "long").write_bytes(b"\x80\x02" + b"N" * 2_000_001 + b"}.")  # each N pushes a None
     started = time.perf_counter()
+    with pytest.raises(DatasetError, match=r"long: unsafe file, nothing was run: more than 2,000,000 pickle opcodes"):
+        unpickle(tmp_path / "long")
     with pytest.raises(DatasetError, match=r"collide: unsafe file, nothing was run: more than 1000 dict"):
         unpickle(tmp_path / "collide")
     with pytest.raises(DatasetError, match=r"huge: unsafe file, nothing was run: an integer of more than 256 bits"):
