@@ -201,14 +201,29 @@ def load_image(path: str | Path) -> np.ndarray:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             with Image.open(handle) as image:
-                image = image.convert("RGB")
+                image = _eight_bits(image, path).convert("RGB")
                 if image.size != (32, 32):
                     image = image.resize((32, 32), Image.Resampling.BOX if min(image.size) >= 32 else
                                          Image.Resampling.BICUBIC)
                 return np.asarray(image, dtype=np.uint8)
+        except DatasetError:
+            raise
         except Exception as exc:  # a broken or hostile file can make a decoder fail in any way
             raise DatasetError(f"{path}: cannot read as an image ({type(exc).__name__}: "
                                f"{_first_line(exc)})") from None
+
+
+def _eight_bits(image, path):
+    """16-bit greyscale scaled to 8 bits (Pillow's RGB conversion clips it: a dark image came out white); a 32-bit
+    integer or a floating-point image, whose range no format defines, is refused."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):  # PNG: 16-bit at most
+        return Image.fromarray(np.rint(np.asarray(image, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+    if image.mode in ("I", "F"):
+        raise DatasetError(f"{path}: a {'32-bit integer' if image.mode == 'I' else 'floating-point'} image, whose "
+                           "range of values is not defined: save it with 8 or 16 bits per channel (PNG, JPEG)")
+    return image
 
 
 def predict_files(run_dir: str | Path, paths: list[str | Path],

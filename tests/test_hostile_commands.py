@@ -12,7 +12,7 @@ from PIL import Image
 
 from cifar100 import write_data
 from cifar100.__main__ import main
-from cifar100.config import Config
+from cifar100.config import Config, DatasetError
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,21 @@ def test_predict_names_each_bad_file_and_predicts_the_others(run_dir, tmp_path, 
     assert f"{text}: cannot read as an image" in err and f"{fifo}: not a regular file" in err
     assert err.startswith(f"note: {run_dir} was trained on SYNTHETIC data, not CIFAR-100")  # synthetic_cifar100
     assert len(err.splitlines()) == 4 and "Traceback" not in err
+
+
+def test_images_of_more_than_8_bits_are_scaled_or_refused(tmp_path):
+    from cifar100 import evaluate
+
+    ramp = np.repeat(np.arange(32, dtype=np.uint32)[None, :] * 2114, 32, axis=0)  # 0 to 65534, left to right
+    Image.fromarray(ramp.astype(np.uint16)).save(tmp_path / "grey16.png")
+    loaded = evaluate.load_image(tmp_path / "grey16.png")
+    assert loaded.shape == (32, 32, 3) and loaded.dtype == np.uint8
+    assert np.allclose(loaded[:, :, 0], np.rint(ramp / 257), atol=1) and 126 < loaded.mean() < 129  # not clipped
+    Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "int32.tif")
+    Image.fromarray(ramp.astype(np.float32) / 65535).save(tmp_path / "float.tif")
+    for name, kind in (("int32.tif", "a 32-bit integer"), ("float.tif", "a floating-point")):
+        with pytest.raises(DatasetError, match=rf"{name}: {kind} image, whose range of values is not defined"):
+            evaluate.load_image(tmp_path / name)
 
 
 def test_names_from_files_print_without_terminal_escapes(run_dir, tmp_path, capsys):
