@@ -57,7 +57,8 @@ def _print_results(run_dir: Path) -> None:
     info = results.get("data") if isinstance(results.get("data"), dict) else {}
     note = data.caveat(info.get("synthetic") is not False, info.get("official"), str(info.get("kind", "?")))
     test = results.get("test")
-    if not isinstance(test, dict) or not all(isinstance(test.get(k), int | float) for k in ("top1", "top5", "images")):
+    if not isinstance(test, dict) or not all(run_folder.is_number(test.get(k), 0, 1) for k in ("top1", "top5")) \
+            or not run_folder.is_number(test.get("images"), 1, 1e12):
         raise RunError(f"{run_dir / 'results.json'}: damaged results.json (no test top1, top5 and images); run "
                        f"`python -m cifar100 evaluate {run_dir}` to write them again")
     print(f"{run_dir}: test top-1 {test['top1']:.4f}, top-5 {test['top5']:.4f} on {test['images']} images{note}")

@@ -250,7 +250,7 @@ def detect_kind(path: Path) -> str:
         kind, expected = "cifar10", CIFAR10_FILES
     else:
         raise DatasetError(f"{path}: no CIFAR files found: expected {list(CIFAR100_FILES)} (CIFAR-100) or "
-                           f"{list(CIFAR10_FILES)} (CIFAR-10), found {sorted(present) or 'an empty folder'}")
+                           f"{list(CIFAR10_FILES)} (CIFAR-10), found {shown(sorted(present), 200) if present else 'an empty folder'}")
     missing = [name for name in expected if name not in present]
     if missing:
         raise DatasetError(f"{path / missing[0]}: missing file: a {kind} folder needs {list(expected)}, "

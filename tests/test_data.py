@@ -161,6 +161,11 @@ def test_folder_without_cifar_files(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(DatasetError, match=r"no CIFAR files found.*notes.txt"):
         data.load(tmp_path)
+    for index in range(3000):
+        (tmp_path / f"photo-{index:04d}.jpg").touch()
+    with pytest.raises(DatasetError, match=r"no CIFAR files found.*found \['notes.txt', 'photo-0000.jpg'") as error:
+        data.load(tmp_path)
+    assert len(str(error.value)) < 600  # a few names, not all 3001
 
 
 def test_truncated_file(dataset_dir):

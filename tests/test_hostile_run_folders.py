@@ -338,8 +338,9 @@ def test_a_history_epoch_of_other_digits_and_results_of_the_wrong_shape_are_one_
     (run / "results.json").write_text('{"data": []}')
     assert main(["evaluate", str(run)]) == 0  # the run's own data: the metrics written again
     assert isinstance(json.loads((run / "results.json").read_text())["data"], dict)
-    (run / "results.json").write_text('{"test": {"top1": "x"}}')
     from cifar100.__main__ import _print_results
 
-    with pytest.raises(RunError, match=r"results.json: damaged results.json \(no test top1, top5 and images\)"):
-        _print_results(run)
+    for test in ('{"top1": "x"}', '{"top1": true, "top5": NaN, "images": 10}', '{"top1": 0.5, "top5": 0.9}'):
+        (run / "results.json").write_text(f'{{"test": {test}}}')
+        with pytest.raises(RunError, match=r"results.json: damaged results.json \(no test top1, top5 and images\)"):
+            _print_results(run)
