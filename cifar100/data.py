@@ -249,8 +249,9 @@ def detect_kind(path: Path) -> str:
     elif present & set(CIFAR10_FILES):
         kind, expected = "cifar10", CIFAR10_FILES
     else:
+        found = shown(sorted(present), 200) if present else "an empty folder"
         raise DatasetError(f"{path}: no CIFAR files found: expected {list(CIFAR100_FILES)} (CIFAR-100) or "
-                           f"{list(CIFAR10_FILES)} (CIFAR-10), found {shown(sorted(present), 200) if present else 'an empty folder'}")
+                           f"{list(CIFAR10_FILES)} (CIFAR-10), found {found}")
     missing = [name for name in expected if name not in present]
     if missing:
         raise DatasetError(f"{path / missing[0]}: missing file: a {kind} folder needs {list(expected)}, "
