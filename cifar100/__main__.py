@@ -221,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: what was saved is kept; the same command resumes a training run", file=sys.stderr)
         return 130
+    finally:  # an error in fit's first step: its message, held back with TensorFlow's lines, is written out
+        if "cifar100.keras_internals" in sys.modules:
+            sys.modules["cifar100.keras_internals"].release_held_stderr()
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ class HeldStderr:
     """Holds back what is written to file descriptor 2 (C++ code writes there directly) from `hold()` to
     `release()`, then writes it out, less the lines that match `pattern`."""
 
+    holding: list[HeldStderr] = []  # holds not released yet: see release_held_stderr
+
     def __init__(self, pattern: re.Pattern = NOISE):
         self.pattern, self.saved, self.held = pattern, None, None
 
@@ -51,10 +53,12 @@ class HeldStderr:
         self.held = tempfile.TemporaryFile()
         self.saved = os.dup(2)
         os.dup2(self.held.fileno(), 2)
+        HeldStderr.holding.append(self)
 
     def release(self) -> None:
         if self.saved is None:
             return
+        HeldStderr.holding.remove(self)
         sys.stderr.flush()
         os.dup2(self.saved, 2)
         os.close(self.saved)
@@ -65,6 +69,14 @@ class HeldStderr:
         kept = "".join(line for line in lines if not self.pattern.search(line))
         if kept:
             os.write(2, kept.encode())
+
+
+def release_held_stderr(*_) -> None:
+    """Write out what every hold still keeps back: an error (or Ctrl-C) in fit's first step leaves QuietFirstSteps'
+    hold in place, and with it the error message itself. The command line, `train.run` and each notebook cell's
+    end call it."""
+    for held in reversed(HeldStderr.holding):
+        held.release()
 
 
 @contextlib.contextmanager

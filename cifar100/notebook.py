@@ -23,10 +23,14 @@ class ParametersChanged(UserError):
 
 
 def setup() -> None:
-    """The first code cell: Keras imported without TensorFlow's start-up lines; a UserError is one red line."""
-    from cifar100 import keras_internals  # noqa: F401  (it imports Keras)
+    """The first code cell: Keras imported without TensorFlow's start-up lines; a UserError is one red line; what
+    a cell's fit held back of stderr when it failed in its first step is written out as the cell ends."""
+    from cifar100 import keras_internals  # it imports Keras
 
     show_user_errors()
+    shell = _ipython()
+    if shell is not None and keras_internals.release_held_stderr not in shell.events.callbacks["post_run_cell"]:
+        shell.events.register("post_run_cell", keras_internals.release_held_stderr)
 
 
 def show_user_errors(shell=None) -> None:

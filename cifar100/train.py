@@ -147,6 +147,7 @@ def run(config: Config, verbose: int | str = "auto", callbacks: list | None = No
         return training.finish()
     finally:
         training.close()
+        keras_internals.release_held_stderr()  # fit failed in its first step: what it held back is shown
 
 
 def save_class_info(run_dir: Path, dataset: data.Dataset) -> None:

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -49,6 +50,46 @@ def test_a_line_tensorflow_writes_at_the_first_step_is_filtered_and_later_lines_
     err = capfd.readouterr().err
     assert "oneDNN supports DT_INT64" not in err and "a C++ line that matters" in err
     assert "epoch 0 line" in err and "epoch 1 line" in err
+
+
+@pytest.mark.parametrize("raised, status, shown", [
+    ('RunError("the backup is not this model\'s")', 2, "error: the backup is not this model's"),
+    ("KeyboardInterrupt()", 130, "interrupted: what was saved is kept"),
+    ('ValueError("a bug")', 1, "ValueError: a bug")])
+def test_an_error_in_fits_first_step_is_shown_by_the_command_line(raised, status, shown):
+    """QuietFirstSteps holds fd 2 back from fit's start to the end of its first step: an error before that end
+    (a backup that does not fit, Ctrl-C) was written into the hold and never seen, the exit silent."""
+    script = textwrap.dedent(f"""
+        import sys
+        from cifar100 import __main__ as cli, keras_internals
+        from cifar100.config import RunError
+
+        def train(args):
+            keras_internals.QuietFirstSteps().on_train_begin()  # fit begins: TensorFlow's first lines held back
+            raise {raised}  # and fails before its first step ends
+
+        cli._train = train
+        sys.exit(cli.main(["train", "--preset", "smoke"]))""")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == status and shown in result.stderr, result.stderr
+
+
+def test_a_notebook_cell_whose_fit_fails_in_its_first_step_lets_go_of_stderr():
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from cifar100 import notebook
+
+    shell = InteractiveShell.instance()
+    try:
+        notebook.setup()
+        result = shell.run_cell("from cifar100 import keras_internals\n"
+                                "keras_internals.QuietFirstSteps().on_train_begin()\n"
+                                "raise ValueError('fit failed')")
+        assert isinstance(result.error_in_exec, ValueError)
+        assert keras_internals.HeldStderr.holding == []  # fd 2 is the terminal's again
+    finally:
+        keras_internals.release_held_stderr()
+        InteractiveShell.clear_instance()
 
 
 def command_line_stderr(**env) -> str:
