@@ -435,19 +435,25 @@ def _is_committed(weights: Path, metadata: Path, committed: dict) -> bool:
 
 def repair_backup(backup_dir: Path) -> str:
     """After a kill, make BackupAndRestore's folder hold exactly the last committed epoch: Keras writes in place, so
-    the backup (latest or *.bkp) matching committed.json is kept, and with neither the folder is removed. Returns
-    "ok", "previous", "removed" or "none"."""
+    the backup (latest or *.bkp) matching committed.json is kept; without committed.json (nothing committed yet) the
+    folder is removed. Returns "ok", "previous", "removed" or "none". A kill leaves one of the two whole: with
+    neither, the folder is damaged, and a RunError says so (nothing is removed)."""
     backup_dir = Path(backup_dir)
     if not backup_dir.exists():
         return "none"
     marker = backup_dir / COMMITTED
-    committed = read_json(marker) if marker.exists() else {}
-    if _is_committed(*_backup_files(backup_dir), committed):
+    committed = read_json(marker) if marker.exists() or marker.is_symlink() else None
+    if _is_committed(*_backup_files(backup_dir), committed or {}):
         return "ok"
-    if _is_committed(*_backup_files(backup_dir, ".bkp"), committed):
+    if _is_committed(*_backup_files(backup_dir, ".bkp"), committed or {}):
         for latest, previous in zip(_backup_files(backup_dir), _backup_files(backup_dir, ".bkp"), strict=True):
             shutil.copyfile(previous, latest)
         return "previous"
+    if committed is not None:
+        raise RunError(f"{backup_dir}: damaged backup: neither latest.weights.h5 and training_metadata.json nor "
+                       f"their .bkp copies hold the epoch that {COMMITTED} records ({shown(committed.get('epoch'))}). "
+                       f"Nothing was changed: restore them, or delete {backup_dir} to train this phase again from its "
+                       "start")
     shutil.rmtree(backup_dir)
     return "removed"
 

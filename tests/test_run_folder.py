@@ -214,6 +214,28 @@ def test_a_truncated_backup_falls_back_and_one_never_committed_is_removed(tmp_pa
     assert run_folder.repair_backup(fresh) == "removed" and not fresh.exists()
 
 
+@pytest.mark.parametrize("damage", ["latest", "metadata", "committed"])
+def test_a_committed_backup_that_no_kill_could_leave_is_named_and_kept(tmp_path, damage):
+    """A kill leaves latest or its .bkp copy whole: with neither matching committed.json the folder is damaged,
+    and removing it would silently restart the phase from its first epoch."""
+    folder = tmp_path / "backup"
+    keras_backup(folder, 1)
+    run_folder.mark_committed(folder)
+    keras_backup(folder, 2)
+    run_folder.mark_committed(folder)
+    if damage == "latest":
+        (folder / "latest.weights.h5").write_bytes(os.urandom(5000))
+    elif damage == "metadata":
+        (folder / "training_metadata.json").write_text("{}")
+    else:
+        (folder / "committed.json").write_text(json.dumps({**json.loads((folder / "committed.json").read_text()),
+                                                            "epoch": "2"}))
+    files = {path.name: path.read_bytes() for path in folder.iterdir()}
+    with pytest.raises(RunError, match=r"backup: damaged backup: neither latest.weights.h5 .* Nothing was changed"):
+        run_folder.repair_backup(folder)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == files
+
+
 def test_a_rewrite_killed_before_its_rename_leaves_the_old_file(tmp_path, monkeypatch):
     history = tmp_path / "history.csv"
     history.write_text("epoch,loss\n0,1.0\n1,0.9\n2,0.8\n")
