@@ -154,6 +154,23 @@ class CommitEpoch(keras.callbacks.Callback):
         run_folder.publish_checkpoint(self.run_dir, epoch + 1)
 
 
+class CheckedBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore (double checkpoint, kept after fit), whose backup of another model is a RunError naming it,
+    not a traceback from inside fit."""
+
+    def __init__(self, backup_dir: Path):
+        super().__init__(backup_dir, double_checkpoint=True, delete_checkpoint=False)
+        self.backup_dir = Path(backup_dir)
+
+    def on_train_begin(self, logs=None):
+        try:
+            super().on_train_begin(logs)
+        except (ValueError, KeyError, OSError) as exc:
+            raise RunError(f"{self.backup_dir / 'latest.weights.h5'}: not a backup of this run's model "
+                           f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}). Nothing was changed: "
+                           f"delete {self.backup_dir} to train this phase again from its start") from None
+
+
 class InferenceCheckpoint(keras.callbacks.ModelCheckpoint):
     """ModelCheckpoint saving `inference` (fit's model without the training augmentation); None: fit's model."""
 
@@ -261,7 +278,7 @@ def callback_set(config: Config, run_dir: Path, phase: str, sampler: TrainBatche
         early_stopping,
         HistoryLog(run_dir / run_folder.HISTORY, append=True),
         ResumeState(backup, reduce_lr, early_stopping, mining, restored),
-        keras.callbacks.BackupAndRestore(backup, double_checkpoint=True, delete_checkpoint=False),
+        CheckedBackupAndRestore(backup),
         CommitEpoch(run_dir, backup),  # the epoch counts as done once this has run
         *([TensorBoardLog(run_dir)] if config.tensorboard else []),
     ]

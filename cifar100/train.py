@@ -435,10 +435,16 @@ class Training:
 
     def _load_phase1(self) -> None:
         """The model's weights as phase 1 left them (the file's optimiser, none or phase 1's, is not loaded)."""
-        run_folder.check_weights_file(self.run_dir / PHASE1_WEIGHTS, self.model)
+        path = self.run_dir / PHASE1_WEIGHTS
+        run_folder.check_weights_file(path, self.model)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-            self.model.load_weights(self.run_dir / PHASE1_WEIGHTS)
+            try:
+                self.model.load_weights(path)
+            except (ValueError, KeyError, OSError) as exc:
+                raise RunError(f"{path}: not phase 1's weights of this run's model ({type(exc).__name__}: "
+                               f"{str(exc).strip().splitlines()[0][:200]}); restore it, or delete the run folder "
+                               f"{self.run_dir} to start over") from None
 
     def _start_phase1(self) -> None:
         """Phase 1 (re)starts from the initial weights, precision policy and seed, whenever it starts again."""

@@ -73,6 +73,38 @@ def test_a_config_that_cannot_work_fails_before_training(train_data, tmp_path, o
     assert not (tmp_path / "bad" / "history.csv").exists()
 
 
+def test_phase_1_weights_or_a_backup_of_another_model_are_named_in_one_line(train_data, tmp_path):
+    """Files of a run of another dataset (10 classes, not 100): Keras' loader fails deep inside, in its words."""
+    from cifar100 import models
+    from cifar100.callbacks import CheckedBackupAndRestore
+    from cifar100.config import RunError
+
+    config = smoke(train_data, tmp_path / "run")
+    training = train.Training(config)
+    training.set_phase("head")
+    assert not training.needs("head")  # random weights: phase 1 skipped, its weights saved
+    training.close()
+    other = models.build_model(config, num_classes=10)
+    other.save_weights(config.run_dir() / "phase1.weights.h5")
+    training = train.Training(config)
+    training.set_phase("finetune")
+    with pytest.raises(RunError, match=r"phase1.weights.h5: not phase 1's weights of this run's model \(ValueError"):
+        training.data("finetune")
+    training.close()
+
+    backup = tmp_path / "backup"
+    x, y = np.zeros((4, 32, 32, 3), np.uint8), np.eye(10, dtype=np.float32)[:4]
+    other.compile(optimizer="adam", loss="categorical_crossentropy")
+    other.fit(x, y, epochs=1, verbose=0, callbacks=[CheckedBackupAndRestore(backup)])
+    files = {path.name: path.read_bytes() for path in backup.iterdir()}
+    model = models.build_model(config, num_classes=100)
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    with pytest.raises(RunError, match=r"backup/latest.weights.h5: not a backup of this run's model \(ValueError"):
+        model.fit(x, np.eye(100, dtype=np.float32)[:4], epochs=2, verbose=0,
+                  callbacks=[CheckedBackupAndRestore(backup)])
+    assert {path.name: path.read_bytes() for path in backup.iterdir()} == files
+
+
 def test_the_steps_of_a_phase_out_of_order_are_refused_and_train_nothing(train_data, tmp_path):
     """The notebook's steps (set_phase, data, compile, callbacks, fit, end) each refuse to run before the
     step they need."""
