@@ -62,7 +62,7 @@ def read_history(run_dir: str | Path) -> dict[str, np.ndarray]:
     """history.csv as one array per column, epochs counted from 1 (also in a run an earlier version wrote)."""
     rows = run_folder.history_rows(Path(run_dir))
     history = {key: np.array([float(r[key]) if r[key] else np.nan for r in rows]) for key in rows[0]} if rows else {}
-    if rows and run_folder.read_state(Path(run_dir)).get("history_epochs_from") != 1:
+    if rows and history["epoch"][0] == 0:  # an earlier version counted from 0
         history["epoch"] = history["epoch"] + 1
     return history
 

@@ -357,12 +357,13 @@ def trim_history(path: Path, epochs_kept: int) -> None:
 
 
 def count_epochs_from_1(run_dir: Path) -> None:
-    """Make history.csv count epochs from 1, as Keras' progress bar does (a history counted from 0 is renumbered)."""
+    """Make history.csv count epochs from 1, as Keras' progress bar does: a history whose first row is epoch 0 (an
+    earlier version's) is renumbered, once."""
     if read_state(run_dir).get("history_epochs_from") == 1:
         return
     path = Path(run_dir) / HISTORY
     rows, lines, _ = _read_history(path)
-    if rows:
+    if rows and int(rows[0]["epoch"]) == 0:
         shifted = [line.split(",", 1) for line in lines[1:]]
         write_atomic(path, lines[0] + "".join(f"{int(epoch) + 1},{rest}" for epoch, rest in shifted))
     write_state(run_dir, history_epochs_from=1)

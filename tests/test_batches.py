@@ -103,7 +103,7 @@ def test_trim_history_keeps_the_committed_epochs(tmp_path):
 def test_history_counts_epochs_from_1_and_an_earlier_folder_is_renumbered_once(tmp_path):
     import keras
 
-    from cifar100 import run_folder
+    from cifar100 import plots, run_folder
     from cifar100.callbacks import HistoryLog
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
@@ -120,6 +120,13 @@ def test_history_counts_epochs_from_1_and_an_earlier_folder_is_renumbered_once(t
     run_folder.count_epochs_from_1(old)  # once only
     assert (old / "history.csv").read_text() == "epoch,loss\n1,1.0\n2,0.9\n"
     assert run_folder.read_state(old)["history_epochs_from"] == 1
+    assert list(plots.read_history(old)["epoch"]) == [1, 2]
+    (old / "state.json").unlink()  # a state.json without the mark (lost, or edited): rows from 1 stay as they are
+    run_folder.count_epochs_from_1(old)
+    assert (old / "history.csv").read_text() == "epoch,loss\n1,1.0\n2,0.9\n"
+    assert list(plots.read_history(old)["epoch"]) == [1, 2]
+    (old / "history.csv").write_text("epoch,loss\n0,1.0\n1,0.9\n")  # a finished run of an earlier version
+    assert list(plots.read_history(old)["epoch"]) == [1, 2]
 
 
 def test_fit_input_reads_each_epochs_batches_as_the_sampler_then_makes_them_without_tf_data_autotuning():
