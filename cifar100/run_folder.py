@@ -370,7 +370,13 @@ def count_epochs_from_1(run_dir: Path) -> None:
 
 
 def best_val_accuracy(run_dir: Path) -> float | None:
-    values = [float(r["val_accuracy"]) for r in history_rows(run_dir) if r.get("val_accuracy")]
+    """The best validation accuracy in history.csv, which the next checkpoint must beat (None without best.keras)."""
+    rows = [row for row in history_rows(run_dir) if row.get("val_accuracy")]
+    for row in rows:  # NaN would beat nothing: best.keras would never change again
+        if not 0 <= float(row["val_accuracy"]) <= 1:
+            raise RunError(f"{Path(run_dir) / HISTORY}: damaged history: val_accuracy {row['val_accuracy']} at epoch "
+                           f"{row['epoch']} is not an accuracy (0 to 1); delete the run folder {run_dir} to start over")
+    values = [float(row["val_accuracy"]) for row in rows]
     return max(values) if values and (Path(run_dir) / "best.keras").exists() else None
 
 

@@ -147,6 +147,10 @@ def test_a_restarted_phase_keeps_only_what_committed_epochs_wrote(tmp_path):
     assert (tmp_path / "history.csv").read_text() == "epoch,val_accuracy\n1,0.5\n2,0.6\n"
     assert (tmp_path / "best.keras").read_text() == "epoch 1" and list(checkpoints.iterdir()) == []
     assert run_folder.best_val_accuracy(tmp_path) == 0.6  # the next checkpoint must beat epoch 1, not the ghost
+    for value in ("nan", "inf", "1.5"):  # NaN would beat nothing, and best.keras would stay epoch 1's for good
+        (tmp_path / "history.csv").write_text(f"epoch,val_accuracy\n1,{value}\n2,0.6\n")
+        with pytest.raises(RunError, match=rf"history.csv: damaged history: val_accuracy {value} at epoch 1"):
+            run_folder.best_val_accuracy(tmp_path)
 
 
 def test_a_file_of_someone_else_in_the_checkpoints_folder_is_named_and_nothing_is_published(tmp_path):
