@@ -471,12 +471,21 @@ def committed_epochs(backup_dir: Path, default: int) -> int:
     return _backup_epoch(metadata) if metadata.exists() else default
 
 
-def settle_phase(run_dir: Path, backup_dir: Path, start_epoch: int) -> int:
+def settle_phase(run_dir: Path, backup_dir: Path, start_epoch: int, end_epoch: int) -> int:
     """Before a phase (re)starts, make the folder agree with its last committed epoch (returned): rows of uncommitted
-    epochs are dropped, a committed epoch's unpublished checkpoint becomes best.keras, uncommitted ones go."""
+    epochs are dropped, a committed epoch's unpublished checkpoint becomes best.keras, uncommitted ones go. A backup
+    outside the phase's epochs, or a history without the rows of committed epochs, is refused."""
     run_dir = Path(run_dir)
     repair_backup(backup_dir)
     committed = committed_epochs(backup_dir, start_epoch)
+    if not start_epoch <= committed <= end_epoch:
+        raise RunError(f"{Path(backup_dir) / 'training_metadata.json'}: the backup holds epoch {committed}, outside "
+                       f"this phase's epochs {start_epoch + 1} to {end_epoch}. Nothing was changed: delete "
+                       f"{backup_dir} to train this phase again from its start")
+    rows = history_rows(run_dir)
+    if committed and (not rows or int(rows[-1]["epoch"]) < committed):  # rows past it are uncommitted epochs'
+        raise RunError(f"{run_dir / HISTORY}: no row of epoch {committed}, which the run has done (rows lost?); "
+                       f"restore it, or delete the run folder {run_dir} to start over")
     trim_history(run_dir / HISTORY, committed)
     checkpoints = run_dir / CHECKPOINTS
     if checkpoints.is_dir():

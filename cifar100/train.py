@@ -267,9 +267,15 @@ class Training:
 
     def _phase_done(self, phase: str) -> bool:
         state = run_folder.read_state(self.run_dir)
-        if phase == "head":
-            return (self.run_dir / PHASE1_WEIGHTS).exists() and "head_epochs_done" in state
-        return bool(state.get("finetune_done"))
+        if phase != "head":
+            return bool(state.get("finetune_done"))
+        done = state.get("head_epochs_done")
+        if done is not None and not ((self.run_dir / PHASE1_WEIGHTS).exists() and done <= self.config.head_epochs):
+            raise RunError(f"{self.run_dir / 'state.json'}: records phase 1 done after {done} epochs, but "
+                           + (f"{PHASE1_WEIGHTS} is missing" if done <= self.config.head_epochs else
+                              f"the phase has {self.config.head_epochs}")
+                           + f"; restore the run folder, or delete {self.run_dir} to start over")
+        return (self.run_dir / PHASE1_WEIGHTS).exists() and done is not None
 
     def needs(self, phase: str) -> bool:
         """True when `phase` has training to do; False when finished, skipped, or done earlier (its weights loaded)."""
@@ -343,7 +349,7 @@ class Training:
         if phase == "finetune":
             _restore_mining(mining, self.run_dir, "head")
         backup = self.run_dir / "backup" / phase
-        committed = run_folder.settle_phase(self.run_dir, backup, start)
+        committed = run_folder.settle_phase(self.run_dir, backup, start, end)
         if (backup / "latest.weights.h5").exists():  # BackupAndRestore loads it into the model and its optimiser
             run_folder.check_weights_file(backup / "latest.weights.h5", trainee, copies=3)
         restored = ResumeState.load(backup, committed) if committed > start else None

@@ -124,7 +124,7 @@ def test_a_damaged_history_is_named_and_left_as_it_is(tmp_path):
     history = tmp_path / "history.csv"
     history.write_text("epoch,loss\n0,1.0\nthis is not, a row\n")
     with pytest.raises(RunError, match=r"history.csv: damaged history .*line 3 is not a row"):
-        run_folder.settle_phase(tmp_path, tmp_path / "backup", 0)
+        run_folder.settle_phase(tmp_path, tmp_path / "backup", 0, 3)
     assert history.read_text() == "epoch,loss\n0,1.0\nthis is not, a row\n"
 
 
@@ -143,7 +143,7 @@ def test_a_restarted_phase_keeps_only_what_committed_epochs_wrote(tmp_path):
     (checkpoints / "best-0002.keras").write_text("epoch 1")
     (checkpoints / "best-0003.keras").write_text("epoch 2, never committed")
 
-    assert run_folder.settle_phase(tmp_path, backup, 0) == 2
+    assert run_folder.settle_phase(tmp_path, backup, 0, 3) == 2
     assert (tmp_path / "history.csv").read_text() == "epoch,val_accuracy\n1,0.5\n2,0.6\n"
     assert (tmp_path / "best.keras").read_text() == "epoch 1" and list(checkpoints.iterdir()) == []
     assert run_folder.best_val_accuracy(tmp_path) == 0.6  # the next checkpoint must beat epoch 1, not the ghost
@@ -157,18 +157,66 @@ def test_a_file_of_someone_else_in_the_checkpoints_folder_is_named_and_nothing_i
     backup = tmp_path / "backup" / "head"
     keras_backup(backup, 2)
     run_folder.mark_committed(backup)
+    (tmp_path / "history.csv").write_text("epoch,val_accuracy\n1,0.5\n2,0.6\n")
     checkpoints = tmp_path / run_folder.CHECKPOINTS
     checkpoints.mkdir()
     (tmp_path / "best.keras").write_text("epoch 0")
     (checkpoints / "best-0002.keras").write_text("epoch 2")
     (checkpoints / "best-abc.keras").write_text("someone else's")
     with pytest.raises(RunError, match=r"best-abc.keras: not a checkpoint file of this project's"):
-        run_folder.settle_phase(tmp_path, backup, 0)
+        run_folder.settle_phase(tmp_path, backup, 0, 3)
     assert (tmp_path / "best.keras").read_text() == "epoch 0" and len(list(checkpoints.iterdir())) == 2
     (checkpoints / "best-abc.keras").unlink()
     (checkpoints / "best-10000.keras").write_text("epoch 10000, never committed")  # past 4 digits: by number
-    assert run_folder.settle_phase(tmp_path, backup, 0) == 2
+    assert run_folder.settle_phase(tmp_path, backup, 0, 3) == 2
     assert (tmp_path / "best.keras").read_text() == "epoch 2" and list(checkpoints.iterdir()) == []
+
+
+def test_a_backup_outside_the_phase_or_a_history_without_its_epochs_is_refused_and_nothing_changes(tmp_path):
+    """Each of these is in range and of the right type alone; together they would train other epochs than asked
+    (a backup at epoch 50 of a phase of epochs 3 to 5) or let a worse model replace best.keras (no history: no
+    best to beat)."""
+    backup = tmp_path / "backup" / "finetune"
+    keras_backup(backup, 50)
+    run_folder.mark_committed(backup)
+    history = "epoch,val_accuracy\n1,0.5\n2,0.6\n"
+    (tmp_path / "history.csv").write_text(history)
+    with pytest.raises(RunError, match=r"training_metadata.json: the backup holds epoch 50, outside this phase's "
+                                       r"epochs 3 to 5"):
+        run_folder.settle_phase(tmp_path, backup, 2, 5)
+    keras_backup(backup, 4)
+    run_folder.mark_committed(backup)
+    with pytest.raises(RunError, match=r"history.csv: no row of epoch 4, which the run has done"):
+        run_folder.settle_phase(tmp_path, backup, 2, 5)
+    assert (tmp_path / "history.csv").read_text() == history
+    (tmp_path / "history.csv").unlink()
+    with pytest.raises(RunError, match=r"history.csv: no row of epoch 4"):
+        run_folder.settle_phase(tmp_path, backup, 2, 5)
+    (tmp_path / "history.csv").write_text(history + "3,0.7\n4,0.4\n5,0.9\n")  # epoch 5: never committed
+    assert run_folder.settle_phase(tmp_path, backup, 2, 5) == 4
+    assert (tmp_path / "history.csv").read_text() == history + "3,0.7\n4,0.4\n"
+
+
+def test_phase_1_done_without_its_weights_or_after_more_epochs_than_it_has_is_refused(small_data, tmp_path):
+    config = smoke(small_data, tmp_path / "run")
+    training = train.Training(config)
+    training.set_phase("head")
+    assert not training.needs("head")  # random weights: phase 1 skipped, its weights and 0 epochs recorded
+    training.close()
+    (tmp_path / "run" / "phase1.weights.h5").rename(tmp_path / "phase1.weights.h5")
+    training = train.Training(config)
+    training.set_phase("head")
+    with pytest.raises(RunError, match=r"state.json: records phase 1 done after 0 epochs, but phase1.weights.h5 is "
+                                       r"missing"):
+        training.needs("head")  # it used to train phase 1 again, dropping the history of later epochs
+    training.close()
+    (tmp_path / "phase1.weights.h5").rename(tmp_path / "run" / "phase1.weights.h5")
+    run_folder.write_state(tmp_path / "run", head_epochs_done=5)
+    training = train.Training(config)
+    training.set_phase("finetune")
+    with pytest.raises(RunError, match=r"records phase 1 done after 5 epochs, but the phase has 1"):
+        training.data("finetune")
+    training.close()
 
 
 def keras_backup(folder, epoch, steps=("bkp", "weights", "epoch")):
