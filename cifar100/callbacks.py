@@ -129,9 +129,9 @@ class ResumeState(keras.callbacks.Callback):
             if part is None and key == "reduce_lr":
                 continue
             if not isinstance(part, dict) or set(part) != set(names) or not all(
-                    (name == "best" and part[name] is None) or run_folder.is_number(part[name]) for name in names):
-                raise RunError(f"{path}: damaged callback state: {key} is not {{{', '.join(names)}: numbers}}; "
-                               f"delete the run folder {path.parents[2]} to start over")
+                    _best(part[name]) if name == "best" else _count(part[name]) for name in names):
+                raise RunError(f"{path}: damaged callback state: {key} is not {{{', '.join(names)}}} (a number or "
+                               f"null; counts of epochs); delete the run folder {path.parents[2]} to start over")
         if not isinstance(state.get("stopped"), bool) or not isinstance(state.get("mining"), dict | None):
             raise RunError(f"{path}: damaged callback state (stopped, mining); delete the run folder "
                            f"{path.parents[2]} to start over")
@@ -140,6 +140,16 @@ class ResumeState(keras.callbacks.Callback):
 
 def _number(value):
     return None if value is None else float(value)
+
+
+def _best(value) -> bool:
+    """A callback's best value: null, or a number (infinite before the first epoch that improves)."""
+    return value is None or isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _count(value) -> bool:
+    """A count of epochs (wait, cooldown, an epoch's index)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 10**6
 
 
 class CommitEpoch(keras.callbacks.Callback):

@@ -102,15 +102,16 @@ class HardExampleMining(keras.callbacks.Callback):
         """What a resumed run needs to continue exactly: the known losses."""
         return {"losses": [None if np.isnan(v) else float(v) for v in self.losses]}
 
-    def set_state(self, state: dict) -> None:
+    def set_state(self, state: dict | None) -> None:
         try:
-            losses = np.array([np.nan if v is None else v for v in state.get("losses", [])], dtype=np.float64)
-        except (TypeError, ValueError, AttributeError):
-            raise RunError("damaged mining state in the run folder's backup: losses are not numbers; delete "
-                           "the run folder to start over") from None
-        if losses.shape == self.losses.shape:  # else another training set: start afresh
-            self.losses = losses
-            self._update_sampler()
+            losses = np.array([np.nan if v is None else v for v in state["losses"]], dtype=np.float64)
+        except (TypeError, ValueError, KeyError):
+            losses = None
+        if losses is None or losses.shape != self.losses.shape or np.isinf(losses).any() or (losses < 0).any():
+            raise RunError(f"damaged mining state in the run folder's backup: expected {len(self.losses)} losses "
+                           "(numbers >= 0, or null where unknown); delete the run folder to start over")
+        self.losses = losses
+        self._update_sampler()
 
 
 class SelectiveBackprop(keras.callbacks.Callback):
@@ -254,18 +255,18 @@ class SelectiveBackprop(keras.callbacks.Callback):
         return {"window": keras.ops.convert_to_numpy(self.window.value).tolist(),
                 "seen": int(keras.ops.convert_to_numpy(self.seen.value))}
 
-    def set_state(self, state: dict) -> None:
+    def set_state(self, state: dict | None) -> None:
         try:
-            window = np.asarray(state.get("window", []), dtype=np.float32)
-            seen = state.get("seen")
-            if not isinstance(seen, int) or isinstance(seen, bool) or not 0 <= seen < 2**31:
+            window, seen = np.asarray(state["window"], dtype=np.float32), state["seen"]
+            if not isinstance(seen, int) or isinstance(seen, bool) or not 0 <= seen < 2**31 \
+                    or window.shape != (self.window_size,) or not np.isfinite(window).all() or (window < 0).any():
                 raise ValueError(seen)
-        except (TypeError, ValueError, AttributeError):
-            raise RunError("damaged mining state in the run folder's backup: window and seen are not numbers; "
-                           "delete the run folder to start over") from None
-        if window.shape == (self.window_size,):
-            self.window.assign(window)
-            self.seen.assign(seen)
+        except (TypeError, ValueError, KeyError):
+            raise RunError(f"damaged mining state in the run folder's backup: expected a window of {self.window_size} "
+                           "recent losses (numbers >= 0) and the count seen; delete the run folder to start over"
+                           ) from None
+        self.window.assign(window)
+        self.seen.assign(seen)
 
 
 def make_mining(config: Config, sampler: TrainBatches, model: keras.Model | None = None):

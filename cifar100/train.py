@@ -353,11 +353,16 @@ class Training:
         if (backup / "latest.weights.h5").exists():  # BackupAndRestore loads it into the model and its optimiser
             run_folder.check_weights_file(backup / "latest.weights.h5", trainee, copies=3)
         restored = ResumeState.load(backup, committed) if committed > start else None
+        if committed > start and restored is None:
+            raise RunError(f"{backup / f'callbacks-{committed:04d}.json'}: missing: the state of the callbacks "
+                           f"(early stopping, the learning-rate schedule, mining) after epoch {committed}, which is "
+                           f"committed. Nothing was changed: restore it, or delete {backup} to train this phase again "
+                           "from its start")
         if restored and restored.get("stopped"):
             end = committed  # early stopping had ended this phase: only restore its weights
         if committed > start:
             print(f"resuming phase {phase!r} after epoch {committed} (of epochs {start + 1}-{end})")
-        if restored and mining is not None and restored.get("mining"):
+        if restored and mining is not None:
             mining.set_state(restored["mining"])
         keras_internals.forget_restored_epoch(trainee)  # else it would start where a previous fit's backup was
         self.attempt = {"phase": phase, "sampler": sampler, "mining": mining, "model": trainee,
@@ -498,5 +503,5 @@ def refuse_a_diverged_phase(run_dir: Path, phase: str) -> None:
 def _restore_mining(mining: keras.callbacks.Callback | None, run_dir: Path, phase: str) -> None:
     """A run resumed after a finished phase continues with the mining state that phase ended with."""
     state = ResumeState.load(run_dir / "backup" / phase)
-    if mining is not None and state and state.get("mining"):
+    if mining is not None and state:
         mining.set_state(state["mining"])

@@ -10,6 +10,7 @@ import time
 import zipfile
 
 import h5py
+import keras
 import numpy as np
 import pytest
 
@@ -200,10 +201,37 @@ def test_callback_state_from_a_backup_sets_only_what_resume_state_saves(tmp_path
     assert ResumeState.load(backup, 3) == state
     for bad in ({**state, "early_stopping": {**state["early_stopping"], "model": "x"}},
                 {**state, "early_stopping": {**state["early_stopping"], "wait": "0"}},
+                {**state, "early_stopping": {**state["early_stopping"], "wait": 1e300}},  # stops at once
+                {**state, "early_stopping": {**state["early_stopping"], "best_epoch": -1}},
+                {**state, "early_stopping": {**state["early_stopping"], "best": float("nan")}},
+                {**state, "reduce_lr": {"wait": 0, "best": 1.0, "cooldown_counter": -1e300}},
                 {**state, "stopped": "yes"}):
         ResumeState.save(backup, 3, bad)
         with pytest.raises(RunError, match=r"callbacks-0003.json: damaged callback state"):
             ResumeState.load(backup, 3)
+
+
+def test_a_mining_state_that_does_not_fit_the_run_is_named_not_dropped():
+    """A resumed run continues mining where it stopped: a state of another length, infinite losses or none at all
+    was dropped without a word, and the run went on as if it had never mined."""
+    from cifar100.batches import TrainBatches
+    from cifar100.mining import HardExampleMining, SelectiveBackprop
+
+    sampler = TrainBatches(np.zeros((6, 32, 32, 3), np.uint8), np.arange(6) % 3, 3, 2, weighted=True)
+    reweight = HardExampleMining(sampler)
+    reweight.set_state({"losses": [0.5, None, 1.0, 2.0, 0.1, 3.0]})
+    assert reweight.losses[2] == 1.0 and np.isnan(reweight.losses[1]) and sampler.weights is not None
+    for bad in ({"losses": [0.5] * 5}, {"losses": [[0.5]] * 6}, {"losses": [float("inf")] * 6}, {"losses": ["x"] * 6},
+                {}, None):
+        with pytest.raises(RunError, match=r"damaged mining state .*expected 6 losses"):
+            reweight.set_state(bad)
+    selective = SelectiveBackprop(window=4)
+    selective.make_state(keras.Sequential([keras.Input((2,)), keras.layers.Dense(3, activation="softmax")]))
+    selective.set_state({"window": [0.1, 0.2, 0.3, 0.4], "seen": 9})
+    assert int(keras.ops.convert_to_numpy(selective.seen.value)) == 9
+    for bad in ({"window": [0.1] * 3, "seen": 9}, {"window": [float("inf")] * 4, "seen": 9}, {"seen": 9}, None):
+        with pytest.raises(RunError, match=r"damaged mining state .*a window of 4 recent losses"):
+            selective.set_state(bad)
 
 
 def test_a_torn_last_row_of_the_history_is_dropped_and_a_damaged_one_is_named(tmp_path):

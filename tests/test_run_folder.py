@@ -603,6 +603,11 @@ def test_phase_2_on_cached_activations_stopped_resumes_to_the_uninterrupted_run(
     run_dir = tmp_path / "run"
     config = smoke(small_data, run_dir, **settings)
     kill_at(config, [("before_commit", 2), ("after_commit", 3)], tmp_path)
+    committed = sorted((run_dir / "backup" / "finetune").glob("callbacks-*.json"))[-1]  # the committed epoch's
+    committed.rename(tmp_path / committed.name)  # lost: the callbacks would start afresh, early stopping forgotten
+    with pytest.raises(RunError, match=rf"{committed.name}: missing: the state of the callbacks .* Nothing was"):
+        train.run(config, verbose=0)
+    (tmp_path / committed.name).rename(committed)
     train.run(config, verbose=0)
     assert metric_rows(run_dir) == metric_rows(whole)
     got, expected = (json.loads((d / "results.json").read_text()) for d in (run_dir, whole))
