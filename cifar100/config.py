@@ -461,7 +461,8 @@ def _check_weights(config: Config, backbone) -> None:
         return
     path = Path(config.weights)
     if not path.is_file():
-        raise ConfigError(f"setting 'weights': file {path} not found (use 'imagenet', None, or a path to a "
+        found = "is not a regular file" if path.exists() else "not found"
+        raise ConfigError(f"setting 'weights': file {path} {found} (use 'imagenet', None, or a path to a "
                           ".weights.h5 file)")
     if not path.name.endswith(".weights.h5"):
         raise ConfigError(f"setting 'weights': {path} is not a .weights.h5 file")

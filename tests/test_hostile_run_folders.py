@@ -199,6 +199,9 @@ def test_callback_state_from_a_backup_sets_only_what_resume_state_saves(tmp_path
              "stopped": False, "mining": None}
     ResumeState.save(backup, 3, state)
     assert ResumeState.load(backup, 3) == state
+    unimproved = {**state, "reduce_lr": {"wait": 1, "best": float("inf"), "cooldown_counter": 0}}  # no epoch yet
+    ResumeState.save(backup, 3, unimproved)
+    assert ResumeState.load(backup, 3) == unimproved
     for bad in ({**state, "early_stopping": {**state["early_stopping"], "model": "x"}},
                 {**state, "early_stopping": {**state["early_stopping"], "wait": "0"}},
                 {**state, "early_stopping": {**state["early_stopping"], "wait": 1e300}},  # stops at once

@@ -62,6 +62,7 @@ def test_smoke_preset_learns_the_synthetic_signal(tmp_path):
     ({"head_epochs": -1}, r"setting 'head_epochs' must be >= 1 and <= 100000, got -1"),
     ({"data_dir": "/nonexistent/cifar"}, r"setting 'data_dir': /nonexistent/cifar: dataset folder not found"),
     ({"weights": "/nonexistent/w.weights.h5"}, r"setting 'weights': file /nonexistent/w.weights.h5 not found"),
+    ({"weights": "/tmp"}, r"setting 'weights': file /tmp is not a regular file"),
     ({"backbone": "mobilenetv3small", "weights": str(WEIGHTS_DIR / "mobilenet_v2_1.0_imagenet_notop.weights.h5")},
      r"setting 'weights': .* does not fit backbone 'mobilenetv3small'"),
 ])
