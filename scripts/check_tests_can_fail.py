@@ -36,6 +36,23 @@ MUTATIONS = {
         "cifar100/models.py", 'keras_internals.RandomShift(4, seed=seed + 1, name="random_shift")',
         'layers.RandomTranslation(0.125, 0.125, fill_mode="reflect", seed=seed + 1, name="random_shift")',
         ["tests/test_training_levers.py::test_random_shift_moves_each_image_by_whole_pixels_and_compiles_with_xla"]),
+    "a run folder's second hard link written through": (
+        "cifar100/run_folder.py", "elif (links := entry.stat(follow_symlinks=False).st_nlink) > 1:",
+        "elif (links := entry.stat(follow_symlinks=False).st_nlink) > 99:",
+        ["tests/test_hostile_run_folders.py::test_a_file_of_several_hard_links_is_refused_and_nothing_is_written_"
+         "through_it"]),
+    "an error in fit's first step held back with TensorFlow's lines": (
+        "cifar100/__main__.py", '            sys.modules["cifar100.keras_internals"].release_held_stderr()\n',
+        "            pass\n",
+        ["tests/test_tf_log_lines.py::test_an_error_in_fits_first_step_is_shown_by_the_command_line"]),
+    "a damaged committed backup removed (the phase restarts)": (
+        "cifar100/run_folder.py", "    if committed is not None:\n        raise RunError(",
+        "    if False:\n        raise RunError(",
+        ["tests/test_run_folder.py::test_a_committed_backup_that_no_kill_could_leave_is_named_and_kept"]),
+    "a backup outside the phase's epochs resumed": (
+        "cifar100/run_folder.py", "    if not start_epoch <= committed <= end_epoch:\n", "    if False:\n",
+        ["tests/test_run_folder.py::test_a_backup_outside_the_phase_or_a_history_without_its_epochs_is_refused_and_"
+         "nothing_changes"]),
     "xla auto decided here, off": (
         "cifar100/train.py", 'return "auto" if value == "auto" else value == "true"',
         'return False if value == "auto" else value == "true"',
