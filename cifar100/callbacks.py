@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cifar100 import run_folder
 from cifar100.batches import EpochOrder, TrainBatches
-from cifar100.config import Config, RunError
+from cifar100.config import Config, RunError, first_line
 from cifar100.keras_internals import keras  # Keras, imported without TensorFlow's start-up lines
 from cifar100.mining import COUNTERS, HardExampleMining, SelectiveBackprop
 
@@ -177,7 +177,7 @@ class CheckedBackupAndRestore(keras.callbacks.BackupAndRestore):
             super().on_train_begin(logs)
         except (ValueError, KeyError, OSError) as exc:
             raise RunError(f"{self.backup_dir / 'latest.weights.h5'}: not a backup of this run's model "
-                           f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}). Nothing was changed: "
+                           f"({type(exc).__name__}: {first_line(exc)}). Nothing was changed: "
                            f"delete {self.backup_dir} to train this phase again from its start") from None
 
 

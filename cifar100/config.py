@@ -11,6 +11,7 @@ import math
 import os
 import re
 import reprlib
+import unicodedata
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -41,6 +42,11 @@ def shown(value, limit: int = 60) -> str:
     except (ValueError, RecursionError):
         text = f"a {type(value).__name__}"
     return printable(text[:limit])
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message in one bounded line (Keras' and h5py's run over many)."""
+    return (str(exc).strip().splitlines() or [""])[0][:300]
 
 
 def printable(text: str) -> str:
@@ -396,7 +402,7 @@ def validate(config: Config, check_data: bool = True, check_files: bool = True) 
         value = getattr(config, name)
         if name != "weights" and not isinstance(value, str):
             raise ConfigError(f"setting '{name}' must be a string, got {shown(value)}")
-        if isinstance(value, str) and not value.isprintable():  # a path from a config.json of someone else's
+        if isinstance(value, str) and any(unicodedata.category(char) == "Cc" for char in value):  # from a file
             raise ConfigError(f"setting '{name}': {shown(value)} holds control characters (a NUL, a terminal "
                               "escape): not a name or path")
     if config.name and (config.name in (".", "..") or "/" in config.name or "\\" in config.name):
@@ -473,5 +479,5 @@ def _check_weights(config: Config, backbone) -> None:
             pass
     except OSError as exc:
         raise ConfigError(f"setting 'weights': {path} is not a readable Keras weights file (expected HDF5 as "
-                          f"written by save_weights; truncated or another format? {str(exc).splitlines()[0]})"
+                          f"written by save_weights; truncated or another format? {first_line(exc)})"
                           ) from None

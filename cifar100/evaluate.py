@@ -19,7 +19,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, top_k_ac
 
 from cifar100 import data, keras_internals, models, run_folder
 from cifar100 import mining as hem
-from cifar100.config import Config, DatasetError, RunError
+from cifar100.config import Config, DatasetError, RunError, first_line
 from cifar100.keras_internals import keras  # Keras, imported without TensorFlow's start-up lines
 
 
@@ -128,7 +128,7 @@ def _load_weights(path: Path, model: keras.Model) -> keras.Model:
         try:
             model.load_weights(path)
         except Exception as exc:  # a damaged file can make Keras' loader fail in any way
-            raise RunError(f"{damaged}: loading it failed with {type(exc).__name__}: {_first_line(exc)}; "
+            raise RunError(f"{damaged}: loading it failed with {type(exc).__name__}: {first_line(exc)}; "
                            "restore it, or train the run again in a new run folder") from None
     return model
 
@@ -149,7 +149,7 @@ def _check_archive(path: Path, expected_bytes: int) -> None:
                                    f"model needs ({limit} bytes): not this run's model")
                 raw = archive.read("model.weights.h5")
         except (zipfile.BadZipFile, KeyError, OSError, ValueError, RuntimeError) as exc:
-            raise RunError(f"{damaged}: {type(exc).__name__}: {_first_line(exc)}") from None
+            raise RunError(f"{damaged}: {type(exc).__name__}: {first_line(exc)}") from None
     run_folder.check_weights(raw, expected_bytes, path)
 
 
@@ -189,10 +189,6 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,
     return metrics
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [""])[0][:300]
-
-
 def load_image(path: str | Path) -> np.ndarray:
     """A PNG or JPEG -> a 32x32 RGB uint8 image; anything else (a decompression bomb too) is a DatasetError."""
     from PIL import Image
@@ -210,7 +206,7 @@ def load_image(path: str | Path) -> np.ndarray:
             raise
         except Exception as exc:  # a broken or hostile file can make a decoder fail in any way
             raise DatasetError(f"{path}: cannot read as an image ({type(exc).__name__}: "
-                               f"{_first_line(exc)})") from None
+                               f"{first_line(exc)})") from None
 
 
 def _eight_bits(image, path):

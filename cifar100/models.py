@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cifar100 import keras_internals
-from cifar100.config import Config, ConfigError
+from cifar100.config import Config, ConfigError, first_line
 from cifar100.keras_internals import keras  # Keras, imported without TensorFlow's start-up lines
 
 layers, ops = keras.layers, keras.ops
@@ -104,12 +104,12 @@ def build_backbone(config: Config) -> keras.Model:
     except ValueError as exc:
         if config.weights not in (None, "imagenet"):
             raise ConfigError(f"setting 'weights': {config.weights} does not fit backbone '{config.backbone}' "
-                              f"(is it another architecture's file?): {str(exc).splitlines()[0]}") from None
+                              f"(is it another architecture's file?): {first_line(exc)}") from None
         raise
     except Exception as exc:  # keras.utils.get_file raises a bare Exception("URL fetch failure ...")
         if config.weights == "imagenet" and "fetch failure" in str(exc):
             raise ConfigError(f"setting 'weights': could not download {config.backbone}'s ImageNet weights (no "
-                              f"network?): {str(exc).splitlines()[0][:300]}. Use a local file (weights=PATH to a "
+                              f"network?): {first_line(exc)}. Use a local file (weights=PATH to a "
                               ".weights.h5 file) or weights=None (random)") from None
         raise
     return model
@@ -354,6 +354,6 @@ def _check_saveable(model: keras.Model) -> None:
             keras.saving.load_model(Path(folder) / "probe.keras", compile=False, safe_mode=True)
         except Exception as exc:  # Keras' saving can fail in any way on a layer it does not know
             raise ConfigError(f"the edited model cannot be saved as best.keras and read back ({type(exc).__name__}: "
-                              f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}): a layer class "
+                              f"{first_line(exc)}): a layer class "
                               "of one's own needs @keras.saving.register_keras_serializable() and get_config, and "
                               "a Lambda layer is not read back in safe mode") from None

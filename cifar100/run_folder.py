@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from cifar100.config import Config, ConfigError, DatasetError, RunError, shown
+from cifar100.config import Config, ConfigError, DatasetError, RunError, first_line, shown
 from cifar100.data import md5sum
 
 HISTORY = "history.csv"
@@ -143,7 +143,7 @@ def check_weights(raw: bytes, expected_bytes: int, where: Path) -> None:
             weights.visititems(lambda name, item: arrays.append(item.size * item.dtype.itemsize)
                                if isinstance(item, h5py.Dataset) else None)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise RunError(f"{where}: damaged weights file ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        raise RunError(f"{where}: damaged weights file ({type(exc).__name__}: {first_line(exc)})"
                        ) from None
     if sum(arrays) > 2 * expected_bytes + MAX_WEIGHTS_SLACK:
         raise RunError(f"{where}: its weights file holds {sum(arrays)} bytes of arrays, more than this run's model "

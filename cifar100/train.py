@@ -35,7 +35,7 @@ from cifar100.callbacks import (
     reduce_lr_on_plateau,
     write_tensorboard,
 )
-from cifar100.config import Config, ConfigError, RunError, shown, validate
+from cifar100.config import Config, ConfigError, RunError, first_line, shown, validate
 from cifar100.data import Splits, prepare_data, splits_key
 from cifar100.keras_internals import keras  # Keras, imported without TensorFlow's start-up lines
 
@@ -454,7 +454,7 @@ class Training:
                 self.model.load_weights(path)
             except (ValueError, KeyError, OSError) as exc:
                 raise RunError(f"{path}: not phase 1's weights of this run's model ({type(exc).__name__}: "
-                               f"{str(exc).strip().splitlines()[0][:200]}); restore it, or delete the run folder "
+                               f"{first_line(exc)}); restore it, or delete the run folder "
                                f"{self.run_dir} to start over") from None
 
     def _start_phase1(self) -> None:

@@ -40,6 +40,15 @@ def test_config_round_trips_through_json(tmp_path):
     config.save(tmp_path / "config.json")
     assert Config.load(tmp_path / "config.json") == config
     assert json.loads((tmp_path / "config.json").read_text())["backbone"] == "mobilenetv3small"
+    # names and paths of any script read back, a non-breaking space and an emoji's joiner too; control characters
+    # (a NUL, a terminal escape) are not a name
+    for name in ("run\u00a0two", "caf\u00e9-\U0001f468\u200d\U0001f52c", "\u202eevil"):
+        config.replace(name=name).save(tmp_path / "config.json")
+        assert Config.load(tmp_path / "config.json").name == name
+    for name in ("run\x00", "run\x1b[31m", "run\n"):
+        config.replace(name=name).save(tmp_path / "config.json")
+        with pytest.raises(ConfigError, match=r"config.json: setting 'name': .* holds control characters"):
+            Config.load(tmp_path / "config.json")
 
 
 @pytest.mark.parametrize("gpus", [[], ["NVIDIA H200"]])
