@@ -76,9 +76,10 @@ def read_bytes(path: Path, what: str | None = None, max_bytes: int | None = None
 MAX_LINK_CHECK_ENTRIES = 100_000
 
 
-def refuse_links(run_dir: Path) -> None:
-    """Refuse a run folder holding a link (symbolic, or a file of several hard links: the lock, history.csv and the
-    backups are written in place), FIFO, socket or device anywhere inside (the folder itself may be a link)."""
+def refuse_links(run_dir: Path, hard_links: bool = False) -> None:
+    """Refuse a run folder holding a symbolic link, FIFO, socket or device anywhere inside (the folder itself may be
+    a link); with `hard_links`, for a training run, which writes history.csv and the backups in place, also a file
+    of several hard links (a folder copied with `cp -al` reads as any other)."""
     run_dir, seen = Path(run_dir), 0
     pending = [run_dir] if run_dir.is_dir() else []
     while pending:
@@ -93,14 +94,14 @@ def refuse_links(run_dir: Path) -> None:
                     kind = "a symbolic link" if entry.is_symlink() else "not a regular file or folder"
                     raise RunError(f"{entry.path}: {kind} in the run folder {run_dir}; this project writes and "
                                    "reads only regular files there: remove it, or use another run folder")
-                elif (links := entry.stat(follow_symlinks=False).st_nlink) > 1:
+                elif hard_links and (links := entry.stat(follow_symlinks=False).st_nlink) > 1:
                     raise RunError(_hard_links(entry.path, links, run_dir))
 
 
 def _hard_links(path, links: int, run_dir: Path) -> str:
-    return (f"{path}: a file of {links} hard links in the run folder {run_dir}; this project writes some files "
-            "there in place, which would change the other names too: copy the folder without hard links (cp -r), "
-            "or use another run folder")
+    return (f"{path}: a file of {links} hard links in the run folder {run_dir}; this project writes it (or, while "
+            "training, files beside it) in place, which would change the other names too: copy the folder without "
+            "hard links (cp -r), or use another run folder")
 
 
 def write_json(path: Path, content) -> None:
@@ -163,17 +164,18 @@ _HELD: dict[str, list] = {}  # the run folders this process holds: [the lock fil
 
 class RunLock:
     """An exclusive lock on a run folder while a process uses it (released when it exits or dies); the lock file
-    names its holder. Shared within a process: a notebook cell run again takes it while its last run holds it."""
+    names its holder (written in place: never a file of other names). Shared within a process: a notebook cell run
+    again takes it while its last run holds it. `trains`: the holder writes files in place (refuse_links)."""
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
+    def __init__(self, run_dir: Path, trains: bool = False):
+        self.path, self.trains = Path(run_dir) / ".lock", trains
         self.key = self.entry = None
 
     def __enter__(self) -> RunLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        refuse_links(self.path.parent)
+        refuse_links(self.path.parent, hard_links=self.trains)
         key = os.path.realpath(self.path)
         if key in _HELD and _same_file(_HELD[key][0], self.path):
             _HELD[key][1] += 1

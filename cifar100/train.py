@@ -223,7 +223,7 @@ class Training:
         self.fit_model = training_model  # what fit trains: the augmentation, then the model's layers
         if cluster is not None and not cluster.is_chief:
             self.run_dir = self.worker_dir = distribution.worker_folder(config.run_dir(), cluster.index)
-        self.lock = run_folder.RunLock(self.run_dir).acquire()  # held until finish() or close()
+        self.lock = run_folder.RunLock(self.run_dir, trains=True).acquire()  # held until finish() or close()
         try:
             resuming = run_folder.claim(config, self.run_dir, self.fingerprint,
                                         models.earlier_fingerprint(config, self.splits.dataset.num_classes))

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
 import time
 import zipfile
 
@@ -46,26 +47,30 @@ def test_a_link_in_a_run_folder_is_refused_and_nothing_is_written_through_it(run
     assert victim.read_text() == "keep me"
 
 
-@pytest.mark.parametrize("name, other", [(".lock", "best.keras"), ("history.csv", "../precious.txt")])
-def test_a_file_of_several_hard_links_is_refused_and_nothing_is_written_through_it(run_dir, tmp_path, capsys,
-                                                                                   monkeypatch, name, other):
-    """The lock file is written in place (so are history.csv and the backups while training): as a second name of
-    best.keras it would overwrite the model."""
+def test_a_file_of_several_hard_links_is_never_written_through(run_dir, tmp_path, capsys, synthetic_cifar100):
+    """The lock is written in place by every command that takes it (as a second name of best.keras it overwrote the
+    model); a training run also writes history.csv and the backups in place. A folder copied with `cp -al` (every
+    file a hard link) is read as any other."""
     run = copy(run_dir, tmp_path)
-    (tmp_path / "precious.txt").write_text("keep me")
-    (run / name).unlink(missing_ok=True)
-    os.link(run / other, run / name)
-    before = (run / other).read_bytes()
+    linked = tmp_path / "linked"
+    subprocess.run(["cp", "-al", str(run), str(linked)], check=True)
+    assert main(["evaluate", str(linked)]) == 0  # read (its results.json rewritten atomically: a file of its own)
+    capsys.readouterr()
+    os.link(run / "best.keras", run / ".lock")  # best.keras's third name (the copy holds the second)
+    before = (run / "best.keras").read_bytes()
     for command in (["evaluate", str(run)], ["export", str(run), str(tmp_path / "exported")]):
         assert main(command) == 2
         err = capsys.readouterr().err
-        assert f"{run / name}: a file of 2 hard links in the run folder" in err and len(err.strip().splitlines()) == 1
-    monkeypatch.setattr(run_folder, "refuse_links", lambda folder: None)  # the lock checks its own file too
-    (run / ".lock").unlink(missing_ok=True)
-    os.link(run / other, run / ".lock")
-    with pytest.raises(RunError, match=r"\.lock: a file of \d hard links"):
-        run_folder.RunLock(run).acquire()
-    assert (run / other).read_bytes() == before
+        assert f"{run / '.lock'}: a file of 3 hard links in the run folder" in err and len(err.strip().splitlines()) == 1
+    assert (run / "best.keras").read_bytes() == before
+    fresh = copy(run_dir, tmp_path, "fresh")  # no file of it linked but the one below
+    (tmp_path / "precious.txt").write_text("keep me")
+    (fresh / "history.csv").unlink(missing_ok=True)
+    os.link(tmp_path / "precious.txt", fresh / "history.csv")
+    config = Config.load(fresh / "config.json").replace(runs_dir=str(tmp_path), name="fresh")
+    with pytest.raises(RunError, match=r"history.csv: a file of 2 hard links in the run folder"):
+        train.Training(config)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
 def test_an_atomic_write_replaces_a_link_and_its_temporary_file_never_writes_through_one(tmp_path):
