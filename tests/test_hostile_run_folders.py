@@ -61,7 +61,8 @@ def test_a_file_of_several_hard_links_is_never_written_through(run_dir, tmp_path
     for command in (["evaluate", str(run)], ["export", str(run), str(tmp_path / "exported")]):
         assert main(command) == 2
         err = capsys.readouterr().err
-        assert f"{run / '.lock'}: a file of 3 hard links in the run folder" in err and len(err.strip().splitlines()) == 1
+        assert f"{run / '.lock'}: a file of 3 hard links in the run folder" in err
+        assert len(err.strip().splitlines()) == 1
     assert (run / "best.keras").read_bytes() == before
     fresh = copy(run_dir, tmp_path, "fresh")  # no file of it linked but the one below
     (tmp_path / "precious.txt").write_text("keep me")
