@@ -491,17 +491,19 @@ def settle_phase(run_dir: Path, backup_dir: Path, start_epoch: int, end_epoch: i
     trim_history(run_dir / HISTORY, committed)
     checkpoints = run_dir / CHECKPOINTS
     if checkpoints.is_dir():
-        found = {}
+        found, leftovers = {}, []
         for entry in checkpoints.iterdir():
+            if entry.is_symlink() or not entry.is_file():
+                raise RunError(f"{entry}: not a file, in the checkpoints' scratch folder: remove it, then run again")
             match = re.fullmatch(r"best-(\d{1,9})\.keras", entry.name)
-            if match is None or entry.is_symlink() or not entry.is_file():
-                raise RunError(f"{entry}: not a checkpoint file of this project's (best-<epoch>.keras) in its scratch "
-                               "folder: remove it, then run again")
-            found[int(match.group(1))] = entry
+            if match:
+                found[int(match.group(1))] = entry
+            else:  # a temporary file of Keras' saving, left by a kill
+                leftovers.append(entry)
         done = [epoch for epoch in found if epoch <= committed]
         if done:
             os.replace(found.pop(max(done)), run_dir / "best.keras")
-        for leftover in found.values():  # checkpoints of epochs never committed, or superseded
+        for leftover in [*found.values(), *leftovers]:  # checkpoints of epochs never committed, or superseded
             leftover.unlink()
     return committed
 

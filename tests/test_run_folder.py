@@ -153,7 +153,7 @@ def test_a_restarted_phase_keeps_only_what_committed_epochs_wrote(tmp_path):
             run_folder.best_val_accuracy(tmp_path)
 
 
-def test_a_file_of_someone_else_in_the_checkpoints_folder_is_named_and_nothing_is_published(tmp_path):
+def test_the_checkpoints_scratch_folder_is_settled_by_epoch_number_whatever_else_it_holds(tmp_path):
     backup = tmp_path / "backup" / "head"
     keras_backup(backup, 2)
     run_folder.mark_committed(backup)
@@ -162,12 +162,14 @@ def test_a_file_of_someone_else_in_the_checkpoints_folder_is_named_and_nothing_i
     checkpoints.mkdir()
     (tmp_path / "best.keras").write_text("epoch 0")
     (checkpoints / "best-0002.keras").write_text("epoch 2")
-    (checkpoints / "best-abc.keras").write_text("someone else's")
-    with pytest.raises(RunError, match=r"best-abc.keras: not a checkpoint file of this project's"):
-        run_folder.settle_phase(tmp_path, backup, 0, 3)
-    assert (tmp_path / "best.keras").read_text() == "epoch 0" and len(list(checkpoints.iterdir())) == 2
-    (checkpoints / "best-abc.keras").unlink()
     (checkpoints / "best-10000.keras").write_text("epoch 10000, never committed")  # past 4 digits: by number
+    (checkpoints / "tmpk3j2x9q1").write_text("Keras' temporary file of a save that a kill cut short")
+    (checkpoints / "best-abc.keras").write_text("not an epoch's")  # int() of its name crashed the resume
+    (checkpoints / "folder").mkdir()
+    with pytest.raises(RunError, match=r"checkpoints/folder: not a file, in the checkpoints' scratch folder"):
+        run_folder.settle_phase(tmp_path, backup, 0, 3)
+    assert (tmp_path / "best.keras").read_text() == "epoch 0" and len(list(checkpoints.iterdir())) == 5
+    (checkpoints / "folder").rmdir()
     assert run_folder.settle_phase(tmp_path, backup, 0, 3) == 2
     assert (tmp_path / "best.keras").read_text() == "epoch 2" and list(checkpoints.iterdir()) == []
 
