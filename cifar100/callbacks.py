@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 
@@ -110,16 +111,28 @@ class ResumeState(keras.callbacks.Callback):
         backup_dir = Path(backup_dir)
         backup_dir.mkdir(parents=True, exist_ok=True)
         run_folder.write_json(backup_dir / f"callbacks-{epochs_done:04d}.json", state)
-        for old in sorted(backup_dir.glob("callbacks-*.json"))[:-cls.KEEP]:
+        for old in cls._saved(backup_dir)[:-cls.KEEP]:
             old.unlink()
 
+    @staticmethod
+    def _saved(backup_dir: Path) -> list[Path]:
+        """The files saved, by epoch (by name, epoch 10000 would come before 9999)."""
+        found = {int(m.group(1)): path for path in Path(backup_dir).glob("callbacks-*.json")
+                 if (m := re.fullmatch(r"callbacks-(\d{1,9})\.json", path.name))}
+        return [found[epoch] for epoch in sorted(found)]
+
     @classmethod
-    def load(cls, backup_dir: Path, epochs_done: int | None = None) -> dict | None:
-        """The state saved after `epochs_done` epochs (None: the last saved), each value checked."""
-        saved = sorted(Path(backup_dir).glob("callbacks-*.json")) if epochs_done is None else \
+    def load(cls, backup_dir: Path, epochs_done: int | None = None, required: bool = False) -> dict | None:
+        """The state saved after `epochs_done` epochs (None: the last saved), each value checked; None when there is
+        none, unless `required` (a committed epoch's state): then a RunError names the missing file."""
+        saved = cls._saved(backup_dir) if epochs_done is None else \
             [Path(backup_dir) / f"callbacks-{epochs_done:04d}.json"]
         path = saved[-1] if saved else None
-        if path is None or not path.exists():
+        if path is None or not (path.exists() or path.is_symlink()):
+            if required:
+                raise RunError(f"{path}: missing: the state of the callbacks (early stopping, the learning-rate "
+                               f"schedule, mining) after epoch {epochs_done}, which is committed. Nothing was "
+                               f"changed: restore it, or delete {backup_dir} to train this phase again from its start")
             return None
         state = run_folder.read_json(path, "callback state")
         numbers = {"reduce_lr": ("wait", "best", "cooldown_counter"),
@@ -175,7 +188,9 @@ class CheckedBackupAndRestore(keras.callbacks.BackupAndRestore):
     def on_train_begin(self, logs=None):
         try:
             super().on_train_begin(logs)
-        except (ValueError, KeyError, OSError) as exc:
+        except (ValueError, KeyError) as exc:  # what Keras' loader raises for weights of other shapes or names
+            if not (self.backup_dir / "latest.weights.h5").exists():
+                raise
             raise RunError(f"{self.backup_dir / 'latest.weights.h5'}: not a backup of this run's model "
                            f"({type(exc).__name__}: {first_line(exc)}). Nothing was changed: "
                            f"delete {self.backup_dir} to train this phase again from its start") from None

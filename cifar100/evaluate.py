@@ -214,7 +214,7 @@ def _eight_bits(image, path):
     integer or a floating-point image, whose range no format defines, is refused."""
     from PIL import Image
 
-    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):  # PNG: 16-bit at most
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format in ("PNG", "PPM")):  # 16 bits at most
         return Image.fromarray(np.rint(np.asarray(image, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
     if image.mode in ("I", "F"):
         raise DatasetError(f"{path}: a {'32-bit integer' if image.mode == 'I' else 'floating-point'} image, whose "

@@ -58,11 +58,11 @@ class HeldStderr:
     def release(self) -> None:
         if self.saved is None:
             return
-        HeldStderr.holding.remove(self)
         sys.stderr.flush()
         os.dup2(self.saved, 2)
         os.close(self.saved)
         self.saved = None
+        HeldStderr.holding.remove(self)  # after fd 2 is back: an interrupt before leaves it to release again
         self.held.seek(0)
         lines = self.held.read().decode(errors="replace").splitlines(keepends=True)
         self.held.close()

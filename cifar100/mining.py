@@ -259,11 +259,12 @@ class SelectiveBackprop(keras.callbacks.Callback):
         try:
             window, seen = np.asarray(state["window"], dtype=np.float32), state["seen"]
             if not isinstance(seen, int) or isinstance(seen, bool) or not 0 <= seen < 2**31 \
-                    or window.shape != (self.window_size,) or not np.isfinite(window).all() or (window < 0).any():
+                    or window.shape != (self.window_size,) or np.isinf(window).any() or (window < 0).any():
                 raise ValueError(seen)
         except (TypeError, ValueError, KeyError):
             raise RunError(f"damaged mining state in the run folder's backup: expected a window of {self.window_size} "
-                           "recent losses (numbers >= 0) and the count seen; delete the run folder to start over"
+                           "recent losses (numbers >= 0, or NaN) and the count seen; delete the run folder to start "
+                           "over"
                            ) from None
         self.window.assign(window)
         self.seen.assign(seen)

@@ -352,18 +352,13 @@ class Training:
         committed = run_folder.settle_phase(self.run_dir, backup, start, end)
         if (backup / "latest.weights.h5").exists():  # BackupAndRestore loads it into the model and its optimiser
             run_folder.check_weights_file(backup / "latest.weights.h5", trainee, copies=3)
-        restored = ResumeState.load(backup, committed) if committed > start else None
-        if committed > start and restored is None:
-            raise RunError(f"{backup / f'callbacks-{committed:04d}.json'}: missing: the state of the callbacks "
-                           f"(early stopping, the learning-rate schedule, mining) after epoch {committed}, which is "
-                           f"committed. Nothing was changed: restore it, or delete {backup} to train this phase again "
-                           "from its start")
+        restored = ResumeState.load(backup, committed, required=True) if committed > start else None
         if restored and restored.get("stopped"):
             end = committed  # early stopping had ended this phase: only restore its weights
         if committed > start:
             print(f"resuming phase {phase!r} after epoch {committed} (of epochs {start + 1}-{end})")
         if restored and mining is not None:
-            mining.set_state(restored["mining"])
+            mining.set_state(restored.get("mining"))
         keras_internals.forget_restored_epoch(trainee)  # else it would start where a previous fit's backup was
         self.attempt = {"phase": phase, "sampler": sampler, "mining": mining, "model": trainee,
                         "optimizer": getattr(trainee, "optimizer", None), "restored": restored, "epochs": (start, end),
@@ -504,4 +499,4 @@ def _restore_mining(mining: keras.callbacks.Callback | None, run_dir: Path, phas
     """A run resumed after a finished phase continues with the mining state that phase ended with."""
     state = ResumeState.load(run_dir / "backup" / phase)
     if mining is not None and state:
-        mining.set_state(state["mining"])
+        mining.set_state(state.get("mining"))

@@ -73,6 +73,8 @@ def test_images_of_more_than_8_bits_are_scaled_or_refused(tmp_path):
     loaded = evaluate.load_image(tmp_path / "grey16.png")
     assert loaded.shape == (32, 32, 3) and loaded.dtype == np.uint8
     assert np.allclose(loaded[:, :, 0], np.rint(ramp / 257), atol=1) and 126 < loaded.mean() < 129  # not clipped
+    Image.fromarray(ramp.astype(np.uint16)).save(tmp_path / "grey16.pgm")  # Pillow opens it as 32-bit ("I")
+    assert np.array_equal(evaluate.load_image(tmp_path / "grey16.pgm"), loaded)
     Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "int32.tif")
     Image.fromarray(ramp.astype(np.float32) / 65535).save(tmp_path / "float.tif")
     for name, kind in (("int32.tif", "a 32-bit integer"), ("float.tif", "a floating-point")):

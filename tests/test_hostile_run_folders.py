@@ -218,6 +218,14 @@ def test_callback_state_from_a_backup_sets_only_what_resume_state_saves(tmp_path
         ResumeState.save(backup, 3, bad)
         with pytest.raises(RunError, match=r"callbacks-0003.json: damaged callback state"):
             ResumeState.load(backup, 3)
+    for epoch in (9998, 9999, 10000, 10001):  # kept and found by epoch: by name, 10000 sorts before 9999
+        ResumeState.save(backup, epoch, {**state, "early_stopping": {**state["early_stopping"], "best_epoch": epoch}})
+    assert sorted(path.name for path in backup.iterdir()) == ["callbacks-10000.json", "callbacks-10001.json",
+                                                             "callbacks-9999.json"]
+    assert ResumeState.load(backup)["early_stopping"]["best_epoch"] == 10001
+    with pytest.raises(RunError, match=r"callbacks-0003.json: missing: the state of the callbacks"):
+        ResumeState.load(backup, 3, required=True)
+    assert ResumeState.load(backup, 3) is None
 
 
 def test_a_mining_state_that_does_not_fit_the_run_is_named_not_dropped():
@@ -236,9 +244,10 @@ def test_a_mining_state_that_does_not_fit_the_run_is_named_not_dropped():
             reweight.set_state(bad)
     selective = SelectiveBackprop(window=4)
     selective.make_state(keras.Sequential([keras.Input((2,)), keras.layers.Dense(3, activation="softmax")]))
-    selective.set_state({"window": [0.1, 0.2, 0.3, 0.4], "seen": 9})
+    selective.set_state({"window": [float("nan"), 0.2, 0.3, 0.4], "seen": 9})  # NaN: a scoring pass of NaN
     assert int(keras.ops.convert_to_numpy(selective.seen.value)) == 9
-    for bad in ({"window": [0.1] * 3, "seen": 9}, {"window": [float("inf")] * 4, "seen": 9}, {"seen": 9}, None):
+    for bad in ({"window": [0.1] * 3, "seen": 9}, {"window": [float("inf")] * 4, "seen": 9}, {"seen": 9},
+                {"window": [-1.0] * 4, "seen": 9}, None):
         with pytest.raises(RunError, match=r"damaged mining state .*a window of 4 recent losses"):
             selective.set_state(bad)
 
