@@ -421,9 +421,19 @@ def _backup_files(backup_dir: Path, suffix: str = "") -> tuple[Path, Path]:
 
 
 def mark_committed(backup_dir: Path) -> None:
-    """After BackupAndRestore wrote its backup: record which weights and epoch it holds (atomically)."""
-    weights, metadata = _backup_files(Path(backup_dir))
-    write_json(Path(backup_dir) / COMMITTED, {"epoch": _backup_epoch(metadata), "md5": md5sum(weights)})
+    """After BackupAndRestore wrote its backup: record which weights and epoch it holds (atomically), once the
+    backup, its .bkp copy and the history's rows are on disk (Keras and CSVLogger do not sync them): what
+    committed.json names survives a power cut, not only a kill."""
+    backup_dir = Path(backup_dir)
+    weights, metadata = _backup_files(backup_dir)
+    for path in (weights, metadata, *_backup_files(backup_dir, ".bkp"), backup_dir.parents[1] / HISTORY):
+        with contextlib.suppress(FileNotFoundError):
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    write_json(backup_dir / COMMITTED, {"epoch": _backup_epoch(metadata), "md5": md5sum(weights)})
 
 
 def _backup_epoch(metadata: Path) -> int:

@@ -221,6 +221,23 @@ def test_phase_1_done_without_its_weights_or_after_more_epochs_than_it_has_is_re
     training.close()
 
 
+def test_an_epoch_is_committed_once_its_backup_and_history_row_are_on_disk(tmp_path, monkeypatch):
+    """Keras writes the backup and CSVLogger the row without syncing them: after a power cut committed.json could
+    name an epoch whose files never reached the disk."""
+    backup = tmp_path / "backup" / "finetune"
+    keras_backup(backup, 1)
+    keras_backup(backup, 2)  # and its .bkp copies of epoch 1
+    (tmp_path / "history.csv").write_text("epoch,loss\n1,1.0\n2,0.9\n")
+    synced = []
+    monkeypatch.setattr(run_folder.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")))
+    run_folder.mark_committed(backup)
+    names = [os.path.relpath(path, tmp_path) for path in synced]
+    assert names[:5] == ["backup/finetune/latest.weights.h5", "backup/finetune/training_metadata.json",
+                         "backup/finetune/latest.weights.h5.bkp", "backup/finetune/training_metadata.json.bkp",
+                         "history.csv"]
+    assert names[5:] == ["backup/finetune/.committed.json.tmp"]  # then committed.json itself
+
+
 def keras_backup(folder, epoch, steps=("bkp", "weights", "epoch")):
     """The steps of BackupAndRestore(double_checkpoint=True) at an epoch's end: the previous backup copied to
     *.bkp, then the new weights, then the new epoch number. A kill is a shorter `steps`."""
