@@ -29,8 +29,8 @@ def setup() -> None:
 
     show_user_errors()
     shell = _ipython()
-    if shell is not None and keras_internals.release_held_stderr not in shell.events.callbacks["post_run_cell"]:
-        shell.events.register("post_run_cell", keras_internals.release_held_stderr)
+    if shell is not None:
+        shell.events.register("post_run_cell", keras_internals.release_held_stderr)  # once, however often called
 
 
 def show_user_errors(shell=None) -> None:

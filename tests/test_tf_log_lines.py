@@ -74,7 +74,7 @@ def test_an_error_in_fits_first_step_is_shown_by_the_command_line(raised, status
     assert result.returncode == status and shown in result.stderr, result.stderr
 
 
-def test_a_notebook_cell_whose_fit_fails_in_its_first_step_lets_go_of_stderr():
+def test_a_notebook_cell_whose_fit_fails_in_its_first_step_lets_go_of_stderr(capfd):
     from IPython.core.interactiveshell import InteractiveShell
 
     from cifar100 import notebook
@@ -82,11 +82,15 @@ def test_a_notebook_cell_whose_fit_fails_in_its_first_step_lets_go_of_stderr():
     shell = InteractiveShell.instance()
     try:
         notebook.setup()
-        result = shell.run_cell("from cifar100 import keras_internals\n"
+        notebook.setup()  # the first cell run again
+        assert shell.events.callbacks["post_run_cell"].count(keras_internals.release_held_stderr) == 1
+        result = shell.run_cell("import os\nfrom cifar100 import keras_internals\n"
                                 "keras_internals.QuietFirstSteps().on_train_begin()\n"
+                                "os.write(2, b'a C++ line of the failed step\\n')\n"
                                 "raise ValueError('fit failed')")
         assert isinstance(result.error_in_exec, ValueError)
         assert keras_internals.HeldStderr.holding == []  # fd 2 is the terminal's again
+        assert "a C++ line of the failed step" in capfd.readouterr().err  # what was held, written out
     finally:
         keras_internals.release_held_stderr()
         InteractiveShell.clear_instance()

@@ -100,6 +100,8 @@ def test_random_shift_moves_each_image_by_whole_pixels_and_compiles_with_xla():
     assert any(isinstance(layer, keras_internals.RandomShift) for layer in model.layers)
     model.compile(optimizer="adam", loss="categorical_crossentropy", jit_compile=True)
     assert model.jit_compile is True  # every layer supports XLA, so Keras keeps it on
+    x, y = np.zeros((4, 32, 32, 3), np.uint8), np.eye(10, dtype="float32")[:4]
+    assert np.isfinite(model.train_on_batch(x, y))  # a training step compiled with XLA: the shift included
     # why the workaround: with RandomTranslation Keras turns XLA off (when this fails, Keras no longer needs it)
     inputs = keras.Input((32, 32, 3))
     shifted = keras.layers.RandomTranslation(0.1, 0.1, fill_mode="reflect")(inputs)
