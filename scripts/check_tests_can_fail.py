@@ -52,6 +52,26 @@ MUTATIONS = {
         "cifar100/run_folder.py", "    if not start_epoch <= committed <= end_epoch:\n", "    if False:\n",
         ["tests/test_run_folder.py::test_a_backup_outside_the_phase_or_a_history_without_its_epochs_is_refused_and_"
          "nothing_changes"]),
+    "a history without the committed epochs' rows resumed (no best to beat)": (
+        "cifar100/run_folder.py", '    if committed and (not rows or int(rows[-1]["epoch"]) < committed):',
+        "    if False:",
+        ["tests/test_run_folder.py::test_a_backup_outside_the_phase_or_a_history_without_its_epochs_is_refused_and_"
+         "nothing_changes"]),
+    "phase 1 recorded done without its weights trains again": (
+        "cifar100/train.py", "        if done is not None and not ((self.run_dir / PHASE1_WEIGHTS).exists()",
+        "        if False and not ((self.run_dir / PHASE1_WEIGHTS).exists()",
+        ["tests/test_run_folder.py::test_phase_1_done_without_its_weights_or_after_more_epochs_than_it_has_is_"
+         "refused"]),
+    "a mining state of another length dropped": (
+        "cifar100/mining.py", "if losses is None or losses.shape != self.losses.shape or", "if losses is None or",
+        ["tests/test_hostile_run_folders.py::test_a_mining_state_that_does_not_fit_the_run_is_named_not_dropped"]),
+    "error lines print a file's terminal escapes": (
+        "cifar100/__main__.py", 'print(f"error: {printable(str(exc))}", file=sys.stderr)',
+        'print(f"error: {exc}", file=sys.stderr)',
+        ["tests/test_hostile_commands.py::test_names_from_files_print_without_terminal_escapes"]),
+    "a 16-bit image clipped to white": (
+        "cifar100/evaluate.py", 'image = _eight_bits(image, path).convert("RGB")', 'image = image.convert("RGB")',
+        ["tests/test_hostile_commands.py::test_images_of_more_than_8_bits_are_scaled_or_refused"]),
     "xla auto decided here, off": (
         "cifar100/train.py", 'return "auto" if value == "auto" else value == "true"',
         'return False if value == "auto" else value == "true"',

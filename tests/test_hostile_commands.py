@@ -94,6 +94,11 @@ def test_names_from_files_print_without_terminal_escapes(run_dir, tmp_path, caps
     out, err = capsys.readouterr()
     assert "\x1b" not in out + err and "Traceback" not in err
     assert out.startswith(f"{tmp_path}/\\x1b]0;owned\\x07\\x1b[31mred.png: ") and "missing.png: file not found" in err
+    os.symlink("/etc/passwd", run / "\x1b]0;owned\x07link")  # a file name inside the run folder
+    assert main(["evaluate", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "\\x1b]0;owned\\x07link: a symbolic link in the run folder" in err and "\x1b" not in err
+    (run / "\x1b]0;owned\x07link").unlink()
     saved = json.loads((run / "config.json").read_text())
     for path in ("/data/\x1b]0;owned\x07", "/data/cifar\x00-100"):  # a terminal escape; a NUL byte
         (run / "config.json").write_text(json.dumps({**saved, "data_dir": path}))
