@@ -128,18 +128,23 @@ def test_a_damaged_history_is_named_and_left_as_it_is(tmp_path):
     assert history.read_text() == "epoch,loss\n0,1.0\nthis is not, a row\n"
 
 
+def committed_at(run_dir, epoch: int, history: str):
+    """A run folder whose head phase committed `epoch`, with `history`, a best.keras of epoch 0 and an empty
+    checkpoints' scratch folder: (the backup folder, the checkpoints' folder)."""
+    backup = run_dir / "backup" / "head"
+    keras_backup(backup, epoch)
+    run_folder.mark_committed(backup)
+    (run_dir / "history.csv").write_text(history)
+    (run_dir / "best.keras").write_text("epoch 0")
+    (run_dir / run_folder.CHECKPOINTS).mkdir()
+    return backup, run_dir / run_folder.CHECKPOINTS
+
+
 def test_a_restarted_phase_keeps_only_what_committed_epochs_wrote(tmp_path):
     """Backup says 2 epochs are done. Epoch 1's checkpoint was written but not published (killed after the
     commit); epoch 2 wrote a history row and a better checkpoint but was never committed (a ghost)."""
 
-    backup = tmp_path / "backup" / "head"
-    backup.mkdir(parents=True)
-    keras_backup(backup, 2)
-    run_folder.mark_committed(backup)
-    (tmp_path / "history.csv").write_text("epoch,val_accuracy\n1,0.5\n2,0.6\n3,0.9\n")
-    checkpoints = tmp_path / run_folder.CHECKPOINTS
-    checkpoints.mkdir()
-    (tmp_path / "best.keras").write_text("epoch 0")
+    backup, checkpoints = committed_at(tmp_path, 2, "epoch,val_accuracy\n1,0.5\n2,0.6\n3,0.9\n")
     (checkpoints / "best-0002.keras").write_text("epoch 1")
     (checkpoints / "best-0003.keras").write_text("epoch 2, never committed")
 
@@ -154,13 +159,7 @@ def test_a_restarted_phase_keeps_only_what_committed_epochs_wrote(tmp_path):
 
 
 def test_the_checkpoints_scratch_folder_is_settled_by_epoch_number_whatever_else_it_holds(tmp_path):
-    backup = tmp_path / "backup" / "head"
-    keras_backup(backup, 2)
-    run_folder.mark_committed(backup)
-    (tmp_path / "history.csv").write_text("epoch,val_accuracy\n1,0.5\n2,0.6\n")
-    checkpoints = tmp_path / run_folder.CHECKPOINTS
-    checkpoints.mkdir()
-    (tmp_path / "best.keras").write_text("epoch 0")
+    backup, checkpoints = committed_at(tmp_path, 2, "epoch,val_accuracy\n1,0.5\n2,0.6\n")
     (checkpoints / "best-0002.keras").write_text("epoch 2")
     (checkpoints / "best-10000.keras").write_text("epoch 10000, never committed")  # past 4 digits: by number
     (checkpoints / "tmpk3j2x9q1").write_text("Keras' temporary file of a save that a kill cut short")
