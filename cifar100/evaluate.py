@@ -1,4 +1,5 @@
-"""Test metrics of a run, its results.json, prediction on image files, and export (SavedModel, TFLite, ONNX)."""
+"""Test metrics of a run, its results.json, prediction on image files, and export (SavedModel, TFLite, ONNX); a
+run's checkpoint and weights files, checked against its model before Keras reads them."""
 
 from __future__ import annotations
 
@@ -121,7 +122,7 @@ def load_checkpoint(path: Path, config: Config, num_classes: int, model: keras.M
 
 
 def _load_weights(path: Path, model: keras.Model) -> keras.Model:
-    _check_archive(path, run_folder.weight_bytes(model))
+    _check_archive(path, weight_bytes(model))
     damaged = f"{path}: not this run's model (damaged, or not what its config.json describes)"
     with warnings.catch_warnings():  # Keras warns about each part of a file that does not fit
         warnings.simplefilter("ignore")
@@ -136,7 +137,7 @@ def _load_weights(path: Path, model: keras.Model) -> keras.Model:
 def _check_archive(path: Path, expected_bytes: int) -> None:
     """Refuse, before Keras reads it, a .keras file holding more than the model needs."""
     damaged = f"{path}: damaged or not a Keras model file"
-    limit = 2 * expected_bytes + run_folder.MAX_WEIGHTS_SLACK
+    limit = 2 * expected_bytes + MAX_WEIGHTS_SLACK
     with data.open_regular(path) as handle:
         if not zipfile.is_zipfile(handle):
             raise RunError(f"{damaged}: not a zip archive, as a .keras file is (truncated?)")
@@ -150,7 +151,39 @@ def _check_archive(path: Path, expected_bytes: int) -> None:
                 raw = archive.read("model.weights.h5")
         except (zipfile.BadZipFile, KeyError, OSError, ValueError, RuntimeError) as exc:
             raise RunError(f"{damaged}: {type(exc).__name__}: {first_line(exc)}") from None
-    run_folder.check_weights(raw, expected_bytes, path)
+    check_weights(raw, expected_bytes, path)
+
+
+def weight_bytes(model) -> int:
+    """The bytes of a model's weights: what a weights file of it holds."""
+    return sum(int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for w in model.weights)
+
+
+MAX_WEIGHTS_SLACK = 16 << 20  # what a weights or .keras file may hold beyond the arrays: its names and metadata
+
+
+def check_weights(raw: bytes, expected_bytes: int, where: Path) -> None:
+    """Refuse HDF5 weights (bytes) whose arrays exceed what a model of `expected_bytes` needs: h5py allocates an
+    array as large as the file declares, however small the (compressed) file is."""
+    import h5py
+
+    arrays = []
+    try:
+        with h5py.File(io.BytesIO(raw), "r") as weights:
+            weights.visititems(lambda name, item: arrays.append(item.size * item.dtype.itemsize)
+                               if isinstance(item, h5py.Dataset) else None)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise RunError(f"{where}: damaged weights file ({type(exc).__name__}: {first_line(exc)})"
+                       ) from None
+    if sum(arrays) > 2 * expected_bytes + MAX_WEIGHTS_SLACK:
+        raise RunError(f"{where}: its weights file holds {sum(arrays)} bytes of arrays, more than this run's model "
+                       f"needs ({expected_bytes} bytes): not this run's model")
+
+
+def check_weights_file(path: Path, model, copies: int = 1) -> None:
+    """`check_weights` for a .weights.h5 file before loading it into `model`: `copies` 3 for a backup (Adam's two)."""
+    expected = copies * weight_bytes(model)
+    check_weights(run_folder.read_bytes(path, "weights file", 2 * expected + MAX_WEIGHTS_SLACK), expected, path)
 
 
 def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None,

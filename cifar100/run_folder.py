@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from cifar100.config import Config, ConfigError, DatasetError, RunError, first_line, shown
+from cifar100.config import Config, ConfigError, DatasetError, RunError, shown
 from cifar100.data import md5sum
 
 HISTORY = "history.csv"
@@ -121,40 +121,6 @@ def read_json(path: Path, what: str | None = None) -> dict:
     if not isinstance(content, dict):
         raise RunError(f"{path}: damaged {what}: expected a JSON object, found {type(content).__name__}")
     return content
-
-
-def weight_bytes(model) -> int:
-    """The bytes of a model's weights: what a weights file of it holds."""
-    import numpy as np
-
-    return sum(int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for w in model.weights)
-
-
-MAX_WEIGHTS_SLACK = 16 << 20  # what a weights or .keras file may hold beyond the arrays: its names and metadata
-
-
-def check_weights(raw: bytes, expected_bytes: int, where: Path) -> None:
-    """Refuse HDF5 weights (bytes) whose arrays exceed what a model of `expected_bytes` needs: h5py allocates an
-    array as large as the file declares, however small the (compressed) file is."""
-    import h5py
-
-    arrays = []
-    try:
-        with h5py.File(io.BytesIO(raw), "r") as weights:
-            weights.visititems(lambda name, item: arrays.append(item.size * item.dtype.itemsize)
-                               if isinstance(item, h5py.Dataset) else None)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise RunError(f"{where}: damaged weights file ({type(exc).__name__}: {first_line(exc)})"
-                       ) from None
-    if sum(arrays) > 2 * expected_bytes + MAX_WEIGHTS_SLACK:
-        raise RunError(f"{where}: its weights file holds {sum(arrays)} bytes of arrays, more than this run's model "
-                       f"needs ({expected_bytes} bytes): not this run's model")
-
-
-def check_weights_file(path: Path, model, copies: int = 1) -> None:
-    """`check_weights` for a .weights.h5 file before loading it into `model`: `copies` 3 for a backup (Adam's two)."""
-    expected = copies * weight_bytes(model)
-    check_weights(read_bytes(path, "weights file", 2 * expected + MAX_WEIGHTS_SLACK), expected, path)
 
 
 # --- the lock ------------------------------------------------------------------------------------------

@@ -351,7 +351,7 @@ class Training:
         backup = self.run_dir / "backup" / phase
         committed = run_folder.settle_phase(self.run_dir, backup, start, end)
         if (backup / "latest.weights.h5").exists():  # BackupAndRestore loads it into the model and its optimiser
-            run_folder.check_weights_file(backup / "latest.weights.h5", trainee, copies=3)
+            evaluate.check_weights_file(backup / "latest.weights.h5", trainee, copies=3)
         restored = ResumeState.load(backup, committed, required=True) if committed > start else None
         if restored and restored.get("stopped"):
             end = committed  # early stopping had ended this phase: only restore its weights
@@ -442,7 +442,7 @@ class Training:
     def _load_phase1(self) -> None:
         """The model's weights as phase 1 left them (the file's optimiser, none or phase 1's, is not loaded)."""
         path = self.run_dir / PHASE1_WEIGHTS
-        run_folder.check_weights_file(path, self.model)
+        evaluate.check_weights_file(path, self.model)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             try:
