@@ -8,7 +8,7 @@ import copy
 import sys
 from pathlib import Path
 
-from cifar100.config import Config, RunError, UserError, make_config, printable, validate
+from cifar100.config import Config, ConfigError, RunError, UserError, make_config, printable, shown, validate
 
 # The parameters cell's names, and the Config setting each one fills.
 PARAMETERS = {"PRESET": None, "BACKBONE": "backbone", "IMAGE_SIZE": "image_size", "HEAD_EPOCHS": "head_epochs",
@@ -97,7 +97,10 @@ def config_from(parameters: dict) -> Config:
     if parameters["WEIGHTS"] != "preset":  # Config reads None, "none" and "random" as random initialisation
         overrides["weights"] = parameters["WEIGHTS"]
     overrides["name"] = parameters["RUN_NAME"] or ""
-    return make_config(parameters["PRESET"], {**overrides, **(parameters["SETTINGS"] or {})})
+    settings = parameters["SETTINGS"] or {}
+    if not isinstance(settings, dict):
+        raise ConfigError(f"SETTINGS must be a dict of settings, e.g. {{\"seed\": 1}}, not {shown(settings)}")
+    return make_config(parameters["PRESET"], {**overrides, **settings})
 
 
 class Parameters:

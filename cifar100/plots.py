@@ -371,7 +371,9 @@ def samples_per_class(images: np.ndarray, labels: np.ndarray, class_names: list[
             if col < len(members):
                 ax.imshow(images[members[col]], interpolation="nearest")
         axes[row, 0].set_ylabel(class_names[cls], rotation=0, ha="right", va="center", fontsize=9)
-    figure.suptitle("Sample training images per class (32x32)" + _note(synthetic))
+    shown_classes = min(classes, len(class_names))
+    figure.suptitle(f"Sample training images (32x32) of the first {shown_classes} of {len(class_names)} classes"
+                    + _note(synthetic))
     figure.tight_layout()
     return figure
 

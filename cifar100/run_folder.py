@@ -202,8 +202,10 @@ def _same_file(handle, path: Path) -> bool:
 # --- claiming the folder for a config ------------------------------------------------------------------
 
 def has_progress(run_dir: Path) -> bool:
-    """True once anything of a training run is in the folder (history, checkpoints, backups)."""
-    return any((Path(run_dir) / name).exists() for name in (HISTORY, "best.keras", "backup", "phase1.weights.h5"))
+    """True once an epoch has been trained in the folder (a history row, best.keras, a backup); an empty history or
+    phase 1's weights alone (phase 1 skipped without pretrained weights: the initial ones) are none."""
+    run_dir = Path(run_dir)
+    return (run_dir / "best.keras").exists() or (run_dir / "backup").exists() or bool(history_rows(run_dir))
 
 
 # 2: best.keras is the inference model, of Keras' own layers (1: it held this project's layers and augmentation)
@@ -225,8 +227,9 @@ def check_fingerprint(run_dir: Path, fingerprint: str | None, earlier=None) -> N
     if fingerprint is not None and trained not in (None, fingerprint) and has_progress(run_dir) and \
             not (earlier is not None and trained == earlier()):
         raise RunError(f"{run_dir} holds a run of these settings trained with another model (fingerprint "
-                       f"{shown(trained)}; the model built now: {fingerprint}): cifar100/models.py was changed "
-                       "since. Nothing was changed there: move that folder away to train again, or set a run name")
+                       f"{shown(trained)}; the model built now: {fingerprint}): cifar100/models.py, or the model the "
+                       "notebook's cell builds, changed since. Nothing was changed there: move that folder away to "
+                       "train again, or set a run name")
 
 
 def claim(config: Config, run_dir: Path, fingerprint: str | None = None, earlier=None) -> bool:

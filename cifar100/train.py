@@ -209,6 +209,10 @@ class Training:
             return
         given = splits is not None and splits.config_key == splits_key(config)
         self.splits = splits if given else prepare_data(config)
+        classes = self.splits.dataset.num_classes
+        if model is not None and model.outputs[0].shape[-1] != classes:  # before a folder is claimed for it
+            raise RunError(f"the model gives {model.outputs[0].shape[-1]} probabilities, the data have {classes} "
+                           "classes: build it with dataset.num_classes (the model cell)")
         self.strategy, cluster = distribution.make_strategy(config.distribution, config.distribution_timeout)
         if config.model and distribution.is_distributed(self.strategy):
             raise ConfigError("a model edited in the notebook trains on one device: set distribution=none, or "

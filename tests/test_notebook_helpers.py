@@ -105,6 +105,7 @@ def test_a_cell_run_before_the_one_that_defines_its_names_says_which_cell_to_run
     ({"reduce_lr_factor": 1.5}, "setting 'reduce_lr_factor' must be > 0 and < 1"),
     ({"dropout": 1.5}, "setting 'dropout' must be >= 0 and < 1"),
     ({"head_learning_rate": float("nan")}, "must be a finite number"),
+    ("seed=1", r"SETTINGS must be a dict of settings, e.g. \{\"seed\": 1\}, not 'seed=1'"),  # a TypeError before
 ])
 def test_a_bad_setting_is_refused_at_the_settings_cell_before_data_or_model(settings, message):
     with pytest.raises(ConfigError, match=message):

@@ -84,6 +84,19 @@ def test_a_command_that_failed_before_training_can_be_corrected_in_the_same_fold
     corrected = smoke(small_data, run_dir, seed=2)
     assert run_folder.claim(corrected, run_dir) is False
     assert Config.load(run_dir / "config.json") == corrected
+    (run_dir / "history.csv").write_text("epoch,loss\n")  # a fit that failed in its first step, after phase 1
+    (run_dir / "phase1.weights.h5").write_bytes(b"skipped without pretrained weights: the initial ones")
+    again = smoke(small_data, run_dir, seed=3)
+    assert run_folder.claim(again, run_dir) is False and Config.load(run_dir / "config.json") == again
+
+
+def test_a_model_of_other_classes_than_the_data_claims_no_folder(small_data, tmp_path):
+    """It took the folder of the recipe's fingerprint for its own class count, failed in fit's first step, and
+    left the folder refusing the notebook's model ever after."""
+    config = smoke(small_data, tmp_path / "run")
+    with pytest.raises(RunError, match=r"the model gives 100 probabilities, the data have 10 classes: build it"):
+        train.Training(config, model=models.new_model(config, 100))
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_run_folder_with_progress_and_other_settings_is_left_alone(small_data, tmp_path):
