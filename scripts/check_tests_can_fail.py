@@ -99,7 +99,7 @@ MUTATIONS = {
         "cifar100/run_folder.py", 'and read_state(run_dir).get("model_format") != MODEL_FORMAT:', "and False:",
         ["tests/test_use_a_model.py::test_a_run_folder_of_the_earlier_model_format_is_refused_in_one_line"]),
     "links in a run folder followed": (
-        "cifar100/run_folder.py", "                if entry.is_symlink() or not", "                if False and not",
+        "cifar100/run_folder.py", "                elif entry.is_symlink() or not", "                elif False and not",
         ["tests/test_hostile_run_folders.py::test_a_link_in_a_run_folder_is_refused_and_nothing_is_written_"
          "through_it"]),
     "an atomic write's temporary file written through a link": (
@@ -189,7 +189,7 @@ MUTATIONS = {
         ["tests/test_training_levers.py::test_with_progressive_resizing_early_stopping_watches_only_the_full_size_"
          "epochs"]),
     "resumed run forgets the mining state": (
-        "cifar100/train.py", '        mining.set_state(restored["mining"])\n', "        pass\n",
+        "cifar100/train.py", '        mining.set_state(restored.get("mining"))\n', "        pass\n",
         ["tests/test_run_folder.py::test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run"]),
     "phase 1 on cached features keeps a killed attempt's rows": (
         "cifar100/train.py", "does it again\n            (self.run_dir / run_folder.HISTORY).unlink(missing_ok=True)\n",
