@@ -264,8 +264,7 @@ class SelectiveBackprop(keras.callbacks.Callback):
         except (TypeError, ValueError, KeyError):
             raise RunError(f"damaged mining state in the run folder's backup: expected a window of {self.window_size} "
                            "recent losses (numbers >= 0, or NaN) and the count seen; delete the run folder to start "
-                           "over"
-                           ) from None
+                           "over") from None
         self.window.assign(window)
         self.seen.assign(seen)
 

@@ -451,7 +451,7 @@ class Training:
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             try:
                 self.model.load_weights(path)
-            except (ValueError, KeyError, OSError) as exc:
+            except (ValueError, KeyError) as exc:  # Keras' loader, on weights of other shapes or names
                 raise RunError(f"{path}: not phase 1's weights of this run's model ({type(exc).__name__}: "
                                f"{first_line(exc)}); restore it, or delete the run folder "
                                f"{self.run_dir} to start over") from None
