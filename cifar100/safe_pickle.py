@@ -24,7 +24,7 @@ MAX_TUPLE_NESTING = 100  # hashing a tuple nested ~100,000 deep as a dict key ov
 MAX_ENTRIES = 1_000  # dict and set entries per file (official: 5); crafted hash collisions cost n**2
 MAX_INT_BITS = 256  # official files hold small ints; a huge one is slow to hash, compare and print
 MAX_FILE_BYTES = 512 << 20  # the official CIFAR-100 train file is 155 MB
-MAX_OPCODES = 2_000_000  # it holds about 200,000; a file of one-byte opcodes up to MAX_FILE_BYTES walks for minutes
+MAX_OPCODES = 2_000_000  # 50,000 images in the official format: about 200,000; more walk for minutes
 
 
 class _Refused(pickle.UnpicklingError):
@@ -53,8 +53,8 @@ def _check_opcodes(raw: bytes) -> None:
     stack, marks, memo, entries = [], [], {}, 0
     for count, (op, arg, pos) in enumerate(pickletools.genops(raw)):
         if count == MAX_OPCODES:
-            raise _Refused(f"more than {MAX_OPCODES:,} pickle opcodes (the official CIFAR-100 training file: "
-                           "about 200,000)")
+            raise _Refused(f"more than {MAX_OPCODES:,} pickle opcodes (a CIFAR-100 training file holds about "
+                           "200,000)")
         name = op.name
         if isinstance(arg, int) and not isinstance(arg, bool) and arg.bit_length() > MAX_INT_BITS:
             raise _Refused(f"an integer of more than {MAX_INT_BITS} bits at byte {pos}")
