@@ -1,472 +1,448 @@
-"""The official CIFAR files: read through `cifar100.safe_pickle`, verified, downloaded when asked, and split
-(validation carved from the training set, never the test set; a stratified cap on training images).
-Every failure is a DatasetError naming the file."""
+"""The official CIFAR files: a restricted unpickler (no code runs), the loader that checks them, the download,
+the stratified split, and a writer of the same format (synthetic data for tests and demos)."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
 import os
-import reprlib
-from dataclasses import dataclass, field
+import pickle
+import pickletools
+import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cifar100.config import Config, DatasetError, RunError, printable, shown  # noqa: F401  (DatasetError: re-exported)
-from cifar100.safe_pickle import as_text, open_regular, unpickle
+from cifar100.config import Config, DatasetError, printable, shown
 
-# --- the official files (cs.toronto.edu/~kriz/cifar.html) ---------------------------------------------
+# --- reading a pickle without running it ------------------------------------------------------------------
 
-CIFAR100_FILES = ("train", "test", "meta")
-CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
-
-OFFICIAL_MD5 = {
-    "cifar100": {
-        "train": "16019d7e3df5f24257cddd939b257f8d",
-        "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
-        "meta": "7973b15100ade9c7d40fb424638fde48",
-    },
-    "cifar10": {
-        "data_batch_1": "c99cafc152244af753f735de768cd75f",
-        "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-        "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
-        "data_batch_4": "634d18415352ddfa80567beed471001a",
-        "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
-        "test_batch": "40351d587109b95175f43aff81a1287e",
-        "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
-    },
-}
-
-ARCHIVES = {
-    "cifar100": (
-        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-        "eb9058c3a382ffc7106e4002c42a8d85",
-        "cifar-100-python",
-    ),
-    "cifar10": (
-        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        "c58f30108f718f92721af3b95e74349a",
-        "cifar-10-batches-py",
-    ),
-}
-
-CIFAR100_FINE_NAMES = (
-    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly "
-    "camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup "
-    "dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower "
-    "leopard lion lizard lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid "
-    "otter palm_tree pear pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray "
-    "road rocket rose sea seal shark shrew skunk skyscraper snail snake spider squirrel streetcar "
-    "sunflower sweet_pepper table tank telephone television tiger tractor train trout tulip turtle "
-    "wardrobe whale willow_tree wolf woman worm"
-).split()
-CIFAR100_COARSE_NAMES = (
-    "aquatic_mammals fish flowers food_containers fruit_and_vegetables household_electrical_devices "
-    "household_furniture insects large_carnivores large_man-made_outdoor_things "
-    "large_natural_outdoor_scenes large_omnivores_and_herbivores medium_mammals "
-    "non-insect_invertebrates people reptiles small_mammals trees vehicles_1 vehicles_2"
-).split()
-# The official fine -> coarse mapping (each superclass holds five classes).
-CIFAR100_FINE_TO_COARSE = np.array(
-    [4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11,
-     6, 11, 5, 10, 7, 6, 13, 15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5,
-     5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17,
-     10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13,
-     16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13],
-    dtype=np.int64,
-)
-CIFAR10_NAMES = "airplane automobile bird cat deer dog frog horse ship truck".split()
+MAX_FILE_BYTES = 512 << 20  # the official CIFAR-100 training file is 155 MB
+MAX_OPCODES = 2_000_000  # 50,000 images in the official format: about 200,000
+MAX_ENTRIES = 2_000  # dict and set entries, counted as items set (official: under 10); collisions cost n**2
+MAX_DEPTH = 100  # tuples within a tuple, nested or repeated: hashing a deeper one overflows the C stack, one
+# holding the same tuple twice at each of n levels takes 2**n steps (hashes of tuples are not cached)
+DTYPES = ("u1", "u2", "u4", "u8", "i1", "i2", "i4", "i8", "f2", "f4", "f8")
 
 
-IMAGE_SHAPE = (32, 32, 3)
-ROW_BYTES = 32 * 32 * 3
-# Marks other data in the official format ({"source": ..., "synthetic": bool}): the loader skips the md5 check.
-DATASET_MARKER = "DATASET.json"
+class Refused(pickle.UnpicklingError):
+    """The file asks for something a CIFAR file never holds."""
 
+
+def _stack_effect(op) -> tuple[bool, int, int]:
+    """(pops to a mark, items popped below the mark or in all, items pushed) of a pickle opcode."""
+    before = [item.name for item in op.stack_before]
+    return "mark" in before, before.index("mark") if "mark" in before else len(before), len(op.stack_after)
+
+
+EFFECTS = {op.name: _stack_effect(op) for op in pickletools.opcodes}
+TUPLES = {"EMPTY_TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "TUPLE", "FROZENSET"}
+
+
+def check_opcodes(raw: bytes) -> None:
+    """Walk the opcodes without running them and refuse what could crash or stall the unpickler: too many
+    opcodes or dict entries, huge integers, tuples nested too deep (hashing one as a key overflows the C stack),
+    memo indices beyond what the file could need (the memo is allocated up to the index). Each stack item
+    carries its tuple nesting (the tuples it holds, counted with repeats)."""
+    stack, marks, memo, entries = [], [], {}, 0
+    for count, (op, arg, pos) in enumerate(pickletools.genops(raw)):
+        if count >= MAX_OPCODES:
+            raise Refused(f"more than {MAX_OPCODES:,} pickle opcodes (a CIFAR-100 training file holds about 200,000)")
+        if isinstance(arg, int) and not isinstance(arg, bool) and arg.bit_length() > 256:
+            raise Refused(f"an integer of more than 256 bits at byte {pos}")
+        if op.name == "MARK" or op.name == "POP" and marks and marks[-1] == len(stack):
+            marks.append(len(stack)) if op.name == "MARK" else marks.pop()
+            continue
+        to_mark, below, pushed = EFFECTS[op.name]
+        if "GET" in op.name:
+            nesting = memo.get(arg, 0)
+        elif to_mark or below:
+            start = marks.pop() if to_mark else len(stack)
+            entries += (op.name in ("SETITEM", "SETITEMS", "DICT", "ADDITEMS", "FROZENSET")) * max(
+                1, len(stack) - start)
+            if entries > MAX_ENTRIES:
+                raise Refused(f"more than {MAX_ENTRIES} dict or set entries")
+            start = max(start - below, 0)
+            nesting = sum(stack[start:]) + 1 if op.name in TUPLES else max(stack[start:], default=0)
+            del stack[start:]
+            if nesting > MAX_DEPTH:
+                raise Refused(f"tuples nested more than {MAX_DEPTH} deep (or repeated within a tuple) at byte {pos}")
+        else:
+            nesting = int(op.name == "EMPTY_TUPLE")
+        stack += [nesting] * pushed
+        if "PUT" in op.name or op.name == "MEMOIZE":
+            index = len(memo) if arg is None else arg
+            if index > pos:
+                raise Refused(f"memo index {index} at byte {pos}: larger than the file could need")
+            memo[index] = stack[-1] if stack else 0
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, strings, numbers and numpy arrays of plain numeric dtypes; refuses every other global.
+    A file of N bytes may build at most 2N bytes of arrays (its bytes cannot be used again and again)."""
+
+    def __init__(self, raw: bytes):
+        super().__init__(io.BytesIO(raw), encoding="bytes")
+        self.budget = 2 * len(raw)
+
+    def find_class(self, module: str, name: str):
+        allowed = {("numpy.core.multiarray", "_reconstruct"): self.reconstruct,
+                   ("numpy._core.multiarray", "_reconstruct"): self.reconstruct,
+                   ("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): self.dtype, ("_codecs", "encode"): self.encode,
+                   ("__builtin__", "bytes"): _empty_bytes, ("builtins", "bytes"): _empty_bytes}
+        if (module, name) not in allowed:
+            raise Refused(f"refused to load '{module}.{name}': a CIFAR file holds only arrays, dicts, lists, "
+                          "strings and numbers")
+        return allowed[(module, name)]
+
+    def persistent_load(self, pid):
+        raise Refused("refused a persistent id")
+
+    def reconstruct(self, cls, shape, typecode):
+        if cls is not _NDARRAY:
+            raise Refused("numpy's _reconstruct of anything but ndarray")
+        return _Array(self)
+
+    def dtype(self, code, align=False, copy=True):
+        code = code.decode("latin1") if isinstance(code, bytes) else code
+        if code not in DTYPES:
+            raise Refused(f"refused dtype {shown(code)}: only {', '.join(DTYPES)}")
+        return _Dtype(code)
+
+    def encode(self, text, encoding):
+        if type(text) is not str or encoding != "latin1":
+            raise Refused("_codecs.encode of anything but text in latin1")
+        self.spend(len(text))
+        return text.encode("latin1")
+
+    def spend(self, size: int) -> None:
+        self.budget -= size
+        if self.budget < 0:
+            raise Refused("the file builds more than twice its size of data (a memory bomb)")
+
+
+_NDARRAY = object()  # numpy.ndarray as a name for _reconstruct only: never called (it would allocate any shape)
+
+
+def _empty_bytes() -> bytes:
+    """`bytes()`, as Python 3 writes b"" at protocol 2 (never bytes(n): it would allocate n bytes)."""
+    return b""
+
+
+class _Dtype:
+    """A dtype the file names; numpy's BUILD gives its byte order."""
+
+    def __init__(self, code: str):
+        self.dtype = np.dtype(code)
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 8 and state[1] in (b"|", b"<", b">", "|", "<", ">")
+                and state[2:] == (None, None, None, -1, -1, 0)):
+            raise Refused(f"refused the dtype state {shown(state)}")
+        order = state[1].decode() if isinstance(state[1], bytes) else state[1]
+        self.dtype = self.dtype.newbyteorder(order)
+
+
+class _Array:
+    """An array from numpy's `_reconstruct`: BUILD gives its shape, dtype and bytes, checked before use."""
+
+    def __init__(self, unpickler: _SafeUnpickler):
+        self.unpickler, self.array = unpickler, None
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], _Dtype)
+                and isinstance(state[4], (bytes, bytearray)) and isinstance(state[1], tuple) and len(state[1]) <= 8
+                and all(type(n) is int and n >= 0 for n in state[1])):
+            raise Refused("a malformed array (shape, dtype or data)")
+        _, shape, dtype, fortran, raw = state
+        if math.prod(shape) * dtype.dtype.itemsize != len(raw):
+            raise pickle.UnpicklingError(f"an array of shape {shown(shape)} whose data holds {len(raw)} bytes")
+        self.unpickler.spend(len(raw))
+        self.array = np.frombuffer(raw, dtype.dtype).reshape(shape, order="F" if fortran else "C").copy()
+
+
+def open_regular(path: Path, limit: int):
+    """A regular file of at most `limit` bytes, opened for reading (a FIFO or device never blocks)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot open ({exc.strerror})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+        os.close(fd)
+        found = f"{info.st_size:,} bytes" if stat.S_ISREG(info.st_mode) else "not a regular file"
+        raise DatasetError(f"{path}: expected a regular file of at most {limit:,} bytes, found {found}")
+    return open(fd, "rb")
+
+
+def unpickle(path: Path) -> dict:
+    """One pickled CIFAR batch, read safely: a dict with text keys."""
+    with open_regular(path, MAX_FILE_BYTES) as handle:
+        raw = handle.read()
+    try:
+        check_opcodes(raw)
+        content = _SafeUnpickler(raw).load()
+        if not isinstance(content, dict):
+            raise pickle.UnpicklingError(f"expected a dict, found {type(content).__name__}")
+        content = {_text(key): value.array if isinstance(value, _Array) else value for key, value in content.items()}
+    except Refused as exc:
+        raise DatasetError(f"{path}: unsafe file, nothing was run: {exc}") from None
+    except Exception as exc:  # a broken or hostile file can fail the unpickler in any way
+        raise DatasetError(f"{path}: not a CIFAR batch (a pickled dict); reading failed: "
+                           f"{type(exc).__name__}: {printable(exc)[:200]}") from None
+    if any(value is None for value in content.values()) or any(isinstance(v, _Array) for v in content.values()):
+        raise DatasetError(f"{path}: an array without its data (truncated?)")
+    return content
+
+
+def _text(value):
+    return value.decode("latin1") if isinstance(value, bytes) else value
+
+
+# --- the official datasets ----------------------------------------------------------------------------------
+
+FILES = {"cifar100": ("train", "test", "meta"),
+         "cifar10": tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")}
+MD5 = {"train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+       "meta": "7973b15100ade9c7d40fb424638fde48", "data_batch_1": "c99cafc152244af753f735de768cd75f",
+       "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec", "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+       "data_batch_4": "634d18415352ddfa80567beed471001a", "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+       "test_batch": "40351d587109b95175f43aff81a1287e", "batches.meta": "5ff9c542aee3614f3951f8cda6e48888"}
+URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+URL_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+MARKER = "DATASET.json"  # {"source": ..., "synthetic": bool} beside data in the official format that is not it
 NAMES = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10"}
-
-
-def display_name(kind: str) -> str:
-    """A dataset kind as people write it: cifar10 -> CIFAR-10 (any other value, from a file: printable)."""
-    return NAMES.get(str(kind), printable(str(kind))[:40])
-
-
-# The note beside every number on synthetic data (one wording everywhere).
-SYNTHETIC_NOTE = " (SYNTHETIC data, not CIFAR-100)"
-
-
-def caveat(synthetic: bool, official: bool | None = True, kind: str = "cifar100") -> str:
-    """The note for numbers on these data, naming them: synthetic, not the verified official files, or nothing."""
-    name = display_name(kind)
-    if synthetic:
-        return f" (SYNTHETIC data, not {name})"
-    if official is False:
-        return f" ({name}-format data, not verified as the official {name} files: md5 not checked)"
-    return ""
 
 
 @dataclass
 class Dataset:
-    """A loaded CIFAR dataset: uint8 images (N, 32, 32, 3) and integer labels."""
+    """uint8 images (N, 32, 32, 3), integer labels, class names, and what the data are."""
 
-    kind: str
-    path: Path
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
-    class_names: list[str]
-    coarse_names: list[str] = field(default_factory=list)
-    fine_to_coarse: np.ndarray | None = None
-    synthetic: bool = False
-    source: str = "official"
-    md5: dict[str, str] = field(default_factory=dict)
-    official: bool = False  # True only when every file matched its official md5 sum
-
-    @property
-    def name(self) -> str:
-        """What the data are, in a few words: 'CIFAR-10', or 'SYNTHETIC data in the CIFAR-100 format'."""
-        name = display_name(self.kind)
-        return f"SYNTHETIC data in the {name} format" if self.synthetic else \
-            name if self.official else f"{name}-format data ({self.source[:80]})"
-
-    @property
-    def caveat(self) -> str:
-        return caveat(self.synthetic, self.official, self.kind)
+    class_names: list
+    superclass: np.ndarray | None  # CIFAR-100: each class's superclass index
+    superclass_names: list | None
+    name: str  # "CIFAR-100", or e.g. "SYNTHETIC data in the CIFAR-100 format", said once where it is shown
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def describe(self) -> str:
-        lines = [
-            f"dataset: {display_name(self.kind)} format at {self.path}{self.caveat}",
-            f"source: {self.source}",
-            f"train: {len(self.y_train)} images, test: {len(self.y_test)} images, {self.num_classes} classes",
-        ]
-        if self.coarse_names:
-            lines.append(f"superclasses: {len(self.coarse_names)}")
-        counts = np.bincount(self.y_train, minlength=self.num_classes)
-        lines.append(f"train images per class: min {counts.min()}, max {counts.max()}")
-        lines += [f"md5 {name}: {status}" for name, status in self.md5.items()]
-        return "\n".join(lines)
+    @property
+    def synthetic(self) -> bool:
+        return self.name.startswith("SYNTHETIC")
 
 
-# --- reading and checking ---------------------------------------------------------------------------
+def missing_message(path: Path) -> str:
+    return (f"{path}: no dataset here. Download it with `python -m cifar100 data download {path}` (on a machine "
+            f"with a network), or by hand: fetch {URL} and run `tar xzf cifar-100-python.tar.gz` in the folder "
+            f"above {path}, so that {path}/train, {path}/test and {path}/meta exist. Without the data, try "
+            f"`make demo` (synthetic data).")
 
-def _require_keys(path: Path, batch: dict, keys: tuple[str, ...]) -> None:
-    missing = [k for k in keys if k not in batch]
+
+def download(path: Path) -> Path:
+    """The official CIFAR-100 archive, md5-checked and extracted (keras.utils.get_file), into `path`."""
+    import keras
+
+    path = Path(path)
+    try:
+        folder = keras.utils.get_file(origin=URL, extract=True, md5_hash=URL_MD5, cache_dir=str(path.resolve().parent),
+                                      cache_subdir=".download")
+    except Exception as exc:  # get_file raises a bare Exception on a network failure
+        raise DatasetError(f"could not download {URL} ({printable(exc)[:120]}). {missing_message(path)}") from None
+    extracted = next(Path(folder).rglob("meta")).parent
+    path.mkdir(parents=True, exist_ok=True)
+    for name in FILES["cifar100"]:
+        os.replace(extracted / name, path / name)
+    return path
+
+
+def load(path: str | Path, download_if_missing: bool = False) -> Dataset:
+    """A CIFAR-100 (train, test, meta) or CIFAR-10 (data_batch_1..5, test_batch, batches.meta) folder, checked:
+    the official md5 sums unless a DATASET.json says the data are other, shapes, label ranges, class names."""
+    path = Path(path)
+    present = {p.name for p in path.iterdir()} if path.is_dir() else set()
+    if not present - {".gitkeep"}:
+        if not download_if_missing:
+            raise DatasetError(missing_message(path))
+        download(path)
+        present = set(FILES["cifar100"])
+    kind = "cifar100" if "meta" in present or "train" in present else "cifar10"
+    missing = [name for name in FILES[kind] if name not in present]
     if missing:
-        raise DatasetError(f"{path}: wrong keys: expected {list(keys)}, missing {missing}, "
-                           f"found {reprlib.repr(sorted(batch))}")
+        raise DatasetError(f"{path}: missing {missing} of a {NAMES[kind]} folder ({list(FILES[kind])}); found "
+                           f"{shown(sorted(present)[:8], 200)}")
+    name = NAMES[kind]
+    if MARKER in present:
+        with open_regular(path / MARKER, 1 << 16) as handle:
+            try:
+                marker = json.loads(handle.read())
+                synthetic, source = marker.get("synthetic", True), printable(marker.get("source", "?"))[:80]
+            except (ValueError, AttributeError, RecursionError):  # RecursionError: JSON nested thousands deep
+                raise DatasetError(f"{path / MARKER}: expected a JSON object with 'source' and 'synthetic'") from None
+        name = f"SYNTHETIC data in the {name} format" if synthetic is not False else f"{name}-format data ({source})"
+    else:
+        for file in FILES[kind]:
+            with open_regular(path / file, MAX_FILE_BYTES) as handle:
+                found = hashlib.file_digest(handle, "md5").hexdigest()
+            if found != MD5[file]:
+                raise DatasetError(f"{path / file}: md5 {found}, not the official {MD5[file]}: damaged or not the "
+                                   f"official file (download it again; for data of your own, add a {MARKER})")
+    if kind == "cifar100":
+        meta = _batch(path / "meta", ("fine_label_names", "coarse_label_names"))
+        classes, groups = _names(path / "meta", meta, "fine_label_names"), _names(path / "meta", meta,
+                                                                                    "coarse_label_names")
+        (x_train, y_train, c_train), (x_test, y_test, c_test) = (_images(path / f, len(classes), "fine_labels",
+                                                                         len(groups)) for f in ("train", "test"))
+        superclass = np.full(len(classes), -1)
+        superclass[np.concatenate([y_train, y_test])] = np.concatenate([c_train, c_test])
+        if not np.array_equal(superclass[np.concatenate([y_train, y_test])], np.concatenate([c_train, c_test])):
+            raise DatasetError(f"{path}: a class belongs to two superclasses in 'coarse_labels'")
+    else:
+        classes = _names(path / "batches.meta", _batch(path / "batches.meta", ("label_names",)), "label_names")
+        parts = [_images(path / f, len(classes), "labels") for f in FILES["cifar10"][:6]]
+        x_train, y_train = (np.concatenate([part[i] for part in parts[:5]]) for i in (0, 1))
+        (x_test, y_test, _), superclass, groups = parts[5], None, None
+    if not len(y_train) or not len(y_test):
+        raise DatasetError(f"{path}: the training or the test set holds no images")
+    return Dataset(x_train, y_train, x_test, y_test, classes, superclass, groups, name)
 
 
-def md5sum(path: Path) -> str:
-    digest = hashlib.md5()
-    with open_regular(path) as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _batch(path: Path, keys: tuple) -> dict:
+    batch = unpickle(path)
+    missing = [key for key in keys if key not in batch]
+    if missing:
+        found = sorted(k if isinstance(k, str) else shown(k) for k in batch)  # str() of a key could be huge
+        raise DatasetError(f"{path}: missing the keys {missing}; found {shown(found, 120)}")
+    return batch
 
 
-def rows_to_images(rows: np.ndarray) -> np.ndarray:
-    """Official rows (N, 3072: red plane, green plane, blue plane) -> images (N, 32, 32, 3)."""
-    return rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-
-
-def images_to_rows(images: np.ndarray) -> np.ndarray:
-    """Images (N, 32, 32, 3) -> official rows (N, 3072)."""
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2)).reshape(len(images), ROW_BYTES)
-
-
-def _images(path: Path, batch: dict) -> np.ndarray:
-    data = batch["data"]
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != ROW_BYTES:
-        found = f"{type(data).__name__} {getattr(data, 'dtype', '')} {getattr(data, 'shape', '')}".strip()
-        raise DatasetError(f"{path}: wrong sizes: 'data' must be a uint8 array of shape (N, {ROW_BYTES}), "
-                           f"found {found}")
-    return rows_to_images(data)
-
-
-def _labels(path: Path, batch: dict, key: str, count: int, num_classes: int) -> np.ndarray:
-    labels = batch[key]
-    if isinstance(labels, np.ndarray) and labels.dtype.kind in "iu" and labels.ndim == 1:
-        labels = labels.tolist()
-    _require_list_of(path, key, labels, (int,), "integers (class indices)")
-    if len(labels) != count:
-        raise DatasetError(f"{path}: image and label counts differ: {count} images in 'data', "
-                           f"{len(labels)} labels in '{key}'")
-    bad = [label for label in labels if not 0 <= label < num_classes]
-    if bad:
-        raise DatasetError(f"{path}: labels out of range in '{key}': expected 0..{num_classes - 1}, "
-                           f"found {shown(bad[:5])}")
-    return np.array(labels, dtype=np.int64)
-
-
-def _require_list_of(path: Path, key: str, values, types, what: str) -> None:
-    """Refuse anything but a list (or tuple) whose items are exactly of `types` (no bool for int)."""
-    if not isinstance(values, (list, tuple)):
-        raise DatasetError(f"{path}: '{key}' must be a list of {what}, found {_found(values)}")
-    wrong = next((i for i, value in enumerate(values) if type(value) not in types), None)
-    if wrong is not None:
-        raise DatasetError(f"{path}: '{key}' must be a list of {what}, found {_found(values[wrong])} "
-                           f"at position {wrong}")
-
-
-def _found(value) -> str:
-    """A value from a file, briefly: its type and the start of its repr (bounded for any nesting)."""
-    return f"{type(value).__name__} {shown(value)}"
-
-
-MAX_NAME_LENGTH = 100  # the longest official class name has 13 characters
-
-
-def _names(path: Path, meta: dict, key: str, expected: int) -> list[str]:
-    _require_list_of(path, key, meta[key], (str, bytes), "strings")
-    names = [as_text(name) for name in meta[key]]
-    if len(names) != expected:
-        raise DatasetError(f"{path}: '{key}' must hold {expected} names, found {len(names)}")
-    check_class_names(path, key, names)
+def _names(path: Path, meta: dict, key: str) -> list[str]:
+    values = meta[key]  # sizes checked before decoding: a file may list one huge name a million times
+    fits = isinstance(values, list) and len(values) <= 10_000 and all(
+        isinstance(n, (bytes, str)) and len(n) <= 100 for n in values)
+    names = [_text(name) for name in values] if fits else None
+    if not names or not all(isinstance(n, str) and 0 < len(n) <= 100 and n.isprintable() for n in names) \
+            or len(set(names)) != len(names) or len(names) > 10_000:
+        raise DatasetError(f"{path}: '{key}' must be a list of distinct names of 1 to 100 printable characters, "
+                           f"found {shown(meta[key])}")
     return names
 
 
-def check_class_names(path: Path, key: str, names: list[str]) -> None:
-    """Refuse names that are empty, longer than MAX_NAME_LENGTH, not printable (terminal escapes) or repeated."""
-    for index, name in enumerate(names):
-        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_LENGTH or not name.isprintable():
-            raise DatasetError(f"{path}: '{key}' name {index} must be 1 to {MAX_NAME_LENGTH} printable "
-                               f"characters, found {_found(name)}")
-    if len(set(names)) != len(names):
-        raise DatasetError(f"{path}: '{key}' names the same class twice")
+def _images(path: Path, num_classes: int, label_key: str, num_groups: int = 0):
+    """(images (N, 32, 32, 3), labels, superclass labels or None) of one batch file."""
+    keys = ("data", label_key) + (("coarse_labels",) if num_groups else ())
+    batch = _batch(path, keys)
+    rows = batch["data"]
+    if not (isinstance(rows, np.ndarray) and rows.dtype == np.uint8 and rows.ndim == 2 and rows.shape[1] == 3072):
+        raise DatasetError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), found "
+                           f"{type(rows).__name__} {getattr(rows, 'dtype', '')} {getattr(rows, 'shape', '')}")
+    labels = [_labels(path, batch, key, len(rows), n)
+              for key, n in zip(keys[1:], (num_classes, num_groups), strict=False)]
+    return rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels[0], labels[1] if num_groups else None
 
 
-def detect_kind(path: Path) -> str:
-    """'cifar100' or 'cifar10', by which official file names the folder holds."""
-    present = {p.name for p in path.iterdir()}
-    if present & set(CIFAR100_FILES):
-        kind, expected = "cifar100", CIFAR100_FILES
-    elif present & set(CIFAR10_FILES):
-        kind, expected = "cifar10", CIFAR10_FILES
-    else:
-        found = shown(sorted(present), 200) if present else "an empty folder"
-        raise DatasetError(f"{path}: no CIFAR files found: expected {list(CIFAR100_FILES)} (CIFAR-100) or "
-                           f"{list(CIFAR10_FILES)} (CIFAR-10), found {found}")
-    missing = [name for name in expected if name not in present]
-    if missing:
-        raise DatasetError(f"{path / missing[0]}: missing file: a {kind} folder needs {list(expected)}, "
-                           f"missing {missing}")
-    return kind
-
-
-def _check_md5(path: Path, kind: str, check: bool) -> dict[str, str]:
-    status = {}
-    for name, expected in OFFICIAL_MD5[kind].items():
-        if not check:
-            status[name] = "skipped"
-            continue
-        found = md5sum(path / name)
-        if found != expected:
-            raise DatasetError(f"{path / name}: md5 mismatch: expected the official {expected}, found {found}. "
-                               "The file is damaged or not the official one; download it again, or load "
-                               "your own data with check_md5=False (command line: --no-md5)")
-        status[name] = "ok (official)"
-    return status
-
-
-def holds_files(path: Path) -> bool:
-    """True for a folder holding a non-hidden file (the repo keeps an empty cifar-100-python/ with a .gitkeep)."""
-    return path.is_dir() and any(not item.name.startswith(".") for item in path.iterdir())
-
-
-def _missing_folder_message(path: Path) -> str:
-    return (f"{path}: dataset folder not found (or empty). Get CIFAR-100 with "
-            f"`python -m cifar100 data download {path}`, "
-            f"or by hand: download {ARCHIVES['cifar100'][0]} and extract it so that {path}/train, "
-            f"{path}/test and {path}/meta exist. For a quick try without the real data: "
-            f"`python -m cifar100 data synthetic {path}`.")
-
-
-def load(path: str | Path = "cifar-100-python", check_md5: bool = True, download: bool = False) -> Dataset:
-    """Load a CIFAR-100 or CIFAR-10 folder (kind chosen by its files), fetching it first with `download`.
-    md5 sums are checked unless `check_md5` is False or the folder holds a DATASET.json marker."""
-    path = Path(path)
-    if not holds_files(path):
-        if not download:
-            raise DatasetError(_missing_folder_message(path))
-        from cifar100.write_data import fetch
-
-        fetch(path)
-    kind = detect_kind(path)
-    marker = _read_marker(path)
-    md5 = _check_md5(path, kind, check_md5 and marker is None)
-    info = {"md5": md5, "official": check_md5 and marker is None}
-    if marker is not None:
-        info = {"synthetic": bool(marker.get("synthetic", True)),
-                "source": printable(str(marker.get("source", "unknown"))[:200]),
-                "md5": {name: "skipped (not the official files)" for name in md5}}
-    reader = _load_cifar100 if kind == "cifar100" else _load_cifar10
-    dataset = reader(path, **info)
-    for part, labels in (("training", dataset.y_train), ("test", dataset.y_test)):
-        if len(labels) == 0:
-            raise DatasetError(f"{path}: the {part} set holds no images: a run needs both sets")
-    return dataset
-
-
-def _read_marker(path: Path) -> dict | None:
-    marker = path / DATASET_MARKER
-    if not marker.is_file():
-        return None
-    if marker.stat().st_size > 1 << 16:
-        raise DatasetError(f"{marker}: {marker.stat().st_size} bytes; expected a small JSON object with 'source' "
-                           "and 'synthetic'")
+def _labels(path: Path, batch: dict, key: str, count: int, num_classes: int) -> np.ndarray:
+    values = batch[key]
+    if not (isinstance(values, list) and all(type(v) is int for v in values)
+            or isinstance(values, np.ndarray) and values.dtype.kind in "iu" and values.ndim == 1):
+        raise DatasetError(f"{path}: '{key}' must be a list of class indices, found {shown(values)}")
     try:
-        content = json.loads(marker.read_text())
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # ValueError: also an int of 4,300+ digits
-        raise DatasetError(f"{marker}: not valid JSON ({type(exc).__name__}: {exc}); expected an object with "
-                           "'source' and 'synthetic'") from None
-    if not isinstance(content, dict):
-        raise DatasetError(f"{marker}: expected a JSON object with 'source' and 'synthetic'")
-    if not isinstance(content.get("synthetic", True), bool):
-        raise DatasetError(f"{marker}: 'synthetic' must be true or false, found {shown(content['synthetic'])}")
-    return content
+        labels = np.asarray(values, dtype=np.int64)
+    except OverflowError:  # an integer of up to 256 bits passes the unpickler
+        raise DatasetError(f"{path}: '{key}' must hold {count} labels from 0 to {num_classes - 1}, found an "
+                           "integer beyond 64 bits") from None
+    if len(labels) != count or len(labels) and not 0 <= labels.min() <= labels.max() < num_classes:
+        raise DatasetError(f"{path}: '{key}' must hold {count} labels from 0 to {num_classes - 1}, found "
+                           f"{len(labels)} from {labels.min(initial=0)} to {labels.max(initial=0)}")
+    return labels
 
 
-def _load_cifar100(path: Path, **info) -> Dataset:
-    meta = unpickle(path / "meta")
-    _require_keys(path / "meta", meta, ("fine_label_names", "coarse_label_names"))
-    fine_names = _names(path / "meta", meta, "fine_label_names", 100)
-    coarse_names = _names(path / "meta", meta, "coarse_label_names", 20)
-    parts, mapping = {}, np.full(100, -1, dtype=np.int64)
-    for split_name in ("train", "test"):
-        file = path / split_name
-        batch = unpickle(file)
-        _require_keys(file, batch, ("data", "fine_labels", "coarse_labels"))
-        images = _images(file, batch)
-        fine = _labels(file, batch, "fine_labels", len(images), 100)
-        coarse = _labels(file, batch, "coarse_labels", len(images), 20)
-        _check_consistent_coarse(file, fine, coarse, mapping)
-        parts[split_name] = (images, fine)
-    return Dataset("cifar100", path, *parts["train"], *parts["test"], class_names=fine_names,
-                   coarse_names=coarse_names, fine_to_coarse=mapping, **info)
+# --- the split: validation carved from the training set, never the test set --------------------------------
 
-
-def _check_consistent_coarse(file: Path, fine: np.ndarray, coarse: np.ndarray, mapping: np.ndarray) -> None:
-    """Fill `mapping` (fine -> coarse) and refuse a file where one class has two superclasses."""
-    pairs = np.unique(np.stack([fine, coarse], axis=1), axis=0)
-    for f, c in pairs:
-        if mapping[f] not in (-1, c) or np.sum(pairs[:, 0] == f) > 1:
-            raise DatasetError(f"{file}: class {f} belongs to more than one superclass in 'coarse_labels'")
-        mapping[f] = c
-
-
-def _load_cifar10(path: Path, **info) -> Dataset:
-    meta = unpickle(path / "batches.meta")
-    _require_keys(path / "batches.meta", meta, ("label_names",))
-    names = _names(path / "batches.meta", meta, "label_names", 10)
-
-    def read(file: Path) -> tuple[np.ndarray, np.ndarray]:
-        batch = unpickle(file)
-        _require_keys(file, batch, ("data", "labels"))
-        images = _images(file, batch)
-        return images, _labels(file, batch, "labels", len(images), 10)
-
-    train = [read(path / f"data_batch_{i}") for i in range(1, 6)]
-    x_test, y_test = read(path / "test_batch")
-    return Dataset("cifar10", path, np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
-                   x_test, y_test, class_names=names, **info)
-
-
-# --- the split: validation carved from the training set, stratified; the cap on training images --------
-
-def split(labels: np.ndarray, val_fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified, seeded (train_indices, val_indices) into the *training* set. The test set is never used."""
+def split(dataset: Dataset, config: Config) -> tuple[tuple, tuple]:
+    """((x_train, y_train), (x_val, y_val)): a stratified validation split of the training set, then a
+    stratified cap of `max_train_images` on what trains. The test set is not touched."""
     from sklearn.model_selection import train_test_split
 
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    indices = np.arange(len(labels))
+    indices = np.arange(len(dataset.y_train))
     try:
-        train_idx, val_idx = train_test_split(indices, test_size=val_fraction, random_state=seed,
-                                              stratify=labels, shuffle=True)
+        train, val = train_test_split(indices, test_size=config.val_fraction, random_state=config.seed,
+                                      stratify=dataset.y_train)
+        if config.max_train_images and config.max_train_images < len(train):
+            train, _ = train_test_split(train, train_size=config.max_train_images, random_state=config.seed,
+                                        stratify=dataset.y_train[train])
     except ValueError as exc:
-        raise DatasetError(f"cannot carve a stratified validation split of {val_fraction:.0%} from "
-                         f"{len(labels)} training images: {exc}") from None
-    return np.sort(train_idx), np.sort(val_idx)
+        raise DatasetError(f"cannot split {len(indices)} training images into stratified sets "
+                           f"(val_fraction={config.val_fraction}, max_train_images={config.max_train_images}): "
+                           f"{exc}") from None
+    train, val = np.sort(train), np.sort(val)
+    return (dataset.x_train[train], dataset.y_train[train]), (dataset.x_train[val], dataset.y_train[val])
 
 
-def stratified_subset(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
-    """Sorted indices of `size` examples with the classes as balanced as the labels allow (seeded)."""
-    labels = np.asarray(labels)
-    if size >= len(labels):
-        return np.arange(len(labels))
-    order = np.random.default_rng(seed).permutation(len(labels))
-    rank_in_class = np.empty(len(labels), dtype=np.int64)
-    for cls in np.unique(labels):
-        members = order[labels[order] == cls]
-        rank_in_class[members] = np.arange(len(members))
-    chosen = order[np.argsort(rank_in_class[order], kind="stable")[:size]]
-    return np.sort(chosen)
+# --- writing the official format: synthetic data for tests and the demo -----------------------------------
+
+def write(path: str | Path, kind: str, x_train, y_train, x_test, y_test, class_names=None, superclass=None,
+          source: str = "synthetic (cifar100.data.write_synthetic)", synthetic: bool = True) -> Path:
+    """Arrays as a dataset folder in the official format (file names, keys, Python 2 pickles, byte layout),
+    with a DATASET.json that says where the data come from."""
+    path = Path(path)
+    if path.is_dir() and any(path.iterdir()):
+        raise DatasetError(f"{path}: not empty; nothing was written (choose a new folder)")
+    path.mkdir(parents=True, exist_ok=True)
+
+    def batch(x, y, label_key, **more):
+        return {"data": np.ascontiguousarray(x.transpose(0, 3, 1, 2)).reshape(len(x), 3072),
+                label_key: np.asarray(y).tolist(), "batch_label": "batch", **more}
+
+    if kind == "cifar100":
+        superclass = np.asarray(superclass if superclass is not None else np.arange(100) // 5)
+        for file, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+            _write_batch(path / file, batch(x, y, "fine_labels", coarse_labels=superclass[y].tolist()))
+        names = class_names or [f"class_{i}" for i in range(100)]
+        _write_batch(path / "meta", {"fine_label_names": names,
+                                     "coarse_label_names": [f"group_{i}" for i in range(superclass.max() + 1)]})
+    else:
+        for i, part in enumerate(np.array_split(np.arange(len(y_train)), 5), 1):
+            _write_batch(path / f"data_batch_{i}", batch(x_train[part], np.asarray(y_train)[part], "labels"))
+        _write_batch(path / "test_batch", batch(x_test, y_test, "labels"))
+        _write_batch(path / "batches.meta", {"label_names": class_names or [f"class_{i}" for i in range(10)]})
+    (path / MARKER).write_text(json.dumps({"source": source, "synthetic": synthetic, "kind": kind}) + "\n")
+    return path
 
 
-@dataclass
-class Splits:
-    """The run's data: training and validation come from the training set; test is touched at the end."""
+def _write_batch(path: Path, batch: dict) -> None:
+    """Pickled as the official files are: protocol 2, bytes keys and strings."""
+    def encode(value):
+        if isinstance(value, str):
+            return value.encode("latin1")
+        return [encode(v) for v in value] if isinstance(value, list) else value
 
-    dataset: Dataset
-    train_indices: np.ndarray
-    val_indices: np.ndarray
-    config_key: tuple = ()  # the settings the splits were made for (splits_key)
-
-    # the images and labels of each split (both splits index the training set)
-    x_train = property(lambda self: self.dataset.x_train[self.train_indices])
-    y_train = property(lambda self: self.dataset.y_train[self.train_indices])
-    x_val = property(lambda self: self.dataset.x_train[self.val_indices])
-    y_val = property(lambda self: self.dataset.y_train[self.val_indices])
+    path.write_bytes(pickle.dumps({k.encode(): encode(v) for k, v in batch.items()}, protocol=2))
 
 
-def prepare_data(config: Config, dataset: Dataset | None = None) -> Splits:
-    """Load the dataset (unless given), carve the stratified validation split, and apply the cap on training
-    images. The cap leaves validation whole: the callbacks need a steady signal more than it saves time."""
-    dataset = dataset if dataset is not None else load(config.data_dir)
-    train_idx, val_idx = split(dataset.y_train, config.val_fraction, config.seed)
-    cap = config.max_train_images
-    if cap is not None and cap < len(train_idx):
-        train_idx = train_idx[stratified_subset(dataset.y_train[train_idx], cap, config.seed)]
-    return Splits(dataset, train_idx, val_idx, splits_key(config))
+def write_synthetic(path: str | Path, kind: str = "cifar100", n_train: int = 5000, n_test: int = 1000,
+                    seed: int = 0) -> Path:
+    """SYNTHETIC data in the official format, with a learnable class signal: each image is its class's colour
+    pattern (half shared with its superclass) under heavy noise, random shifts and brightness."""
+    num_classes = 100 if kind == "cifar100" else 10
+    rng = np.random.default_rng(seed)
+    patterns = np.random.default_rng(12345).uniform(0, 255, size=(2, num_classes, 4, 4, 3))
+    groups = np.arange(num_classes) // 5
+    templates = (0.5 * patterns[0][groups] + 0.5 * patterns[1]).repeat(8, axis=1).repeat(8, axis=2)
 
+    def images(labels):
+        noise = rng.uniform(0, 255, size=(len(labels), 32, 32, 3))
+        x = rng.uniform(0.75, 1.25, size=(len(labels), 1, 1, 1)) * (0.55 * templates[labels] + 0.45 * noise)
+        shifts = rng.integers(-3, 4, size=(len(labels), 2))
+        return np.stack([np.roll(image, tuple(shift), axis=(0, 1)) for image, shift in zip(x, shifts, strict=True)]
+                        ).clip(0, 255).astype(np.uint8)
 
-def splits_key(config: Config) -> tuple:
-    """The settings that decide the splits: splits made for other settings are not reused."""
-    return (os.path.normpath(config.data_dir), config.val_fraction, config.max_train_images, config.seed)
-
-
-MAX_CLASSES = 10_000
-
-
-def read_classes(run_dir: Path) -> dict:
-    """classes.json of a run folder, checked: class names, and superclass names and indices (or None for both)."""
-    from cifar100.run_folder import read_json
-
-    path = Path(run_dir) / "classes.json"
-    content = read_json(path, "classes.json")
-    names, coarse, mapping = (content.get(k) for k in ("class_names", "coarse_names", "fine_to_coarse"))
-    coarse = coarse or None  # CIFAR-10: no superclasses ([] or null)
-    damaged = f"{path}: damaged classes.json"
-    if not isinstance(names, list) or not 2 <= len(names) <= MAX_CLASSES:
-        raise RunError(f"{damaged}: class_names must be a list of 2 to {MAX_CLASSES} names")
-    try:
-        check_class_names(path, "class_names", names)
-        if coarse is not None:
-            if not isinstance(coarse, list) or not 1 <= len(coarse) <= MAX_CLASSES:
-                raise DatasetError(f"{path}: coarse_names must be a list of 1 to {MAX_CLASSES} names")
-            check_class_names(path, "coarse_names", coarse)
-    except DatasetError as exc:
-        raise RunError(f"{damaged}: {str(exc).removeprefix(f'{path}: ')}") from None
-    if (coarse is None) != (mapping is None) or mapping is not None and not (
-            isinstance(mapping, list) and len(mapping) == len(names)
-            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(coarse) for v in mapping)):
-        raise RunError(f"{damaged}: fine_to_coarse must give each of the {len(names)} classes the index of one of "
-                       "the coarse_names (or both be null)")
-    return {"kind": printable(str(content.get("kind", "?"))[:40]), "synthetic": content.get("synthetic") is not False,
-            "class_names": names, "coarse_names": coarse, "fine_to_coarse": mapping}
+    y_train, y_test = (rng.permutation(np.arange(n) % num_classes) for n in (n_train, n_test))
+    return write(path, kind, images(y_train), y_train, images(y_test), y_test, superclass=groups)
