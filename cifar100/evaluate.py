@@ -40,6 +40,14 @@ def _keras_classes_only(node, path: Path) -> None:
             _keras_classes_only(value, path)
 
 
+def _uncompiled(node):
+    """A model config without its compile configs (a nested model that `fit` trained, such as phase 1's head,
+    keeps one, and building its optimizer would allocate)."""
+    if isinstance(node, dict):
+        return {key: _uncompiled(value) for key, value in node.items() if key != "compile_config"}
+    return [_uncompiled(value) for value in node] if isinstance(node, list) else node
+
+
 def load_model(path: str | Path) -> keras.Model:
     """A .keras model file from anywhere, after cheap checks: a regular zip file; only Keras' own classes in its
     config; a uint8 (32, 32, 3) input; and variables, built without allocating, that need no more bytes than its
@@ -60,7 +68,7 @@ def load_model(path: str | Path) -> keras.Model:
     try:
         with keras.StatelessScope(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = keras.saving.deserialize_keras_object(config, safe_mode=True)
+            model = keras.saving.deserialize_keras_object(_uncompiled(config), safe_mode=True)
             needed = sum(int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for w in model.weights)
             shape, dtype = tuple(model.inputs[0].shape), model.inputs[0].dtype
     except RunError:

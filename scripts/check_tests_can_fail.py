@@ -25,10 +25,10 @@ HOSTILE = "tests/test_data.py::test_hostile_file_is_refused_in_one_line"
 
 # (name, file, old text, new text, pytest arguments: node ids, or a file with -k EXPRESSION)
 MUTATIONS = [
-    ("data: find_class allows any global", "cifar100/data.py", "        if (module, name) not in allowed:\n",
+    ("data: find_class allows any global", "cifar100/safe_pickle.py", "        if (module, name) not in allowed:\n",
      "        if (module, name) not in allowed:\n            return super().find_class(module, name)\n",
      [f"{HOSTILE}[os-system]", f"{HOSTILE}[builtins-eval]", f"{HOSTILE}[subprocess-run]"]),
-    ("data: the memory budget is never spent", "cifar100/data.py", "        self.budget -= size\n",
+    ("data: the memory budget is never spent", "cifar100/safe_pickle.py", "        self.budget -= size\n",
      "        self.budget -= 0\n", [f"{HOSTILE}[bytes-reused-by-memo]"]),
     ("data: no md5 check", "cifar100/data.py", "            if found != MD5[file]:", "            if False:",
      ["tests/test_data.py::test_without_a_marker_the_files_are_md5_checked"]),

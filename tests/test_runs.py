@@ -65,7 +65,8 @@ def test_another_recipe_or_setting_names_another_folder(tmp_path, change):
     base = started(tmp_path)
     other = started(tmp_path, optimizer=keras.optimizers.SGD(0.1) if change == "optimizer" else "adam",
                     model=tiny_model(width=16) if change == "model" else None,
-                    config=make_config("smoke", {"runs_dir": str(tmp_path), "seed": 1}) if change == "settings" else None)
+                    config=make_config("smoke", {"runs_dir": str(tmp_path), "seed": 1})
+                    if change == "settings" else None)
     assert other.dir != base.dir
     assert ("seed=1" in other.dir.name) == (change == "settings")
 
