@@ -190,6 +190,7 @@ class Run:
                 self._use(Path(self.config.runs_dir) / folder_name(self.config, _digest(self.key)))
                 if not (self.dir / "checkpoint.npz").exists() and phase1.exists():
                     self._restore(phase1)  # phase 1 carried over: only phase 2 trains here
+                    self.state["callbacks"].pop("best", None)  # best.keras: the best of this phase 2
             elif held.get("finetune") not in (None, self.recipe["finetune"]):
                 raise RunError(f"{self.dir}: holds phase 2 of another recipe; leave --run-dir out to give this one a "
                                "folder of its own")

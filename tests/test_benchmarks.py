@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from .conftest import ROOT, SHARED, WEIGHTS
+from .conftest import ROOT
 
 
 def quick_table(script: str, *args: str) -> tuple[str, list[str], list[list[str]]]:
@@ -39,16 +39,3 @@ def test_throughput_quick_table():
     assert [row[:5] for row in rows] == [["mobilenetv3small", "64", phase, "32", "4"]
                                          for phase in ("frozen", "fine-tuning")]
     assert all(float(cell) > 0 for row in rows for cell in row[5:])
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not (SHARED / "data" / "cifar10-dev" / "build.py").exists() or not WEIGHTS.exists(),
-                    reason="needs ../shared/data/cifar10-dev and ../shared/weights")
-def test_real_images_quick_table(tmp_path):
-    from benchmarks.real_images import COLUMNS
-
-    printed, header, rows = quick_table("real_images.py", "--data", str(tmp_path / "dev"), "--runs-dir",
-                                        str(tmp_path / "runs"))
-    assert header == COLUMNS == ["variant", "val top-1", "test top-1", "wall s"] and "not CIFAR-100" in printed
-    assert len(rows) == 1 and rows[0][0] == "cpu-small as is"
-    assert all(0 <= float(cell) <= 1 for cell in rows[0][1:3]) and float(rows[0][3]) > 0

@@ -28,7 +28,7 @@ def test_the_notebook_runs_top_to_bottom_headless(synthetic_cifar100, tmp_path):
     cells = json.loads(out.read_text())["cells"]
     images = sum("image/png" in o.get("data", {}) for c in cells if c["cell_type"] == "code" for o in c["outputs"])
     assert images >= 7  # samples, curves, confusion, per class, misclassified, hardest, comparison
-    text = "".join(o.get("text", "") for c in cells if c["cell_type"] == "code" for o in c["outputs"])
+    text = "".join("".join(o.get("text", "")) for c in cells if c["cell_type"] == "code" for o in c["outputs"])
     assert "SYNTHETIC data in the CIFAR-100 format, run smoke-" in text and "test top-1" in text
     assert len(list((tmp_path / "models").glob("smoke-*/figures/*.png"))) == 6
 

@@ -3,6 +3,7 @@ in a folder of its own, hard-example mining, refusals that leave nothing behind.
 
 import csv
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,17 +13,17 @@ import matplotlib
 import numpy as np
 import pytest
 
-from cifar100 import batches, callbacks, notebook
+from cifar100 import batches, callbacks, data, notebook
 from cifar100.keras_fixes import keras
 from tests.conftest import ROOT, run_cli
 
 matplotlib.use("Agg")
-SMALL = {"max_train_images": 300, "finetune_epochs": 2}
+SMALL = {"max_train_images": 300, "finetune_epochs": 3}
 
 
-def run_notebook(data_dir, runs_dir, path=notebook.NOTEBOOK, **settings):
+def run_notebook(data_dir, runs_dir, path=notebook.NOTEBOOK):
     parameters = {"PRESET": "smoke", "DATA_DIR": str(data_dir), "RUNS_DIR": str(runs_dir), "VERBOSE": 0,
-                  "DOWNLOAD": False, "SETTINGS": {**SMALL, **settings}}
+                  "DOWNLOAD": False, "SETTINGS": SMALL}
     return notebook.run(parameters, path)
 
 
@@ -31,66 +32,76 @@ def history(run_dir):
         return list(csv.DictReader(handle))
 
 
+def cli_train(data_dir, runs_dir):
+    sets = [f"--set={key}={value}" for key, value in SMALL.items()]
+    return [sys.executable, "-m", "cifar100", "train", "--preset", "smoke", "--data", str(data_dir),
+            f"--set=runs_dir={runs_dir}", *sets]
+
+
+def run_folder(runs_dir):
+    return next(path for path in runs_dir.iterdir() if path.is_dir())
+
+
+@pytest.fixture(scope="module")
+def finished(synthetic_cifar100, tmp_path_factory):
+    """A run trained from start to end by the command line, uninterrupted."""
+    runs_dir = tmp_path_factory.mktemp("finished")
+    subprocess.run(cli_train(synthetic_cifar100, runs_dir), check=True, capture_output=True, cwd=ROOT)
+    return run_folder(runs_dir)
+
+
 @pytest.mark.slow
-def test_a_run_saves_a_plain_keras_model_and_the_same_run_is_found_again(synthetic_cifar100, tmp_path):
-    first = run_notebook(synthetic_cifar100, tmp_path)
-    run_dir = first["run"].dir
-    results = json.loads((run_dir / "results.json").read_text())
+def test_a_run_saves_a_plain_keras_model_and_the_same_run_is_found_again(synthetic_cifar100, finished, tmp_path):
+    results = json.loads((finished / "results.json").read_text())
     assert results["data"]["name"] == "SYNTHETIC data in the CIFAR-100 format"
-    assert [row["phase"] for row in history(run_dir)] == ["head", "finetune", "finetune"]
-    loaded = keras.saving.load_model(run_dir / "best.keras")  # plain Keras, no project code
-    images = first["dataset"].x_test[:16]
-    np.testing.assert_allclose(loaded.predict(images, verbose=0), first["best"].predict(images, verbose=0), atol=1e-6)
-    assert np.mean(np.array(results["test_predictions"]) == first["dataset"].y_test) == pytest.approx(
-        results["test"]["top1"])
-    saved = (run_dir / "checkpoint.npz").stat().st_mtime_ns
-    again = run_notebook(synthetic_cifar100, tmp_path)
-    assert again["run"].dir == run_dir and (run_dir / "checkpoint.npz").stat().st_mtime_ns == saved
-
-
-def cli_train(data_dir, runs_dir, *extra):
-    sets = [f"--set={key}={value}" for key, value in {**SMALL, "finetune_epochs": 4, "runs_dir": runs_dir}.items()]
-    return [sys.executable, "-m", "cifar100", "train", "--preset", "smoke", "--data", str(data_dir), *sets, *extra]
+    assert [row["phase"] for row in history(finished)] == ["head"] + ["finetune"] * SMALL["finetune_epochs"]
+    loaded = keras.saving.load_model(finished / "best.keras")  # plain Keras, no project code
+    predicted = loaded.predict(data.load(synthetic_cifar100).x_test, verbose=0).argmax(1)
+    assert predicted.tolist() == results["test_predictions"]
+    shutil.copytree(finished.parent, tmp_path / "runs")
+    saved = (tmp_path / "runs" / finished.name / "checkpoint.npz").stat().st_mtime_ns
+    again = run_notebook(synthetic_cifar100, tmp_path / "runs")  # in a notebook: the same settings and recipe
+    assert again["run"].dir == tmp_path / "runs" / finished.name
+    assert again["run"].dir.joinpath("checkpoint.npz").stat().st_mtime_ns == saved  # nothing trained
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_to_the_uninterrupted_result(synthetic_cifar100, tmp_path):
-    subprocess.run(cli_train(synthetic_cifar100, tmp_path / "whole"), check=True, capture_output=True, cwd=ROOT)
-    process = subprocess.Popen(cli_train(synthetic_cifar100, tmp_path / "killed"), cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def test_a_killed_run_resumes_to_the_uninterrupted_result(synthetic_cifar100, finished, tmp_path):
+    process = subprocess.Popen(cli_train(synthetic_cifar100, tmp_path), cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not list((tmp_path / "killed").glob("*/history.csv")) or len(history(next(
-            (tmp_path / "killed").glob("*/history.csv")).parent)) < 3:
+    while not list(tmp_path.glob("*/history.csv")) or len(history(run_folder(tmp_path))) < 3:
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
+    process.send_signal(signal.SIGKILL)  # in phase 2, after its first epoch
     process.wait()
-    killed_dir = next(p for p in (tmp_path / "killed").iterdir() if p.is_dir())
-    assert not (killed_dir / "results.json").exists()
-    subprocess.run(cli_train(synthetic_cifar100, tmp_path / "killed"), check=True, capture_output=True, cwd=ROOT)
-    whole, resumed = history(next((tmp_path / "whole").glob("smoke-*"))), history(killed_dir)
-    assert len(resumed) == len(whole) == 5
+    assert not (run_folder(tmp_path) / "results.json").exists()
+    subprocess.run(cli_train(synthetic_cifar100, tmp_path), check=True, capture_output=True, cwd=ROOT)
+    whole, resumed = history(finished), history(run_folder(tmp_path))
+    assert len(resumed) == len(whole) == 1 + SMALL["finetune_epochs"]
     for a, b in zip(whole, resumed, strict=True):
         for key in ("loss", "val_loss", "val_accuracy", "learning_rate"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-6), (a["epoch"], key)
 
 
 @pytest.mark.slow
-def test_an_edited_phase_2_trains_in_a_folder_of_its_own_from_phase_1s_checkpoint(synthetic_cifar100, tmp_path):
-    original = run_notebook(synthetic_cifar100, tmp_path)["run"].dir
+def test_an_edited_phase_2_trains_in_a_folder_of_its_own_from_phase_1s_checkpoint(synthetic_cifar100, finished,
+                                                                                   tmp_path):
+    shutil.copytree(finished.parent, tmp_path / "runs")
     edited = tmp_path / "edited.ipynb"
     text = notebook.NOTEBOOK.read_text()
     old = "training_model.compile(optimizer=optimizer(config.finetune_learning_rate"
     assert old in text
     edited.write_text(text.replace(old, "training_model.compile(optimizer=keras.optimizers.SGD(0.01) or ("
                                         "config.finetune_learning_rate"))
-    again = run_notebook(synthetic_cifar100, tmp_path, path=edited)["run"].dir
-    assert again != original and again.parent == original.parent
+    again = run_notebook(synthetic_cifar100, tmp_path / "runs", path=edited)["run"].dir
+    assert again != tmp_path / "runs" / finished.name and again.parent == tmp_path / "runs"
     recipe = json.loads((again / "recipe.json").read_text())
     assert recipe["finetune"]["optimizer"].startswith("SGD(") and recipe["head"] == json.loads(
-        (original / "recipe.json").read_text())["head"]
-    head_rows = [row for row in history(original) if row["phase"] == "head"]
+        (finished / "recipe.json").read_text())["head"]
+    head_rows = [row for row in history(finished) if row["phase"] == "head"]
     assert [row for row in history(again) if row["phase"] == "head"] == head_rows  # carried, not trained again
+    assert (again / "best.keras").exists() and (again / "results.json").exists()
 
 
 def test_hard_example_mining_weights_the_examples_of_larger_cross_entropy_up():
