@@ -28,7 +28,7 @@ class BestModel(keras.callbacks.ModelCheckpoint):
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
-        if self.run.writes and os.path.exists(self.filepath):
+        if os.path.exists(self.filepath):
             os.replace(self.filepath, self.best_path)
 
 

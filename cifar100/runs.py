@@ -154,15 +154,17 @@ def folder_name(config: Config, digest: str) -> str:
 
 class Run:
     """One run of the notebook's recipe. `start(phase, trainee)` finds or names its folder and restores its
-    checkpoint; `callbacks(...)` checkpoint every epoch. Only the chief of a multi-worker run writes."""
+    checkpoint; `callbacks.for_run` commit every epoch. Only the chief of a multi-worker run writes `runs_dir`."""
 
     def __init__(self, config: Config, model: keras.Model, run_dir: str | Path | None = None, writes: bool = True):
+        if not writes:  # a worker other than the chief: a folder of its own, left behind in the temporary folder
+            config, run_dir = config.replace(runs_dir=tempfile.mkdtemp(prefix="cifar100-worker-")), None
         self.config, self.model, self.forced = config, model, Path(run_dir) if run_dir else None
         self.dir: Path | None = None
         self.recipe: dict = {"model": [], "head": None, "finetune": None}
         self.state: dict = {"phase": "head", "epoch": 0, "done": False, "history": [], "callbacks": {}}
         self.arrays: dict = {}
-        self.trainee, self.phase, self.writes, self.lock = None, "head", writes, None
+        self.trainee, self.phase, self.lock = None, "head", None
         self.phase1_epochs = 0
 
     # -- naming and resuming --
@@ -218,7 +220,7 @@ class Run:
             raise RunError(f"{folder}: holds a run of other settings or another recipe; choose another --run-dir, "
                            "or leave it out to name the folder by the settings and the recipe")
         self.dir = folder
-        if self.writes and self.lock is None:
+        if self.lock is None:
             folder.parent.mkdir(parents=True, exist_ok=True)
             self.lock = open(folder.parent / f".{folder.name}.lock", "a")
             try:
@@ -258,8 +260,6 @@ class Run:
     def save_epoch(self, row: dict, done: bool, callbacks_state: dict, arrays: dict) -> None:
         """Commit one finished epoch: the checkpoint (written atomically), then history.csv and TensorBoard's
         logs from it. At phase 1's end, its checkpoint is kept as phase1.npz too (phase 2's starting point)."""
-        if not self.writes:
-            return
         if not (self.dir / "config.json").exists():
             write_json(self.dir / "config.json", self.config.to_dict())
         recipe = {**self.recipe, "key": _digest(self.key)}

@@ -48,16 +48,16 @@ MUTATIONS = [
      "            if sum(info.file_size for info in archive.infolist()) > len(raw):", "            if False:",
      ["tests/test_runs.py::test_a_compressed_checkpoint_bomb_is_refused_before_it_is_unpacked"]),
     ("evaluate: a Lambda layer is loaded", "cifar100/evaluate.py", ' or name == "Lambda"', "",
-     ["tests/test_evaluate.py", "-k", "lambda"]),  # test pending (the lead's tests/test_evaluate.py)
+     ["tests/test_evaluate.py", "-k", "lambda"]),
     ("evaluate: no declared-bytes check", "cifar100/evaluate.py",
      '    if needed > sizes["model.weights.h5"] + SLACK:', "    if False:",
-     ["tests/test_evaluate.py", "-k", "bytes or weights"]),  # test pending (the lead's tests/test_evaluate.py)
+     ["tests/test_evaluate.py", "-k", "bloated"]),
     ("callbacks: mining sets no weights", "cifar100/callbacks.py", "        batches.weights[chosen] = self.floor",
      "        _ = self.floor", ["tests/test_training.py::test_hard_example_mining_weights_the_examples_of_larger_"
                                 "cross_entropy_up"]),
     ("callbacks: the restored callback state is not applied", "cifar100/callbacks.py",
      '                    setattr(callback, name, saved[f"{index}.{name}"])', "                    pass",
-     ["tests/test_training.py", "-k", "resumes"]),  # test pending: a plateau must fall across the kill (slow)
+     ["tests/test_training.py", "-k", "counters"]),
     ("batches: the epoch order ignores the epoch", "cifar100/batches.py",
      "default_rng([self.seed, epoch])", "default_rng([self.seed, 0])",
      ["tests/test_training.py::test_each_epoch_reads_another_order_and_the_same_epoch_the_same_one"]),

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import matplotlib
 import numpy as np
@@ -136,3 +137,18 @@ def test_a_refused_setting_or_missing_data_is_one_line_and_leaves_no_folder(synt
                       f"runs_dir={tmp_path}")
     assert missing.returncode == 2 and "python -m cifar100 data download" in missing.stderr
     assert missing.stderr.count("\n") == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_a_resumed_phase_gives_each_callback_back_its_counters(tmp_path):
+    saved = {"0.wait": 3, "0.best": 0.5, "0.best_epoch": 4, "1.wait": 1, "1.best": 0.9, "1.cooldown_counter": 2,
+             "best": 0.7}
+    run = types.SimpleNamespace(dir=tmp_path, phase="finetune", arrays={"mining": np.full(10, 2.0, np.float32)},
+                                state={"phase": "finetune", "callbacks": saved})
+    others = [keras.callbacks.EarlyStopping(), keras.callbacks.ReduceLROnPlateau(), callbacks.BestModel(run)]
+    for callback in others:
+        callback.on_train_begin()  # Keras' own reset at fit's start, before the checkpoint's
+    train = batches.TrainBatches(np.zeros((10, 4)), np.arange(10) % 2, 2, 5, weighted=True)
+    callbacks.RunCheckpoint(run, train, others).on_train_begin()
+    assert (others[0].wait, others[0].best, others[0].best_epoch) == (3, 0.5, 4)
+    assert (others[1].wait, others[1].best, others[1].cooldown_counter) == (1, 0.9, 2)
+    assert others[2].best == 0.7 and train.weights.tolist() == [2.0] * 10
