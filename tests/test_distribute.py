@@ -66,8 +66,9 @@ def test_two_workers_train_one_run_and_only_the_chief_writes_it(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_the_recipe_runs_on_the_jax_backend(tiny, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "cifar100", "train", "--preset", "smoke", "--data",
-                           str(tiny), "--set", f"runs_dir={tmp_path}", "--set", "finetune_epochs=1"], capture_output=True, text=True, cwd=ROOT, timeout=600,
+    command = [sys.executable, "-m", "cifar100", "train", "--preset", "smoke", "--data", str(tiny), "--set",
+               f"runs_dir={tmp_path}", "--set", "finetune_epochs=1"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env={**os.environ, "KERAS_BACKEND": "jax"})
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(next(tmp_path.glob("*/results.json")).read_text())
