@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pickle
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,18 +62,22 @@ def missing_message(path: Path) -> str:
 
 def download(path: Path) -> Path:
     """The official CIFAR-100 archive, md5-checked and extracted (keras.utils.get_file), into `path`."""
-    import keras
+    from cifar100.keras_fixes import quiet_start_up_lines
 
+    with quiet_start_up_lines():
+        import keras
     path = Path(path)
-    try:
-        folder = keras.utils.get_file(origin=URL, extract=True, md5_hash=URL_MD5, cache_dir=str(path.resolve().parent),
-                                      cache_subdir=".download")
-    except Exception as exc:  # get_file raises a bare Exception on a network failure
-        raise DatasetError(f"could not download {URL} ({printable(exc)[:120]}). {missing_message(path)}") from None
-    extracted = next(Path(folder).rglob("meta")).parent
-    path.mkdir(parents=True, exist_ok=True)
-    for name in FILES["cifar100"]:
-        os.replace(extracted / name, path / name)
+    path.resolve().parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.resolve().parent, prefix=".download-") as cache:
+        try:
+            folder = keras.utils.get_file(origin=URL, extract=True, md5_hash=URL_MD5, cache_dir=cache)
+        except Exception as exc:  # get_file raises a bare Exception on a network failure
+            raise DatasetError(f"could not download {URL} ({printable(exc)[:160]}). {missing_message(path)}"
+                               ) from None
+        extracted = next(Path(folder).rglob("meta")).parent
+        path.mkdir(parents=True, exist_ok=True)
+        for name in FILES["cifar100"]:
+            os.replace(extracted / name, path / name)
     return path
 
 
