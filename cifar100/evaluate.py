@@ -17,6 +17,7 @@ import numpy as np
 from cifar100 import data, runs
 from cifar100.config import Config, DatasetError, RunError, printable, shown
 from cifar100.keras_fixes import keras
+from cifar100.safe_pickle import open_regular
 
 MAX_MODEL_BYTES = 2 << 30
 MAX_CONFIG_BYTES = 64 << 20
@@ -119,7 +120,7 @@ def load_image(path: str | Path) -> np.ndarray:
     """A PNG or JPEG of any size as a 32x32 RGB uint8 image (16-bit images scaled); anything else is one line."""
     from PIL import Image
 
-    with data.open_regular(Path(path), 64 << 20) as handle, warnings.catch_warnings():
+    with open_regular(Path(path), 64 << 20) as handle, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             with Image.open(handle) as image:

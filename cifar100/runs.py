@@ -21,6 +21,7 @@ import numpy as np
 
 from cifar100.config import Config, RunError, printable, shown
 from cifar100.keras_fixes import keras
+from cifar100.safe_pickle import open_regular
 
 MAX_JSON_BYTES = 64 << 20
 MAX_CHECKPOINT_BYTES = 8 << 30
@@ -50,8 +51,6 @@ def write_atomic(path: Path, content: bytes | str | None = None, save=None) -> N
 
 def read_file(path: Path, limit: int = MAX_JSON_BYTES) -> bytes:
     """A regular file of at most `limit` bytes (a FIFO or device never blocks), or one line saying why not."""
-    from cifar100.data import open_regular
-
     try:
         with open_regular(Path(path), limit) as handle:
             return handle.read()
