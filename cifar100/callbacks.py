@@ -81,8 +81,8 @@ class RunCheckpoint(keras.callbacks.Callback):
         saved = self.run.state["callbacks"] if self.run.state["phase"] == self.run.phase else {}
         for index, callback in enumerate(self.others):
             for name in STATE.get(type(callback), ()):
-                if f"{index}.{name}" in saved:
-                    setattr(callback, name, saved[f"{index}.{name}"])
+                if _key(index, callback, name) in saved:
+                    setattr(callback, name, saved[_key(index, callback, name)])
             if isinstance(callback, BestModel) and "best" in self.run.state["callbacks"]:
                 callback.best = self.run.state["callbacks"]["best"]
         if self.batches.weights is not None and "mining" in self.run.arrays and saved:
@@ -97,13 +97,17 @@ class RunCheckpoint(keras.callbacks.Callback):
         row = {"epoch": epoch + 1, "phase": self.run.phase, **{k: float(v) for k, v in (logs or {}).items()},
                "learning_rate": float(keras.ops.convert_to_numpy(rate)),
                "seconds": round(time.perf_counter() - self.started, 2), "examples": len(self.batches.labels)}
-        state = {f"{i}.{name}": _plain(getattr(c, name)) for i, c in enumerate(self.others)
+        state = {_key(i, c, name): _plain(getattr(c, name)) for i, c in enumerate(self.others)
                  for name in STATE.get(type(c), ())}
         best = [c.best for c in self.others if isinstance(c, BestModel)]
         state["best"] = _plain(best[0]) if best else self.run.state["callbacks"].get("best", -math.inf)
         done = bool(self.model.stop_training) or epoch + 1 >= self.params["epochs"]
         arrays = {"mining": self.batches.weights} if self.batches.weights is not None else {}
         self.run.save_epoch(row, done, state, arrays)
+
+
+def _key(index: int, callback, name: str) -> str:
+    return f"{type(callback).__name__}{index}.{name}"
 
 
 def _plain(value):

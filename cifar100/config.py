@@ -169,24 +169,29 @@ def parse_value(key: str, text: str):
     return text
 
 
+def parse_sets(items: list[str]) -> dict:
+    """`key=value` strings (the command line's --set) as settings of their types; unknown keys kept as text for
+    make_config to name."""
+    names = {f.name for f in fields(Config)}
+    pairs = [item.split("=", 1) for item in items]
+    for pair in pairs:
+        if len(pair) != 2:
+            raise ConfigError(f"--set {shown(pair[0])}: expected key=value")
+    return {key.strip(): parse_value(key.strip(), value) if key.strip() in names else value for key, value in pairs}
+
+
 def make_config(preset: str | None = None, overrides: dict | list[str] | None = None) -> Config:
     """A Config from a preset and overrides (a dict, or 'key=value' strings), checked."""
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"preset {shown(preset)} is unknown: choose one of {sorted(PRESETS)}")
     names = {f.name for f in fields(Config)}
-    if isinstance(overrides, list):
-        pairs = [item.split("=", 1) if "=" in item else [item, None] for item in overrides]
-        for key, value in pairs:
-            if value is None:
-                raise ConfigError(f"--set {shown(key)}: expected key=value")
-        overrides = {key.strip(): value for key, value in pairs}
-        overrides = {key: parse_value(key, value) if key in names else value for key, value in overrides.items()}
-    for key in overrides or {}:
+    overrides = parse_sets(overrides) if isinstance(overrides, list) else overrides or {}
+    for key in overrides:
         if key not in names:
             close = difflib.get_close_matches(str(key), sorted(names), n=2)
             hint = f": did you mean {' or '.join(close)}?" if close else f"; the settings are {', '.join(names)}"
             raise ConfigError(f"unknown setting {shown(key)}{hint}")
-    config = Config(**{**PRESETS.get(preset, {}), "preset": preset, **(overrides or {})})
+    config = Config(**{**PRESETS.get(preset, {}), "preset": preset, **overrides})
     validate(config)
     return config
 

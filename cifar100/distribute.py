@@ -43,8 +43,7 @@ class OneDevice:
 
 def is_chief(found) -> bool:
     """Only the chief writes the run folder: worker 0 of a multi-worker run, and every single process."""
-    resolver = getattr(found, "cluster_resolver", None)
-    return resolver is None or not resolver.task_type or resolver.task_type == "chief" or resolver.task_id == 0
+    return getattr(getattr(found, "extended", None), "should_checkpoint", True)
 
 
 def precision(setting: str) -> str:

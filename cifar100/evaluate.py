@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -20,7 +21,8 @@ from cifar100.keras_fixes import keras
 from cifar100.safe_pickle import open_regular
 
 MAX_MODEL_BYTES = 2 << 30
-MAX_CONFIG_BYTES = 64 << 20
+MEMBERS = {"config.json", "metadata.json", "model.weights.h5"}
+MAX_ACTIVATION_BYTES = 1 << 30  # per image and layer: Xception at 299 px needs 11 MB
 SLACK = 16 << 20  # what a weights file holds beyond its arrays: names and metadata
 
 
@@ -49,19 +51,29 @@ def _uncompiled(node):
     return [_uncompiled(value) for value in node] if isinstance(node, list) else node
 
 
+def _all_layers(model):
+    for layer in getattr(model, "layers", []):
+        yield layer
+        yield from _all_layers(layer)
+
+
 def load_model(path: str | Path) -> keras.Model:
     """A .keras model file from anywhere, after cheap checks: a regular zip file; only Keras' own classes in its
     config; a uint8 (32, 32, 3) input; and variables, built without allocating, that need no more bytes than its
-    weights file stores. Then Keras loads it in safe mode. Each refusal is one line naming the file."""
+    weights file stores, and layer outputs of at most 1 GiB an image. Then Keras loads it in safe mode. Each
+    refusal is one line naming the file."""
     path = Path(path)
     if not path.exists():
         raise RunError(f"{path}: not found (is {path.parent} a run folder whose training has finished an epoch?)")
     raw = runs.read_file(path, MAX_MODEL_BYTES)
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as archive:
-            sizes = {info.filename: info.file_size for info in archive.infolist()}
-            if sizes.get("config.json", MAX_CONFIG_BYTES + 1) > MAX_CONFIG_BYTES or "model.weights.h5" not in sizes:
-                raise RunError(f"{path}: not a Keras model file (no config.json of at most 64 MB, or no weights)")
+            members = archive.infolist()
+            sizes = {info.filename: info.file_size for info in members}
+            if not {"config.json", "model.weights.h5"} <= set(sizes) <= MEMBERS or sum(sizes.values()) > len(raw) \
+                    or any(info.compress_type != zipfile.ZIP_STORED for info in members):
+                raise RunError(f"{path}: not a Keras model file as Keras writes it ({', '.join(MEMBERS)}, stored "
+                               f"uncompressed); found {printable(sorted(sizes))[:120]}")
             config = json.loads(archive.read("config.json"))
     except (zipfile.BadZipFile, ValueError, RecursionError) as exc:
         raise RunError(f"{path}: damaged or not a .keras file ({printable(exc)[:80]})") from None
@@ -70,14 +82,19 @@ def load_model(path: str | Path) -> keras.Model:
         with keras.StatelessScope(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = keras.saving.deserialize_keras_object(_uncompiled(config), safe_mode=True)
-            needed = sum(int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for w in model.weights)
+            needed = sum(math.prod(w.shape) * np.dtype(w.dtype).itemsize for w in model.weights)
             shape, dtype = tuple(model.inputs[0].shape), model.inputs[0].dtype
+            largest = max((math.prod(layer.output.shape[1:]) for layer in _all_layers(model)
+                           if hasattr(layer, "output") and None not in layer.output.shape[1:]), default=0)
     except RunError:
         raise
     except Exception as exc:  # a damaged config can fail Keras in any way
         raise RunError(f"{path}: its model cannot be built ({type(exc).__name__}: {printable(exc)[:120]})") from None
     if shape != (None, 32, 32, 3) or dtype != "uint8":
         raise RunError(f"{path}: takes {dtype} images of shape {shape}, not this project's uint8 (None, 32, 32, 3)")
+    if largest * 4 > MAX_ACTIVATION_BYTES:
+        raise RunError(f"{path}: a layer of its model outputs {largest:,} numbers an image (more than "
+                       f"{MAX_ACTIVATION_BYTES >> 20} MiB): refused")
     if needed > sizes["model.weights.h5"] + SLACK:
         raise RunError(f"{path}: its model declares {needed:,} bytes of weights, its file stores "
                        f"{sizes['model.weights.h5']:,}: refused")

@@ -23,7 +23,8 @@ def quiet_start_up_lines():
     """Drop TensorFlow's start-up lines from file descriptor 2 while it is imported. TF_CPP_MIN_LOG_LEVEL (set by
     `import cifar100`) quiets its logging, but Abseil writes some lines before that logging is set up
     (abseil/abseil-cpp#1718, #1957). Every other line, and every line with CIFAR100_TF_LOGS=1, is kept.
-    Tested by tests/test_keras_fixes.py::test_importing_keras_prints_no_start_up_lines."""
+    Tested by tests/test_training.py::test_a_refused_setting_or_missing_data_is_one_line_and_leaves_no_folder
+    (the command line's error is its only line)."""
     if os.environ.get("CIFAR100_TF_LOGS") == "1":
         yield
         return
@@ -76,7 +77,8 @@ def fit_input(batches):
 def seed_generator_states(model) -> list:
     """The state variables of a model's random layers (augmentation, dropout): weights files leave them out and
     no public API reaches them (keras/src/random/seed_generator.py). A resume sets them from (seed, epoch).
-    Tested by tests/test_runs.py::test_a_killed_run_resumes_to_the_uninterrupted_result."""
+    Tested by tests/test_training.py::test_a_killed_run_resumes_to_the_uninterrupted_result (augmentation and
+    dropout on)."""
     return [v for v in model.variables if v.path.endswith("seed_generator_state")]
 
 

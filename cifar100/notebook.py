@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cifar100.config import Config, ConfigError, make_config, parse_value, shown
+from cifar100.config import Config, ConfigError, make_config, parse_sets, shown
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "main.ipynb"
 PARAMETERS = {"BACKBONE": "backbone", "IMAGE_SIZE": "image_size", "HEAD_EPOCHS": "head_epochs",
@@ -56,11 +56,7 @@ def _watch(namespace: dict) -> None:
 def cli_parameters(preset: str | None, data: str | None, run_dir: str | None, sets: list[str],
                    verbose: int = 2) -> dict:
     """The notebook's parameters from `train --preset P --data DIR --run-dir DIR --set key=value ...`."""
-    pairs = [item.split("=", 1) for item in sets]
-    if any(len(pair) != 2 for pair in pairs):
-        raise ConfigError(f"--set expects key=value, got {shown([s for s in sets if '=' not in s][0])}")
-    known = set(Config.__dataclass_fields__)
-    extra = {key.strip(): parse_value(key.strip(), value) if key.strip() in known else value for key, value in pairs}
+    extra = parse_sets(sets)
     parameters = {"PRESET": preset, "SETTINGS": extra, "VERBOSE": verbose, "DOWNLOAD": False}
     if data:
         parameters["DATA_DIR"] = data
@@ -69,17 +65,15 @@ def cli_parameters(preset: str | None, data: str | None, run_dir: str | None, se
     return parameters
 
 
-def run(parameters: dict, notebook: Path = NOTEBOOK, until: str | None = None) -> dict:
+def run(parameters: dict, notebook: Path = NOTEBOOK) -> dict:
     """Execute the notebook's code cells here, its parameters cell followed by `parameters` (as papermill
-    injects them); stop before the first cell holding `until`. Returns the notebook's variables."""
+    injects them). Returns the notebook's variables."""
     import nbformat
 
     namespace: dict = {"__name__": "__main__"}
     for cell in nbformat.read(notebook, as_version=4).cells:
         if cell.cell_type != "code":
             continue
-        if until and until in cell.source:
-            break
         exec(compile(cell.source, f"{notebook.name} cell", "exec"), namespace)
         if "parameters" in cell.metadata.get("tags", []):
             namespace.update(parameters)

@@ -17,8 +17,8 @@ from matplotlib.ticker import MaxNLocator, PercentFormatter
 from sklearn.metrics import confusion_matrix
 
 from cifar100.callbacks import cross_entropy
-from cifar100.config import printable
-from cifar100.runs import RunError, read_file, read_json, write_atomic
+from cifar100.config import RunError, printable
+from cifar100.runs import read_file, read_json, write_atomic
 
 COLUMNS = ("epoch", "loss", "accuracy", "top5", "val_loss", "val_accuracy", "val_top5", "learning_rate", "seconds")
 NOT_IN_LABELS = ("data_dir", "runs_dir", "seed", "preset")  # the data is the group's; seeds are averaged

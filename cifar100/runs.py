@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
+import math
 import os
 import re
+import shutil
 import tempfile
+import weakref
 import zipfile
 from pathlib import Path
 
@@ -31,11 +35,16 @@ MAX_CHECKPOINT_BYTES = 8 << 30
 
 def write_atomic(path: Path, content: bytes | str | None = None, save=None) -> None:
     """Write `content` (or call `save(temporary_path)`) to a temporary file beside `path`, sync it, and rename
-    it over `path`: a kill leaves the old file or the new one, and a link at `path` is replaced, not followed."""
+    it over `path`: a kill leaves the old file or the new one, and a link at `path` is replaced, not followed.
+    A failure (a full disk) is one line, and the old file stays."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.name)
+    temporary = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.name)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as open() would create it (mkstemp makes it private)
         with os.fdopen(fd, "wb") as handle:
             if content is not None:
                 handle.write(content.encode() if isinstance(content, str) else content)
@@ -44,8 +53,10 @@ def write_atomic(path: Path, content: bytes | str | None = None, save=None) -> N
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+    except OSError as exc:
+        raise RunError(f"{path}: cannot be written ({exc.strerror or exc}); what was saved before is kept") from None
     finally:
-        if os.path.exists(temporary):
+        if temporary and os.path.exists(temporary):
             os.remove(temporary)
 
 
@@ -151,6 +162,10 @@ def folder_name(config: Config, digest: str) -> str:
 
 # --- the run --------------------------------------------------------------------------------------------
 
+_INITIAL_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # each model's weights as built
+_LOCKS: dict[Path, object] = {}  # the run folders this process holds: a rerun cell takes its lock again
+
+
 class Run:
     """One run of the notebook's recipe. `start(phase, trainee)` finds or names its folder and restores its
     checkpoint; `callbacks.for_run` commit every epoch. Only the chief of a multi-worker run writes `runs_dir`."""
@@ -159,79 +174,106 @@ class Run:
         if not writes:  # a worker other than the chief: a folder of its own, left behind in the temporary folder
             config, run_dir = config.replace(runs_dir=tempfile.mkdtemp(prefix="cifar100-worker-")), None
         self.config, self.model, self.forced = config, model, Path(run_dir) if run_dir else None
-        self.dir: Path | None = None
+        # the weights as built, before any fit: a phase started again without a checkpoint starts from them
+        _INITIAL_WEIGHTS.setdefault(model, [keras.ops.convert_to_numpy(w) for w in model.weights])
+        self.dir = self.phase1_dir = None
         self.recipe: dict = {"model": [], "head": None, "finetune": None}
         self.state: dict = {"phase": "head", "epoch": 0, "done": False, "history": [], "callbacks": {}}
         self.arrays: dict = {}
-        self.trainee, self.phase, self.lock = None, "head", None
+        self.trainee, self.phase, self.key, self.head_key, self.writer = None, "head", {}, {}, None
         self.phase1_epochs = 0
 
     # -- naming and resuming --
     def start(self, phase: str, trainee: keras.Model) -> tuple[int, int]:
-        """Name the run by its settings and recipe (phase 1), or carry it into a folder of its own when phase 2's
-        recipe differs from the one its folder holds; restore the checkpoint. Returns fit's (initial_epoch,
-        epochs): equal when the phase is done."""
+        """Name the run by its settings and recipe, take its folder and restore its last finished epoch; phase 2
+        of another recipe than its folder holds goes to a folder of its own, from phase 1's end. Returns fit's
+        (initial_epoch, epochs): equal when the phase is done."""
         if phase not in ("head", "finetune"):
             raise ValueError(f"phase must be 'head' or 'finetune', got {phase!r}")
-        if phase == "finetune" and self.dir is None:
-            raise RunError("phase 2 starts after phase 1's run.start('head', ...): run the phase-1 cell first")
-        self.phase, self.trainee = phase, trainee
-        self.recipe[phase] = phase_recipe(trainee)
+        model_weights = {id(w) for w in self.model.weights}
+        if not all(id(w) in model_weights for w in trainee.trainable_weights):
+            raise RunError(f"{trainee.name!r} trains weights that are not the run's model's (was the model cell run "
+                           "again?): run the model cell, then each phase's cell, again")
+        if phase == "finetune" and self.phase1_dir is None:
+            raise RunError("phase 2 starts where phase 1 ended: run phase 1's cell (run.start('head', ...)) first")
+        self.phase, self.trainee, recipe = phase, trainee, phase_recipe(trainee)
         if phase == "head":
             layers = [f"{type(layer).__name__} {layer.name}" for layer in self.model.layers]
-            self.recipe = {"model": layers, "head": self.recipe["head"], "finetune": None}
-            self.key = {"settings": self.config.identity(), "model": _canonical(self.model.get_config()),
-                        "head": self.recipe["head"]["keras"]}
+            self.recipe = {"model": layers, "head": recipe, "finetune": None}
+            self.key = self.head_key = {"settings": self.config.identity(), "head": recipe["keras"],
+                                        "model": _canonical(self.model.get_config())}
             self._use(self.forced or Path(self.config.runs_dir) / folder_name(self.config, _digest(self.key)))
+            self.phase1_dir = self.dir
         else:
-            held = self._read_recipe(self.dir)
-            if held.get("finetune") not in (None, self.recipe["finetune"]) and not self.forced:
-                self.key = {**self.key, "finetune": self.recipe["finetune"]["keras"]}
-                phase1 = self.dir / "phase1.npz"
+            self.recipe["finetune"] = recipe
+            held = self._read_recipe(self.phase1_dir).get("finetune")
+            if held is None or held == json.loads(json.dumps(recipe, default=str)):
+                self.key = self.head_key
+                self._use(self.phase1_dir)
+            elif self.forced:
+                raise RunError(f"{self.forced}: holds phase 2 of another recipe; leave --run-dir out to give this "
+                               "one a folder of its own")
+            else:
+                self.key = {**self.head_key, "finetune": recipe["keras"]}
                 self._use(Path(self.config.runs_dir) / folder_name(self.config, _digest(self.key)))
-                if not (self.dir / "checkpoint.npz").exists() and phase1.exists():
-                    self._restore(phase1)  # phase 1 carried over: only phase 2 trains here
-                    self.state["callbacks"].pop("best", None)  # best.keras: the best of this phase 2
-            elif held.get("finetune") not in (None, self.recipe["finetune"]):
-                raise RunError(f"{self.dir}: holds phase 2 of another recipe; leave --run-dir out to give this one a "
-                               "folder of its own")
+                if not (self.dir / "checkpoint.npz").exists():
+                    self._carry_phase1()
+            if self.state["phase"] == "head" and not self.state["done"] and self.config.head_epochs:
+                raise RunError(f"{self.dir}: phase 1 stopped after epoch {self.state['epoch']} of "
+                               f"{self.config.head_epochs}: run phase 1's cell again to finish it first")
         self.phase1_epochs = self.state.get("phase1_epochs", 0)
         if phase == "head":
             last = self.config.head_epochs
-            first = last if self.state["phase"] == "finetune" else min(self.state["epoch"], last)
             done = self.state["phase"] == "finetune" or self.state["done"]
+            first = min(self.state["epoch"], last)
         else:
             last = self.phase1_epochs + self.config.finetune_epochs
-            first = self.state["epoch"] if self.state["phase"] == "finetune" else self.phase1_epochs
             done = self.state["phase"] == "finetune" and self.state["done"]
+            first = self.state["epoch"] if self.state["phase"] == "finetune" else self.phase1_epochs
         if self.state["phase"] == phase and not done:
             self._restore_optimizer(trainee)
         return (last, last) if done else (first, last)
 
+    def _carry_phase1(self) -> None:
+        """Phase 1's end from its folder (or the model as built, with no phase 1): only phase 2 trains here."""
+        source = self.phase1_dir / "phase1.npz"
+        if self.config.head_epochs and not source.exists():
+            raise RunError(f"{source}: missing, so phase 1's end cannot start phase 2 of this recipe; run phase 1's "
+                           "cell again (or move its folder away to train it afresh)")
+        if source.exists():
+            self._restore(source)
+        self.state["callbacks"].pop("best", None)  # best.keras: the best epoch of this phase 2
+        self.carried = source
+
     def _use(self, folder: Path) -> None:
-        """Take `folder` for this run: locked, and its checkpoint (if any) restored."""
-        if self.lock is not None and self.dir != folder:
-            self.lock.close()
-            self.lock = None
+        """Take `folder` for this run: locked, and its last finished epoch (or the model as built) restored."""
         if folder.exists() and not folder.is_dir():
             raise RunError(f"{folder}: not a folder")
         if self._read_recipe(folder).get("key") not in (None, _digest(self.key)):
             raise RunError(f"{folder}: holds a run of other settings or another recipe; choose another --run-dir, "
                            "or leave it out to name the folder by the settings and the recipe")
-        self.dir = folder
-        if self.lock is None:
+        lock_path = folder.parent / f".{folder.name}.lock"
+        if lock_path not in _LOCKS:
             folder.parent.mkdir(parents=True, exist_ok=True)
-            self.lock = open(folder.parent / f".{folder.name}.lock", "a")
+            handle = open(lock_path, "a")
             try:
-                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                self.lock.close()
-                self.lock = None
+                handle.close()
                 raise RunError(f"{folder}: another process is training this run (its lock is held)") from None
+            _LOCKS[lock_path] = handle
         self.state = {"phase": "head", "epoch": 0, "done": False, "history": [], "callbacks": {}}
-        self.arrays = {}
+        self.arrays, self.carried = {}, None
         if (folder / "checkpoint.npz").exists():
             self._restore(folder / "checkpoint.npz")
+        else:
+            _assign(self.model.weights, _INITIAL_WEIGHTS[self.model], folder)
+        self.dir = folder
+        for leftover in folder.glob(".tmp-*") if folder.is_dir() else []:  # of a write that a kill cut short
+            leftover.unlink()
+        if self.state["history"] and (folder / "history.csv").exists() and len(read_file(
+                folder / "history.csv").splitlines()) != len(self.state["history"]) + 1:
+            self._write_history()  # a kill came between the checkpoint and history.csv
 
     @staticmethod
     def _read_recipe(folder: Path) -> dict:
@@ -244,9 +286,10 @@ class Run:
         arrays = read_arrays(path)
         try:
             state = json.loads(arrays.pop("state").tobytes())
-            assert isinstance(state, dict) and isinstance(state["epoch"], int) and isinstance(state["history"], list)
-        except (KeyError, ValueError, AssertionError):
-            raise RunError(f"{path}: not a checkpoint of this project (no state of its epoch and history)") from None
+            _check_state(state)
+        except (KeyError, ValueError, TypeError, AttributeError, RecursionError):
+            raise RunError(f"{path}: not a checkpoint of this project (its state of epoch, phase, history and "
+                           "callbacks is missing or damaged); move it away to train afresh") from None
         _assign(self.model.weights, _numbered(arrays, "model/"), path)
         self.state, self.arrays = state, arrays
 
@@ -257,35 +300,67 @@ class Run:
             _assign(trainee.optimizer.variables, saved, self.dir / "checkpoint.npz")
 
     def save_epoch(self, row: dict, done: bool, callbacks_state: dict, arrays: dict) -> None:
-        """Commit one finished epoch: the checkpoint (written atomically), then history.csv and TensorBoard's
-        logs from it. At phase 1's end, its checkpoint is kept as phase1.npz too (phase 2's starting point)."""
+        """Commit one finished epoch: the checkpoint (written atomically; at phase 1's end first as phase1.npz,
+        phase 2's starting point), then history.csv and TensorBoard's logs from it."""
         if not (self.dir / "config.json").exists():
             write_json(self.dir / "config.json", self.config.to_dict())
         recipe = {**self.recipe, "key": _digest(self.key)}
         if self._read_recipe(self.dir) != json.loads(json.dumps(recipe, default=str)):
             write_json(self.dir / "recipe.json", recipe)
+        if self.carried and not (self.dir / "phase1.npz").exists() and self.carried.exists():
+            write_atomic(self.dir / "phase1.npz", save=lambda path: shutil.copyfile(self.carried, path))
         if self.phase == "head":
             self.phase1_epochs = row["epoch"]
         history = [r for r in self.state["history"] if r["epoch"] < row["epoch"]] + [row]
         self.state = {"phase": self.phase, "epoch": row["epoch"], "done": done, "history": history,
                       "callbacks": callbacks_state, "phase1_epochs": self.phase1_epochs}
         content = {"state": np.frombuffer(json.dumps(self.state).encode(), np.uint8)}
-        content.update({f"model/{i}": np.asarray(w) for i, w in enumerate(self.model.weights)})
-        content.update({f"optimizer/{i}": np.asarray(v) for i, v in enumerate(self.trainee.optimizer.variables)})
-        content.update(arrays)
+        content.update({f"model/{i}": keras.ops.convert_to_numpy(w) for i, w in enumerate(self.model.weights)})
+        content.update({f"optimizer/{i}": keras.ops.convert_to_numpy(v)
+                        for i, v in enumerate(self.trainee.optimizer.variables)})
+        content.update({name: np.array(value) for name, value in arrays.items()})
         self.arrays = {k: v for k, v in content.items() if k.startswith(("optimizer/", "mining"))}
-        write_atomic(self.dir / "checkpoint.npz", save=lambda path: np.savez(open(path, "wb"), **content))
-        if self.phase == "head" and done:
-            write_atomic(self.dir / "phase1.npz", read_file(self.dir / "checkpoint.npz", MAX_CHECKPOINT_BYTES))
+
+        def save(path):
+            with open(path, "wb") as handle:
+                np.savez(handle, **content)
+
+        for name in (("phase1.npz",) if self.phase == "head" and done else ()) + ("checkpoint.npz",):
+            write_atomic(self.dir / name, save=save)
+        self._write_history()
+        self._tensorboard(row)
+
+    def _write_history(self) -> None:
+        history = self.state["history"]
         keys = list(dict.fromkeys(k for r in history for k in r))
         write_atomic(self.dir / "history.csv", "\n".join([",".join(keys)] + [
             ",".join(str(r.get(k, "")) for k in keys) for r in history]) + "\n")
-        _tensorboard(self.dir / "logs", row)
+
+    def _tensorboard(self, row: dict) -> None:
+        """One epoch's scalars in TensorBoard's logs (`tensorboard --logdir models`)."""
+        import tensorflow as tf
+
+        if self.writer is None or self.writer_dir != self.dir:
+            self.writer, self.writer_dir = tf.summary.create_file_writer(str(self.dir / "logs")), self.dir
+        with self.writer.as_default():
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    tf.summary.scalar(key, value, step=row["epoch"])
+        self.writer.flush()
 
     def close(self) -> None:
-        if self.lock is not None:
-            self.lock.close()
-            self.lock = None
+        if self.dir is not None and (handle := _LOCKS.pop(self.dir.parent / f".{self.dir.name}.lock", None)):
+            handle.close()
+
+
+def _check_state(state) -> None:
+    """A checkpoint's state as save_epoch writes it, or a ValueError."""
+    ok = (isinstance(state, dict) and state.get("phase") in ("head", "finetune") and isinstance(state.get("done"), bool)
+          and all(type(state.get(k, 0)) is int and state.get(k, 0) >= 0 for k in ("epoch", "phase1_epochs"))
+          and isinstance(state.get("callbacks"), dict) and isinstance(state.get("history"), list)
+          and all(isinstance(row, dict) and type(row.get("epoch")) is int for row in state["history"]))
+    if not ok:
+        raise ValueError("damaged state")
 
 
 def _numbered(arrays: dict, prefix: str) -> list:
@@ -304,26 +379,26 @@ def _assign(variables: list, arrays: list, path: Path) -> None:
 
 
 def read_arrays(path: Path) -> dict:
-    """The arrays of an .npz file, read without pickles and within the file's size (no zip bomb)."""
+    """The numeric arrays of an .npz file, read without pickles, each within the size it stores (no zip or
+    header bomb); anything else is one line naming the file."""
     raw = read_file(path, MAX_CHECKPOINT_BYTES)
+    arrays = {}
     try:
-        import io
-
         with zipfile.ZipFile(io.BytesIO(raw)) as archive:
-            if sum(info.file_size for info in archive.infolist()) > len(raw):
+            members = archive.infolist()
+            if sum(info.file_size for info in members) > len(raw):
                 raise ValueError("its members hold more than the file (compressed)")
-        with np.load(io.BytesIO(raw), allow_pickle=False) as content:
-            return {name: content[name] for name in content.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise RunError(f"{path}: damaged or not an .npz file ({printable(exc)[:100]}); move it away to train "
-                       "afresh") from None
-
-
-def _tensorboard(folder: Path, row: dict) -> None:
-    """One epoch's scalars in TensorBoard's logs (`tensorboard --logdir models`)."""
-    import tensorflow as tf
-
-    with tf.summary.create_file_writer(str(folder)).as_default():
-        for key, value in row.items():
-            if isinstance(value, (int, float)) and key != "epoch":
-                tf.summary.scalar(key, value, step=row["epoch"])
+            for info in members:
+                with archive.open(info) as member:
+                    major, _ = np.lib.format.read_magic(member)
+                    read_header = np.lib.format.read_array_header_1_0 if major == 1 else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read_header(member)
+                    if dtype.kind not in "biuf" or math.prod(shape) * dtype.itemsize > info.file_size:
+                        raise ValueError(f"{info.filename} declares more than it holds, or is not numeric")
+                with archive.open(info) as member:
+                    arrays[info.filename.removesuffix(".npy")] = np.lib.format.read_array(member, allow_pickle=False)
+    except Exception as exc:  # a damaged file can fail zipfile or numpy in any way
+        raise RunError(f"{path}: damaged or not an .npz file ({type(exc).__name__}: {printable(exc)[:100]}); move "
+                       "it away to train afresh") from None
+    return arrays

@@ -67,9 +67,9 @@ def test_two_workers_train_one_run_and_only_the_chief_writes_it(tiny, tmp_path):
 @pytest.mark.slow
 def test_the_recipe_runs_on_the_jax_backend(tiny, tmp_path):
     command = [sys.executable, "-m", "cifar100", "train", "--preset", "smoke", "--data", str(tiny), "--set",
-               f"runs_dir={tmp_path}", "--set", "finetune_epochs=1"]
+               f"runs_dir={tmp_path}", "--set", "finetune_epochs=0"]  # phase 1 and the evaluation
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env={**os.environ, "KERAS_BACKEND": "jax"})
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(next(tmp_path.glob("*/results.json")).read_text())
-    assert results["epochs"] == 2 and 0 <= results["test"]["top1"] <= 1
+    assert results["epochs"] == 1 and 0 <= results["test"]["top1"] <= 1

@@ -35,7 +35,8 @@ def test_a_model_file_of_keras_own_layers_loads_and_predicts_the_same(tmp_path):
 
 @pytest.mark.parametrize("case, message", [
     ("lambda", "not one of Keras' own classes"), ("input", "not this project's uint8"),
-    ("bloated", "declares"), ("not a zip", "damaged or not a .keras file"), ("folder", "regular file")])
+    ("bloated", "declares"), ("not a zip", "damaged or not a .keras file"), ("folder", "regular file"),
+    ("extra member", "as Keras writes it"), ("huge layer output", "outputs")])
 def test_a_model_file_that_could_run_code_or_exhaust_memory_is_refused_in_one_line(tmp_path, case, message):
     if case == "lambda":
         path = saved(tmp_path, model(lambda_layer=True))
@@ -51,6 +52,14 @@ def test_a_model_file_that_could_run_code_or_exhaust_memory_is_refused_in_one_li
             archive.writestr("config.json", text)
             archive.writestr("model.weights.h5", weights)
             archive.writestr("metadata.json", "{}")
+    elif case == "extra member":  # Keras would unpack every member to disk
+        path = saved(tmp_path, model())
+        with zipfile.ZipFile(path, "a") as archive:
+            archive.writestr("padding.bin", b"\0" * 1000)
+    elif case == "huge layer output":  # Keras' own Resizing, to 100,000 px: 120 GB an image when it predicts
+        inputs = keras.Input((32, 32, 3), dtype="uint8")
+        outputs = keras.layers.GlobalAveragePooling2D()(keras.layers.Resizing(100_000, 100_000)(inputs))
+        path = saved(tmp_path, keras.Model(inputs, outputs))
     elif case == "not a zip":
         path = tmp_path / "best.keras"
         path.write_bytes(b"not a zip file at all")

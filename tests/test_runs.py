@@ -3,12 +3,14 @@ checkpoint's refusals."""
 
 import io
 import os
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
 import pytest
 
-from cifar100 import runs
+from cifar100 import batches, callbacks, runs
 from cifar100.config import RunError, make_config
 from cifar100.keras_fixes import keras
 
@@ -71,15 +73,50 @@ def test_another_recipe_or_setting_names_another_folder(tmp_path, change):
     assert ("seed=1" in other.dir.name) == (change == "settings")
 
 
-def test_a_run_folder_is_locked_while_a_run_holds_it(tmp_path):
-    model = tiny_model()
+def test_a_run_folder_is_locked_while_another_process_trains_it(tmp_path):
+    folder = started(tmp_path).dir
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(folder.parent / f".{folder.name}.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(RunError, match="another process is training this run"):
+            started(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert started(tmp_path).dir == folder  # a cell run again in this process takes the lock again
+
+
+def trained_epoch(tmp_path, model):
+    """One epoch of `model` committed by the run's checkpoint."""
     model.compile(optimizer="adam", loss="categorical_crossentropy")
-    holder = runs.Run(make_config("smoke", {"runs_dir": str(tmp_path)}), model)
-    holder.start("head", model)
-    with pytest.raises(RunError, match="another process is training this run"):
-        started(tmp_path, model=model)
-    holder.close()
-    assert started(tmp_path, model=model).dir == holder.dir
+    run = runs.Run(make_config("smoke", {"runs_dir": str(tmp_path)}), model)
+    first, last = run.start("head", model)
+    train = batches.TrainBatches(np.zeros((8, 32, 32, 3), np.uint8), np.arange(8) % 10, 10, 4)
+    model.fit(train, initial_epoch=first, epochs=first + 1, verbose=0,
+              callbacks=callbacks.for_run(run, train, []))
+    return run
+
+
+def test_a_phase_started_again_restores_its_last_finished_epoch_over_what_an_interrupt_left(tmp_path):
+    model = tiny_model()
+    run = trained_epoch(tmp_path, model)
+    saved = [keras.ops.convert_to_numpy(w) for w in model.weights]
+    for weight in model.weights:  # what an epoch cut short by Ctrl-C leaves in memory
+        weight.assign(np.ones(weight.shape, weight.dtype))
+    assert run.start("head", model) == (1, 1)  # smoke: 1 head epoch, done
+    for weight, value in zip(model.weights, saved, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(weight), value)
+
+
+def test_phase_2_is_refused_while_phase_1_is_unfinished(tmp_path):
+    model = tiny_model()
+    run = runs.Run(make_config("smoke", {"runs_dir": str(tmp_path), "head_epochs": 3}), model)
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    run.start("head", model)
+    with pytest.raises(RunError, match="phase 1 stopped after epoch 0 of 3"):
+        run.start("finetune", model)
 
 
 def checkpointed(tmp_path, arrays: dict):
@@ -114,4 +151,15 @@ def test_a_damaged_checkpoint_is_named_in_one_line(tmp_path):
     run.dir.mkdir(parents=True)
     (run.dir / "checkpoint.npz").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(RunError, match="checkpoint.npz: damaged"):
+        started(tmp_path)
+
+
+def test_an_array_header_declaring_more_than_its_data_is_refused_before_it_is_allocated(tmp_path):
+    run = started(tmp_path)
+    run.dir.mkdir(parents=True)
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f8", "fortran_order": False, "shape": (10**13,)})
+    with zipfile.ZipFile(run.dir / "checkpoint.npz", "w") as archive:
+        archive.writestr("state.npy", buffer.getvalue() + b"\0" * 64)
+    with pytest.raises(RunError, match="declares more than it holds"):
         started(tmp_path)
