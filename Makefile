@@ -26,10 +26,11 @@ $(INSTALLED): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet -r requirements.txt -e ".[dev]"
 	touch $(INSTALLED)
 
-# TESTS_IN_PARALLEL processes share the tests (pytest-xdist); 0 runs them in this process.
+# TESTS_IN_PARALLEL processes share the tests (pytest-xdist), a file each (its trained run is made once); 0 runs
+# them in this process.
 TESTS_IN_PARALLEL ?= 2
 test: $(INSTALLED)
-	$(PY) -m pytest -n $(TESTS_IN_PARALLEL)
+	$(PY) -m pytest -n $(TESTS_IN_PARALLEL) --dist loadfile
 
 # the quick tier: the suite without the tests marked slow
 test-fast: $(INSTALLED)

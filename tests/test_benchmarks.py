@@ -1,4 +1,4 @@
-"""Each benchmark's --quick runs in a subprocess and prints its table: the header's columns, numbers that parse
+"""The memory benchmark's --quick runs in a subprocess and prints its table: the header's columns, numbers that parse
 (timings are never checked)."""
 
 import subprocess
@@ -27,15 +27,3 @@ def test_upsampling_memory_quick_table():
     assert header == COLUMNS and header[:3] == ["N", "S", "materialised GiB (computed)"]
     assert [row[:3] for row in rows] == [["2000", "96", f"{2000 * 96 * 96 * 3 * 4 / 2**30:.3f}"]]
     assert all(float(cell) > 0 for cell in rows[0][3:])
-
-
-@pytest.mark.slow
-def test_throughput_quick_table():
-    from benchmarks.throughput import COLUMNS
-
-    printed, header, rows = quick_table("throughput.py")
-    assert header == COLUMNS and "images/s, plain PyDataset" in header and "images/s, fit_input (tf.data)" in header
-    assert "CPU:" in printed and "TensorFlow" in printed and "Keras" in printed
-    assert [row[:5] for row in rows] == [["mobilenetv3small", "64", phase, "32", "4"]
-                                         for phase in ("frozen", "fine-tuning")]
-    assert all(float(cell) > 0 for row in rows for cell in row[5:])
