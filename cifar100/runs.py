@@ -91,14 +91,10 @@ def _canonical(config):
     names: dict[str, str] = {}
 
     def collect(node):
-        if isinstance(node, dict):
-            if isinstance(node.get("name"), str):
-                names.setdefault(node["name"], f"#{len(names)}")
-            for value in node.values():
-                collect(value)
-        elif isinstance(node, (list, tuple)):
-            for value in node:
-                collect(value)
+        if isinstance(node, dict) and isinstance(node.get("name"), str):
+            names.setdefault(node["name"], f"#{len(names)}")
+        for value in node.values() if isinstance(node, dict) else node if isinstance(node, (list, tuple)) else ():
+            collect(value)
 
     def rename(node):
         if isinstance(node, dict):
@@ -121,15 +117,12 @@ def _described(item) -> str:
     inner = config.get("config", {})
     if "inner_optimizer" in inner:  # mixed precision's loss scaling: the optimizer inside
         return _described(item.inner_optimizer)
-    shown_keys = ("learning_rate", "weight_decay", "momentum", "nesterov", "clipnorm", "label_smoothing",
-                  "use_ema", "from_logits")
     parts = []
-    for key in shown_keys:
+    for key in ("learning_rate", "weight_decay", "momentum", "nesterov", "clipnorm", "label_smoothing", "use_ema"):
         value = inner.get(key)
         if isinstance(value, dict):  # a schedule
             value = f"{value.get('class_name')}({', '.join(f'{k}={v}' for k, v in value['config'].items())})"
-        if value not in (None, False, 0, 0.0):
-            parts.append(f"{key}={value}")
+        parts += [f"{key}={value}"] if value not in (None, False, 0, 0.0) else []
     return f"{config.get('class_name', type(item).__name__)}({', '.join(parts)})"
 
 
