@@ -184,11 +184,11 @@ def make_config(preset: str | None = None, overrides: dict | list[str] | None = 
     """A Config from a preset and overrides (a dict, or 'key=value' strings), checked."""
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"preset {shown(preset)} is unknown: choose one of {sorted(PRESETS)}")
-    names = {f.name for f in fields(Config)}
+    names = sorted(f.name for f in fields(Config))
     overrides = parse_sets(overrides) if isinstance(overrides, list) else overrides or {}
     for key in overrides:
         if key not in names:
-            close = difflib.get_close_matches(str(key), sorted(names), n=2)
+            close = difflib.get_close_matches(str(key), names, n=2)
             hint = f": did you mean {' or '.join(close)}?" if close else f"; the settings are {', '.join(names)}"
             raise ConfigError(f"unknown setting {shown(key)}{hint}")
     config = Config(**{**PRESETS.get(preset, {}), "preset": preset, **overrides})

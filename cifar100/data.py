@@ -55,9 +55,8 @@ class Dataset:
 
 def missing_message(path: Path) -> str:
     return (f"{path}: no dataset here. Download it with `python -m cifar100 data download {path}` (on a machine "
-            f"with a network), or by hand: fetch {URL} and run `tar xzf cifar-100-python.tar.gz` in the folder "
-            f"above {path}, so that {path}/train, {path}/test and {path}/meta exist. Without the data, try "
-            f"`make demo` (synthetic data).")
+            f"with a network), or by hand: fetch {URL}, unpack it (`tar xzf cifar-100-python.tar.gz`) and move the "
+            f"folder cifar-100-python/ it holds to {path}, so that {path}/train, {path}/test and {path}/meta exist.")
 
 
 def download(path: Path) -> Path:

@@ -114,13 +114,11 @@ def training_curves(run_dir: Path) -> Figure:
         if key in history:
             ax.plot(epochs, history[key], style, label=label)
     rates = history.get("learning_rate", missing)
-    rate_ax.plot(epochs, np.where(rates > 0, rates, np.nan), "o-", color="tab:green", label="learning rate")
-    if np.any(rates > 0):
-        rate_ax.set_yscale("log")
+    rate_ax.plot(epochs, rates, "o-", color="tab:green", label="learning rate")  # linear: a schedule ends at 0
     first = phases.index("finetune") if "finetune" in phases else None  # the boundary: after the last "head" epoch
     boundary = None if first is None else (epochs[first - 1] + epochs[first]) / 2 if first else epochs[0] - 0.5
     for ax, ylabel, title in ((loss_ax, "cross-entropy loss", "Loss"), (accuracy_ax, "accuracy", "Accuracy"),
-                              (rate_ax, "learning rate (log scale)", "Learning rate at each epoch's end")):
+                              (rate_ax, "learning rate", "Learning rate at each epoch's end")):
         if boundary is not None:
             ax.axvline(boundary, color="grey", linestyle=":", label="fine-tuning starts")
         ax.set(xlabel="epoch", ylabel=ylabel, title=title)

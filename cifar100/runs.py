@@ -139,6 +139,18 @@ def phase_recipe(trainee: keras.Model) -> dict:
                                  [w.path for w in trainee.trainable_weights]])}
 
 
+def _in_words(layer) -> str:
+    """A layer as a reader names it, without Keras' generated names: `Dense(64, relu)`, `Sequential[...]`; a
+    backbone by its application's name."""
+    config = layer.get_config() if not isinstance(layer, keras.Model) or isinstance(layer, keras.Sequential) else {}
+    if isinstance(layer, keras.Sequential):
+        return f"Sequential[{', '.join(_in_words(inner) for inner in layer.layers)}]"
+    if isinstance(layer, keras.Model):
+        return f"{type(layer).__name__}({layer.name}, {len(layer.layers)} layers)"
+    shown_keys = ("units", "activation", "rate", "height", "width", "scale", "offset", "filters", "kernel_size")
+    return f"{type(layer).__name__}({', '.join(str(config[k]) for k in shown_keys if k in config)})"
+
+
 def _digest(content) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:6]
 
@@ -191,8 +203,8 @@ class Run:
             raise RunError("phase 2 starts where phase 1 ended: run phase 1's cell (run.start('head', ...)) first")
         self.phase, self.trainee, recipe = phase, trainee, phase_recipe(trainee)
         if phase == "head":
-            layers = [f"{type(layer).__name__} {layer.name}" for layer in self.model.layers]
-            self.recipe = {"model": layers, "head": recipe, "finetune": None}
+            self.recipe = {"model": [_in_words(layer) for layer in self.model.layers[1:]], "head": recipe,
+                           "finetune": None}
             self.key = self.head_key = {"settings": self.config.identity(), "head": recipe["keras"],
                                         "model": _canonical(self.model.get_config())}
             self._use(self.forced or Path(self.config.runs_dir) / folder_name(self.config, _digest(self.key)))

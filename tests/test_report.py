@@ -51,7 +51,8 @@ def test_training_curves_draw_the_phase_boundary_between_head_and_finetune(tmp_p
         (boundary,) = [line for line in ax.lines if line.get_label() == "fine-tuning starts"]
         assert list(boundary.get_xdata()) == [2.5, 2.5]
         assert ax.get_xlabel() == "epoch" and ax.get_ylabel()
-    assert figure.axes[2].get_yscale() == "log"
+    (rates,) = [line for line in figure.axes[2].lines if line.get_label() == "learning rate"]
+    assert list(rates.get_ydata()) == pytest.approx([1e-3 / e for e in range(1, 6)])  # every epoch, on a linear scale
     assert [line.get_label() for line in figure.axes[1].lines][:3] == ["training top-1", "validation top-1",
                                                                        "validation top-5"]
 
