@@ -32,8 +32,7 @@ def _keras_classes_only(node, path: Path) -> None:
         module, name = node.get("module"), node.get("class_name")
         special = isinstance(name, str) and name.startswith("__") and name != "__lambda__"  # a tensor, a tuple
         keras_own = isinstance(module, str) and (module == "keras" or module.startswith("keras."))
-        if "class_name" in node and not special and (not keras_own or name == "Lambda"
-                                                     or node.get("registered_name") not in (None, name)):
+        if "class_name" in node and not special and (not keras_own or node.get("registered_name") not in (None, name)):
             raise RunError(f"{path}: names {shown(module)}.{shown(name)}, not one of Keras' own classes (a Lambda, a "
                            "function or a class of one's own would run its code): refused")
         for value in node.values():

@@ -24,7 +24,7 @@ def quiet_start_up_lines():
     `import cifar100`) quiets its logging, but Abseil writes some lines before that logging is set up
     (abseil/abseil-cpp#1718, #1957). Every other line, and every line with CIFAR100_TF_LOGS=1, is kept.
     Tested by tests/test_training.py::test_a_refused_setting_or_missing_data_is_one_line_and_leaves_no_folder
-    (the command line's error is its only line)."""
+    (the command line's error is its only line) and tests/test_keras_fixes.py."""
     if os.environ.get("CIFAR100_TF_LOGS") == "1":
         yield
         return
@@ -58,7 +58,7 @@ keras = import_keras()
 def fit_input(batches):
     """A PyDataset as tf.data (prefetch 1, autotuning off), read lazily an epoch at a time, on TensorFlow: Keras'
     own iterator stalls at each epoch's start waiting on its model thread (docs/benchmarks.md, "Time outside the
-    training steps"; no upstream issue found). Measured by benchmarks/throughput.py."""
+    training steps"; no upstream issue found). Measured by benchmarks/throughput.py (a speed: no test can fail)."""
     if keras.backend.backend() != "tensorflow":
         return batches
     import tensorflow as tf
@@ -77,8 +77,8 @@ def fit_input(batches):
 def seed_generator_states(model) -> list:
     """The state variables of a model's random layers (augmentation, dropout): weights files leave them out and
     no public API reaches them (keras/src/random/seed_generator.py). A resume sets them from (seed, epoch).
-    Tested by tests/test_training.py::test_a_killed_run_resumes_to_the_uninterrupted_result (augmentation and
-    dropout on)."""
+    Tested by tests/test_keras_fixes.py (still outside the weights) and by
+    tests/test_training.py::test_a_killed_run_resumes_to_the_uninterrupted_result (augmentation and dropout on)."""
     return [v for v in model.variables if v.path.endswith("seed_generator_state")]
 
 

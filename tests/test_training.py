@@ -56,6 +56,7 @@ def test_a_run_saves_a_plain_keras_model_and_the_same_run_is_found_again(synthet
     results = json.loads((finished / "results.json").read_text())
     assert results["data"]["name"] == "SYNTHETIC data in the CIFAR-100 format"
     assert [row["phase"] for row in history(finished)] == ["head"] + ["finetune"] * SMALL["finetune_epochs"]
+    assert list((finished / "logs").glob("events.out.tfevents.*"))  # TensorBoard's, written with each epoch
     loaded = keras.saving.load_model(finished / "best.keras")  # plain Keras, no project code
     predicted = loaded.predict(data.load(synthetic_cifar100).x_test, verbose=0).argmax(1)
     assert predicted.tolist() == results["test_predictions"]
