@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cifar100.config import Config, DatasetError, printable, shown
-from cifar100.safe_pickle import MAX_FILE_BYTES, _text, open_regular, unpickle
+from cifar100.safe_pickle import MAX_FILE_BYTES, as_text, open_regular, unpickle
 
 # --- the official datasets ----------------------------------------------------------------------------------
 
@@ -144,7 +144,7 @@ def _names(path: Path, meta: dict, key: str) -> list[str]:
     values = meta[key]  # sizes checked before decoding: a file may list one huge name a million times
     fits = isinstance(values, list) and len(values) <= 10_000 and all(
         isinstance(n, (bytes, str)) and len(n) <= 100 for n in values)
-    names = [_text(name) for name in values] if fits else None
+    names = [as_text(name) for name in values] if fits else None
     if not names or not all(isinstance(n, str) and 0 < len(n) <= 100 and n.isprintable() for n in names) \
             or len(set(names)) != len(names) or len(names) > 10_000:
         raise DatasetError(f"{path}: '{key}' must be a list of distinct names of 1 to 100 printable characters, "

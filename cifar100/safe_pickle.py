@@ -183,7 +183,7 @@ def unpickle(path: Path) -> dict:
         content = _SafeUnpickler(raw).load()
         if not isinstance(content, dict):
             raise pickle.UnpicklingError(f"expected a dict, found {type(content).__name__}")
-        content = {_text(key): value.array if isinstance(value, _Array) else value for key, value in content.items()}
+        content = {as_text(key): value.array if isinstance(value, _Array) else value for key, value in content.items()}
     except Refused as exc:
         raise DatasetError(f"{path}: unsafe file, nothing was run: {exc}") from None
     except Exception as exc:  # a broken or hostile file can fail the unpickler in any way
@@ -194,5 +194,6 @@ def unpickle(path: Path) -> dict:
     return content
 
 
-def _text(value):  # Python 2 strings arrive as bytes
+def as_text(value):
+    """Python 2 strings arrive as bytes (encoding="bytes"): their text; anything else as it is."""
     return value.decode("latin1") if isinstance(value, bytes) else value
